@@ -1,0 +1,12 @@
+"""The DSSEFS v1 on-object format: pure functions, no I/O.
+
+``inner`` uses only ``cryptography``; ``outer`` uses only ``pycryptodome``.  See docs/format.md.
+"""
+
+from .codec import ObjectCipher
+from .format import (CHUNK_OVERHEAD, DEFAULT_CHUNK_LOG2, FILE_ID_BYTES, MAX_CHUNK_LOG2,
+                     MIN_CHUNK_LOG2, Header)
+from .metadata import Envelope, is_dssefs, parse
+
+__all__ = ["ObjectCipher", "Header", "Envelope", "parse", "is_dssefs", "CHUNK_OVERHEAD",
+           "DEFAULT_CHUNK_LOG2", "MIN_CHUNK_LOG2", "MAX_CHUNK_LOG2", "FILE_ID_BYTES"]

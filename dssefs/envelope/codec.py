@@ -1,0 +1,215 @@
+"""Per-version object encryption: key derivation, commitments, chunk and attribute sealing.
+
+An :class:`ObjectCipher` holds the two derived per-version keys of one object version.  It is
+created either for a *new* version (fresh random message id, commitments computed) or for an
+*existing* one (commitments verified in constant time before any key is used).  All methods are
+pure computations and safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from ..errors import IntegrityError
+from . import format as fmt
+from .format import Header
+from .inner import InnerAEAD
+from .inner import hkdf_sha512 as inner_hkdf
+from .outer import OuterAEAD
+from .outer import hkdf_sha512 as outer_hkdf
+
+LABEL_DERIVE = b"DERIVEKEY"
+LABEL_COMMIT = b"COMMITKEY"
+LABEL_ATTRS = b"ATTRSKEY"
+
+
+def _derive_inner(dk: bytes, msg_id: bytes, suite: int) -> tuple[bytes, bytes, bytes]:
+    info = lambda label: fmt.kdf_info(suite, fmt.LAYER_INNER, label)  # noqa: E731
+    return (inner_hkdf(dk, msg_id, info(LABEL_DERIVE)), inner_hkdf(dk, msg_id, info(LABEL_COMMIT)),
+            inner_hkdf(dk, msg_id, info(LABEL_ATTRS)))
+
+
+def _derive_outer(dk: bytes, msg_id: bytes, suite: int) -> tuple[bytes, bytes, bytes]:
+    info = lambda label: fmt.kdf_info(suite, fmt.LAYER_OUTER, label)  # noqa: E731
+    return (outer_hkdf(dk, msg_id, info(LABEL_DERIVE)), outer_hkdf(dk, msg_id, info(LABEL_COMMIT)),
+            outer_hkdf(dk, msg_id, info(LABEL_ATTRS)))
+
+
+def _check_dk(dk: bytes, name: str) -> bytes:
+    if not isinstance(dk, (bytes, bytearray)) or len(dk) != 32:
+        raise ValueError(f"{name} data key must be 32 bytes")
+    return bytes(dk)
+
+
+def _wipe(buf) -> None:
+    if buf is not None and not (isinstance(buf, memoryview) and buf.readonly):
+        buf[:] = bytes(len(buf))
+
+
+class ObjectCipher:
+    __slots__ = ("header", "header_bytes", "digest", "chunk_size", "n_chunks", "_inner", "_outer",
+                 "_inner_attrs", "_outer_attrs", "_aad_in", "_aad_out")
+
+    def __init__(self, header: Header, keys_inner: tuple[bytes, bytes], keys_outer: tuple[bytes, bytes]):
+        # private: use new_version() or open_version()
+        self.header = header
+        self.header_bytes = header.pack()
+        self.digest = header.digest()
+        self.chunk_size = header.chunk_size
+        self.n_chunks = fmt.chunk_count(header.plaintext_len, self.chunk_size)
+        self._inner = InnerAEAD(keys_inner[0])
+        self._outer = OuterAEAD(keys_outer[0])
+        self._inner_attrs = InnerAEAD(keys_inner[1])
+        self._outer_attrs = OuterAEAD(keys_outer[1])
+        self._aad_in = fmt.aad_prefix(header.suite, fmt.LAYER_INNER, self.digest)
+        self._aad_out = fmt.aad_prefix(header.suite, fmt.LAYER_OUTER, self.digest)
+
+    def __repr__(self) -> str:
+        return (f"ObjectCipher(len={self.header.plaintext_len}, chunks={self.n_chunks}, "
+                f"gen={self.header.generation}, <keys redacted>)")
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def new_version(cls, dk_inner: bytes, dk_outer: bytes, *, plaintext_len: int, file_id: bytes,
+                    generation: int = 0, chunk_log2: int = fmt.DEFAULT_CHUNK_LOG2,
+                    msg_id: bytes | None = None) -> "ObjectCipher":
+        """Keys for a new object version.  ``msg_id`` defaults to 32 fresh random bytes; pass one
+        only to reproduce test vectors."""
+        dk_inner = _check_dk(dk_inner, "inner")
+        dk_outer = _check_dk(dk_outer, "outer")
+        if hmac.compare_digest(dk_inner, dk_outer):
+            raise ValueError("inner and outer data keys must differ")
+        if msg_id is None:
+            msg_id = os.urandom(fmt.MSG_ID_BYTES)
+        suite = fmt.SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT
+        k_in, c_in, a_in = _derive_inner(dk_inner, msg_id, suite)
+        k_out, c_out, a_out = _derive_outer(dk_outer, msg_id, suite)
+        header = Header(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
+                        file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=c_in,
+                        commit_outer=c_out)
+        return cls(header, (k_in, a_in), (k_out, a_out))
+
+    @classmethod
+    def open_version(cls, header: Header, dk_inner: bytes, dk_outer: bytes) -> "ObjectCipher":
+        """Keys for an existing version; verifies both key commitments first (constant time)."""
+        dk_inner = _check_dk(dk_inner, "inner")
+        dk_outer = _check_dk(dk_outer, "outer")
+        k_in, c_in, a_in = _derive_inner(dk_inner, header.msg_id, header.suite)
+        k_out, c_out, a_out = _derive_outer(dk_outer, header.msg_id, header.suite)
+        ok_in = hmac.compare_digest(c_in, header.commit_inner)
+        ok_out = hmac.compare_digest(c_out, header.commit_outer)
+        if not (ok_in and ok_out):
+            which = " and ".join(n for n, ok in (("inner", ok_in), ("outer", ok_out)) if not ok)
+            raise IntegrityError(f"key commitment mismatch ({which} layer): wrong or substituted data key")
+        return cls(header, (k_in, a_in), (k_out, a_out))
+
+    # ---- layout ---------------------------------------------------------------------------------
+
+    @property
+    def plaintext_len(self) -> int:
+        return self.header.plaintext_len
+
+    @property
+    def body_size(self) -> int:
+        return fmt.body_size(self.header.plaintext_len, self.chunk_size)
+
+    def chunk_plain_len(self, index: int) -> int:
+        return fmt.chunk_plain_len(index, self.header.plaintext_len, self.chunk_size)
+
+    def chunk_body_offset(self, index: int) -> int:
+        return fmt.chunk_body_offset(index, self.chunk_size)
+
+    def chunks_for_range(self, offset: int, length: int) -> range:
+        return fmt.chunks_for_range(offset, length, self.header.plaintext_len, self.chunk_size)
+
+    def body_span(self, chunks: range) -> tuple[int, int]:
+        return fmt.body_span(chunks, self.header.plaintext_len, self.chunk_size)
+
+    # ---- chunks ---------------------------------------------------------------------------------
+
+    def seal_chunk_into(self, index: int, plaintext, out) -> None:
+        """Encrypt chunk ``index`` (both layers) into ``out`` (exactly len(plaintext)+32 bytes)."""
+        n = self.chunk_plain_len(index)
+        if len(plaintext) != n:
+            raise ValueError(f"chunk {index} must hold {n} plaintext bytes, got {len(plaintext)}")
+        out = memoryview(out)
+        if len(out) != n + fmt.CHUNK_OVERHEAD:
+            raise ValueError("output buffer must be plaintext length + 32 bytes")
+        nonce = fmt.chunk_nonce(index)
+        final = index == self.n_chunks - 1
+        mid = out[:n + fmt.TAG_BYTES]
+        self._inner.encrypt_into(nonce, plaintext, fmt.chunk_aad(self._aad_in, index, final), mid)
+        self._outer.encrypt_into(nonce, mid, fmt.chunk_aad(self._aad_out, index, final), out)
+
+    def seal_chunk(self, index: int, plaintext) -> bytearray:
+        out = bytearray(len(plaintext) + fmt.CHUNK_OVERHEAD)
+        self.seal_chunk_into(index, plaintext, out)
+        return out
+
+    def open_chunk_into(self, index: int, data, out) -> None:
+        """Verify and decrypt chunk ``index`` into ``out`` (exactly its plaintext length).
+
+        ``data`` is the chunk's body bytes; if it is writable it is used as scratch space.  On any
+        failure ``out`` is wiped and IntegrityError is raised: no unverified plaintext escapes.
+        """
+        if not 0 <= index < self.n_chunks:
+            raise IntegrityError(f"chunk {index} does not exist (object has {self.n_chunks})")
+        n = self.chunk_plain_len(index)
+        out = memoryview(out)
+        if len(out) != n:
+            raise ValueError("output buffer must be exactly the chunk's plaintext length")
+        if len(data) != n + fmt.CHUNK_OVERHEAD:
+            _wipe(out)
+            raise IntegrityError(f"chunk {index} is {len(data)} bytes, expected {n + fmt.CHUNK_OVERHEAD}"
+                                 " (truncated or extended object)")
+        view = memoryview(data)
+        scratch = view[:n + fmt.TAG_BYTES] if not view.readonly else memoryview(bytearray(n + fmt.TAG_BYTES))
+        nonce = fmt.chunk_nonce(index)
+        final = index == self.n_chunks - 1
+        if not self._outer.decrypt_into(nonce, view, fmt.chunk_aad(self._aad_out, index, final), scratch):
+            _wipe(out)
+            raise IntegrityError(f"chunk {index} failed authentication (outer layer)")
+        if not self._inner.decrypt_into(nonce, scratch, fmt.chunk_aad(self._aad_in, index, final), out):
+            _wipe(out)
+            _wipe(scratch)
+            raise IntegrityError(f"chunk {index} failed authentication (inner layer)")
+
+    def open_chunk(self, index: int, data) -> bytearray:
+        out = bytearray(self.chunk_plain_len(index) if 0 <= index < self.n_chunks else 0)
+        self.open_chunk_into(index, data, out)
+        return out
+
+    # ---- attributes -----------------------------------------------------------------------------
+
+    def seal_attrs(self, data: bytes, nonce: bytes | None = None) -> bytes:
+        """Encrypt a small attribute blob under both layers' attribute keys, bound to this
+        version's header.  Returns ``nonce(12) || outer(inner(data))``; a fresh random nonce is
+        drawn unless one is given (test vectors only)."""
+        if nonce is None:
+            nonce = os.urandom(fmt.NONCE_BYTES)
+        if len(nonce) != fmt.NONCE_BYTES:
+            raise ValueError("nonce must be 12 bytes")
+        n = len(data)
+        out = bytearray(fmt.NONCE_BYTES + n + fmt.CHUNK_OVERHEAD)
+        out[:fmt.NONCE_BYTES] = nonce
+        body = memoryview(out)[fmt.NONCE_BYTES:]
+        self._inner_attrs.encrypt_into(nonce, data, fmt.attrs_aad(self._aad_in), body[:n + fmt.TAG_BYTES])
+        self._outer_attrs.encrypt_into(nonce, body[:n + fmt.TAG_BYTES], fmt.attrs_aad(self._aad_out), body)
+        return bytes(out)
+
+    def open_attrs(self, blob: bytes) -> bytes:
+        if len(blob) < fmt.NONCE_BYTES + fmt.CHUNK_OVERHEAD:
+            raise IntegrityError("attribute blob too short")
+        nonce = bytes(blob[:fmt.NONCE_BYTES])
+        body = bytearray(blob[fmt.NONCE_BYTES:])
+        n = len(body) - fmt.CHUNK_OVERHEAD
+        mid = memoryview(body)[:n + fmt.TAG_BYTES]
+        if not self._outer_attrs.decrypt_into(nonce, body, fmt.attrs_aad(self._aad_out), mid):
+            raise IntegrityError("attributes failed authentication (outer layer)")
+        out = bytearray(n)
+        if not self._inner_attrs.decrypt_into(nonce, mid, fmt.attrs_aad(self._aad_in), out):
+            _wipe(out)
+            raise IntegrityError("attributes failed authentication (inner layer)")
+        return bytes(out)

@@ -1,0 +1,173 @@
+"""DSSEFS v1 constants, the binary header, the chunk layout and the per-chunk AAD.
+
+See ``docs/format.md`` for the normative specification; this module is its reference code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from ..errors import IntegrityError, UnsupportedFormat
+
+FORMAT_VERSION = 1
+SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT = 0x0001
+DOMAIN = b"dssefs1"
+
+LAYER_INNER = 0x01
+LAYER_OUTER = 0x02
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+CHUNK_OVERHEAD = 2 * TAG_BYTES  # inner tag + outer tag per chunk
+
+MIN_CHUNK_LOG2 = 12  # 4 KiB
+MAX_CHUNK_LOG2 = 24  # 16 MiB
+DEFAULT_CHUNK_LOG2 = 20  # 1 MiB: see docs/format.md "Chunk size"
+
+FILE_ID_BYTES = 16
+MSG_ID_BYTES = 32
+COMMIT_BYTES = 32
+DIGEST_BYTES = 32
+
+# Largest plaintext per object: S3 caps objects at 48.8 TiB; 2**48 leaves margin and keeps every
+# chunk index far below 2**32.
+MAX_PLAINTEXT = 1 << 48
+
+_HEADER = struct.Struct(">BHBBQQ16s32s32s32s")
+HEADER_BYTES = _HEADER.size  # 133
+
+
+@dataclass(frozen=True)
+class Header:
+    """The authenticated per-version header.  Its SHA-256 is bound into every chunk's AAD."""
+
+    chunk_log2: int
+    generation: int
+    plaintext_len: int
+    file_id: bytes
+    msg_id: bytes
+    commit_inner: bytes
+    commit_outer: bytes
+    version: int = FORMAT_VERSION
+    suite: int = SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT
+    flags: int = 0
+
+    def __post_init__(self) -> None:
+        validate_header_fields(self)
+
+    @property
+    def chunk_size(self) -> int:
+        return 1 << self.chunk_log2
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(self.version, self.suite, self.flags, self.chunk_log2, self.generation,
+                            self.plaintext_len, self.file_id, self.msg_id, self.commit_inner,
+                            self.commit_outer)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Header":
+        if len(data) != HEADER_BYTES:
+            raise IntegrityError(f"header is {len(data)} bytes, expected {HEADER_BYTES}")
+        version = data[0]
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormat(f"unknown format version {version}; this build reads version "
+                                    f"{FORMAT_VERSION}: upgrade dssefs")
+        (version, suite, flags, chunk_log2, generation, plaintext_len, file_id, msg_id, ci,
+         co) = _HEADER.unpack(data)
+        return cls(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
+                   file_id=file_id, msg_id=msg_id, commit_inner=ci, commit_outer=co,
+                   version=version, suite=suite, flags=flags)
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.pack()).digest()
+
+
+def validate_header_fields(h: Header) -> None:
+    if h.version != FORMAT_VERSION:
+        raise UnsupportedFormat(f"unknown format version {h.version}")
+    if h.suite != SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT:
+        raise UnsupportedFormat(f"unknown algorithm suite 0x{h.suite:04x}; refusing to guess")
+    if h.flags != 0:
+        raise UnsupportedFormat(f"unknown header flags 0x{h.flags:02x}")
+    if not MIN_CHUNK_LOG2 <= h.chunk_log2 <= MAX_CHUNK_LOG2:
+        raise IntegrityError(f"chunk_log2 {h.chunk_log2} outside {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
+    if not 0 <= h.plaintext_len < MAX_PLAINTEXT:
+        raise IntegrityError(f"plaintext length {h.plaintext_len} out of range")
+    if not 0 <= h.generation < (1 << 64):
+        raise IntegrityError("generation out of range")
+    for name, value, size in (("file_id", h.file_id, FILE_ID_BYTES), ("msg_id", h.msg_id, MSG_ID_BYTES),
+                              ("commit_inner", h.commit_inner, COMMIT_BYTES),
+                              ("commit_outer", h.commit_outer, COMMIT_BYTES)):
+        if not isinstance(value, bytes) or len(value) != size:
+            raise IntegrityError(f"{name} must be {size} bytes")
+
+
+# ---- chunk layout -------------------------------------------------------------------------------
+
+def chunk_count(plaintext_len: int, chunk_size: int) -> int:
+    """Every version has at least one chunk, so even an empty file is authenticated."""
+    return max(1, -(-plaintext_len // chunk_size))
+
+
+def body_size(plaintext_len: int, chunk_size: int) -> int:
+    return plaintext_len + CHUNK_OVERHEAD * chunk_count(plaintext_len, chunk_size)
+
+
+def chunk_plain_len(index: int, plaintext_len: int, chunk_size: int) -> int:
+    n = chunk_count(plaintext_len, chunk_size)
+    if not 0 <= index < n:
+        raise IndexError(f"chunk {index} outside 0..{n - 1}")
+    if index < n - 1:
+        return chunk_size
+    return plaintext_len - index * chunk_size
+
+
+def chunk_body_offset(index: int, chunk_size: int) -> int:
+    return index * (chunk_size + CHUNK_OVERHEAD)
+
+
+def chunks_for_range(offset: int, length: int, plaintext_len: int, chunk_size: int) -> range:
+    """Indices of the chunks holding plaintext bytes ``[offset, offset+length)`` (clipped to EOF)."""
+    end = min(offset + length, plaintext_len)
+    if length <= 0 or offset >= end:
+        return range(0)
+    return range(offset // chunk_size, (end - 1) // chunk_size + 1)
+
+
+def body_span(chunks: range, plaintext_len: int, chunk_size: int) -> tuple[int, int]:
+    """``(start, length)`` in the object body covering the given contiguous chunks."""
+    if not chunks:
+        return (0, 0)
+    start = chunk_body_offset(chunks.start, chunk_size)
+    last = chunks.stop - 1
+    end = chunk_body_offset(last, chunk_size) + chunk_plain_len(last, plaintext_len, chunk_size) \
+        + CHUNK_OVERHEAD
+    return (start, end - start)
+
+
+# ---- nonces and AAD -----------------------------------------------------------------------------
+
+def chunk_nonce(index: int) -> bytes:
+    """4 zero bytes || u64 big-endian chunk index.  Unique per key because keys are per version."""
+    return b"\x00\x00\x00\x00" + index.to_bytes(8, "big")
+
+
+def kdf_info(suite: int, layer: int, label: bytes) -> bytes:
+    return DOMAIN + suite.to_bytes(2, "big") + bytes([layer]) + label
+
+
+def aad_prefix(suite: int, layer: int, header_digest: bytes) -> bytes:
+    return DOMAIN + suite.to_bytes(2, "big") + bytes([layer]) + header_digest
+
+
+def chunk_aad(prefix: bytes, index: int, final: bool) -> bytes:
+    return prefix + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00")
+
+
+ATTRS_LABEL = b"attrs"
+
+
+def attrs_aad(prefix: bytes) -> bytes:
+    return prefix + ATTRS_LABEL

@@ -1,0 +1,51 @@
+"""The inner layer: AES-256-GCM and HKDF-SHA512 from ``cryptography`` (OpenSSL) only.
+
+This module may import nothing but the standard library and ``cryptography``: a flaw in the other
+library must not reach this layer's keys.
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+def hkdf_sha512(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA512 (RFC 5869) extract-then-expand."""
+    return HKDF(algorithm=hashes.SHA512(), length=length, salt=salt, info=info).derive(ikm)
+
+
+class InnerAEAD:
+    """AES-256-GCM with 12-byte nonces and 16-byte tags, writing into caller buffers."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes):
+        if len(key) != 32:
+            raise ValueError("inner layer key must be 32 bytes")
+        self._aead = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return "InnerAEAD(<key redacted>)"
+
+    def encrypt_into(self, nonce: bytes, plaintext, aad: bytes, out) -> None:
+        """Write ``ciphertext || tag`` (len(plaintext) + 16 bytes) into ``out``."""
+        assert len(nonce) == NONCE_BYTES
+        self._aead.encrypt_into(nonce, plaintext, aad, out)
+
+    def decrypt_into(self, nonce: bytes, data, aad: bytes, out) -> bool:
+        """Verify and decrypt ``ciphertext || tag`` into ``out``; False on authentication failure.
+
+        On failure ``out`` may hold garbage: the caller must wipe it.
+        """
+        assert len(nonce) == NONCE_BYTES
+        try:
+            self._aead.decrypt_into(nonce, data, aad, out)
+        except InvalidTag:
+            return False
+        return True

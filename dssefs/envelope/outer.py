@@ -1,0 +1,63 @@
+"""The outer layer: AES-256-GCM and HKDF-SHA512 from ``pycryptodome`` only.
+
+This module may import nothing but the standard library and ``Crypto`` (pycryptodome).  Nonces and
+tag lengths are always passed explicitly: pycryptodome would otherwise pick a 16-byte random nonce
+and accept truncated tags.
+"""
+
+from __future__ import annotations
+
+from Crypto.Cipher import AES
+from Crypto.Hash import SHA512
+from Crypto.Protocol.KDF import HKDF
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+def hkdf_sha512(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA512 (RFC 5869) extract-then-expand."""
+    return HKDF(ikm, length, salt, SHA512, num_keys=1, context=info)
+
+
+class OuterAEAD:
+    """AES-256-GCM with 12-byte nonces and 16-byte tags; in place on writable buffers."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes):
+        if len(key) != 32:
+            raise ValueError("outer layer key must be 32 bytes")
+        self._key = bytes(key)
+
+    def __repr__(self) -> str:
+        return "OuterAEAD(<key redacted>)"
+
+    def _cipher(self, nonce: bytes, aad: bytes):
+        assert len(nonce) == NONCE_BYTES
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+        cipher.update(aad)
+        return cipher
+
+    def encrypt_into(self, nonce: bytes, data, aad: bytes, out) -> None:
+        """Write ``ciphertext || tag`` (len(data) + 16 bytes) into ``out``.
+
+        ``out[:len(data)]`` may be the very buffer ``data`` (in-place encryption).
+        """
+        n = len(data)
+        cipher = self._cipher(nonce, aad)
+        cipher.encrypt(data, output=out[:n])
+        out[n:n + TAG_BYTES] = cipher.digest()
+
+    def decrypt_into(self, nonce: bytes, data, aad: bytes, out) -> bool:
+        """Verify and decrypt ``ciphertext || tag`` into ``out`` (may alias ``data``); False on
+        authentication failure, in which case the caller must wipe ``out``."""
+        n = len(data) - TAG_BYTES
+        if n < 0:
+            return False
+        cipher = self._cipher(nonce, aad)
+        try:
+            cipher.decrypt_and_verify(data[:n], data[n:], output=out[:n])
+        except ValueError:
+            return False
+        return True

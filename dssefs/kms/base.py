@@ -1,0 +1,62 @@
+"""The key provider interface: generate, unwrap and re-wrap per-layer data keys.
+
+A wrapped key is opaque bytes.  Every call takes an encryption *context* (``dict[str, str]``) which
+the provider binds to the wrapped key (KMS encryption context, or AAD for the local keyring):
+unwrapping with any other context fails.  Plaintext data keys are returned as ``bytes`` and must
+never be logged, printed or written anywhere.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from enum import Enum
+
+DATA_KEY_BYTES = 32
+
+
+class Layer(str, Enum):
+    INNER = "inner"
+    OUTER = "outer"
+
+
+def context(layer: Layer, bucket: str, key: str) -> dict[str, str]:
+    """The encryption context that binds a wrapped data key to one layer of one object."""
+    return {
+        "dssefs:v": "1",
+        "dssefs:layer": layer.value,
+        "dssefs:bucket": bucket,
+        "dssefs:key": key,
+    }
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    blob: bytes  # opaque, provider-specific
+    key_id: str  # the master key that wraps it (KMS key ARN, or local keyring key name)
+
+
+class KeyProvider(abc.ABC):
+    #: ``kms`` or ``local``; recorded in object metadata so readers pick the right provider.
+    kind: str
+
+    @abc.abstractmethod
+    def key_id(self, layer: Layer) -> str:
+        """The master key used for new data keys of ``layer``."""
+
+    @abc.abstractmethod
+    def generate(self, layer: Layer, ctx: dict[str, str]) -> tuple[bytes, WrappedKey]:
+        """A fresh random 32-byte data key and its wrapped form."""
+
+    @abc.abstractmethod
+    def unwrap(self, layer: Layer, wrapped: WrappedKey, ctx: dict[str, str]) -> bytes:
+        """The 32-byte data key; raises KeyProviderError (or a subclass) on any failure."""
+
+    @abc.abstractmethod
+    def rewrap(self, layer: Layer, wrapped: WrappedKey, old_ctx: dict[str, str],
+               new_ctx: dict[str, str], new_key_id: str | None = None) -> WrappedKey:
+        """Re-wrap under ``new_ctx`` and optionally another master key, without exposing the key
+        where the provider allows it (KMS ReEncrypt)."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass

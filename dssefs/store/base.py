@@ -1,0 +1,106 @@
+"""The object store interface: what the layers above need from S3 or a local directory.
+
+Implementations are synchronous and thread-safe; callers run them in worker threads.  Keys are
+``/``-separated strings without a leading slash.  User metadata is a ``dict[str, str]`` of
+lowercase ASCII keys without the ``x-amz-meta-`` prefix and ASCII values.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterator
+
+# S3 caps user-defined metadata at 2 KB, counted as the UTF-8 bytes of keys (without the
+# ``x-amz-meta-`` prefix) plus values.
+METADATA_LIMIT = 2048
+
+#: Parts of a multipart upload other than the last must be at least this large (S3 rule).
+MIN_PART_SIZE = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One page-independent listing result: objects directly under the prefix and sub-prefixes."""
+
+    objects: list[ObjectInfo]  # metadata is NOT populated by list (S3 does not return it)
+    prefixes: list[str]  # each ends with the delimiter
+
+
+class Upload(abc.ABC):
+    """A multipart upload in progress.  ``put_part`` may be called from several threads at once."""
+
+    @abc.abstractmethod
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
+        """Store part ``number`` (1-based, contiguous); all parts but the last >= MIN_PART_SIZE."""
+
+    @abc.abstractmethod
+    def complete(self) -> str:
+        """Make the object visible atomically; returns its ETag."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard the parts; never raises."""
+
+
+class ObjectStore(abc.ABC):
+    #: Name bound into key-wrapping contexts (the bucket for S3; ``local`` for a directory).
+    context_name: str
+    #: Human-readable location for messages, e.g. ``s3://bucket`` or ``file:///srv/data``.
+    url: str
+    #: Whether put/copy honour ``if_match`` / ``if_none_match``.
+    supports_conditional_writes: bool = True
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Size, ETag, mtime and user metadata; raises ObjectNotFound."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None
+                  ) -> tuple[bytes, int]:
+        """Return ``(data, total_size)`` for bytes ``[start, start+length)``.
+
+        ``total_size`` is the whole object's size as the store reports it (S3: from
+        ``Content-Range``) so readers can detect truncation.  Short data means the object ended.
+        """
+
+    @abc.abstractmethod
+    def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
+            if_match: str | None = None, if_none_match: bool = False) -> str:
+        """Store an object in one request; returns the new ETag.
+
+        ``if_match``: fail with PreconditionFailed unless the current ETag equals it.
+        ``if_none_match``: fail with PreconditionFailed if the key exists.
+        """
+
+    @abc.abstractmethod
+    def begin_upload(self, key: str, metadata: dict[str, str], *,
+                     if_match: str | None = None, if_none_match: bool = False) -> Upload:
+        """Start a multipart upload; conditions are checked when it completes."""
+
+    @abc.abstractmethod
+    def copy(self, src: str, dst: str, metadata: dict[str, str], *,
+             if_match: str | None = None, if_none_match: bool = False) -> str:
+        """Server-side copy of the body with metadata replaced; ``if_match`` applies to ``src``
+        when ``src == dst`` and to ``dst`` otherwise.  Returns the new ETag."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete; deleting a missing key is not an error."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
+        """Yield ObjectInfo (without metadata) for objects and ``str`` for common prefixes, in key
+        order, following pagination.  With ``delimiter=None`` the listing is recursive."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass
