@@ -1,0 +1,246 @@
+"""One validated configuration for every command.
+
+Every setting is declared once in :data:`OPTIONS`.  The same table produces the ``--long-flag``
+command-line options, parses ``-o key=value,...`` mount options (``mount.fuse3`` syntax; dashes and
+underscores are interchangeable) and, later, configuration-file keys.  Precedence: explicit
+``--flag`` > ``-o`` > file > default.  Unknown keys and bad values raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+
+def _size(text: str) -> int:
+    """``123``, ``64k``, ``512M``, ``2G``, ``1GiB`` -> bytes."""
+    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    mult = 1
+    for suffix, m in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30), ("t", 1 << 40)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 512M, 2G)") from None
+    if value < 0:
+        raise ValueError("size must not be negative")
+    return value
+
+
+def _bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "yes", "true", "on", ""):
+        return True
+    if t in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (yes/no)")
+
+
+def _octal(text: Any) -> int:
+    value = text if isinstance(text, int) else int(str(text), 8)
+    if not 0 <= value <= 0o7777:
+        raise ValueError(f"{text!r} is not a permission mode like 0644")
+    return value
+
+
+def _nonneg_int(text: Any) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _nonneg_float(text: Any) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _chunk_size(text: Any) -> int:
+    value = _size(text)
+    if value & (value - 1) or not (1 << 12) <= value <= (1 << 24):
+        raise ValueError("must be a power of two from 4K to 16M")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        t = str(text).strip().lower()
+        if t not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return t
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute / config-file key (underscores)
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    flag: bool = False  # a boolean switch: ``--name`` sets True, ``-o name`` too
+    groups: tuple[str, ...] = ("store", "keys")
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    # keys
+    Option("kms_key_id", str, None, "KMS key (id, ARN, alias/NAME) wrapping the inner layer's data keys; "
+           "with --keyring, the keyring key name (default 'default')", "KEY", groups=("keys",)),
+    Option("kms_key_id_outer", str, None, "a second KMS key (or keyring key name) for the outer layer "
+           "(split custody); defaults to --kms-key-id", "KEY", groups=("keys",)),
+    Option("keyring", str, None, "local keyring file to use instead of AWS KMS", "PATH", groups=("keys",)),
+    Option("keyring_passphrase_file", str, None, "file holding the keyring passphrase (else "
+           "$DSSEFS_KEYRING_PASSPHRASE, else a prompt)", "PATH", groups=("keys",)),
+    # store / AWS
+    Option("endpoint_url", str, None, "S3/KMS endpoint (default: boto3's, honouring AWS_ENDPOINT_URL, "
+           "AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL_KMS)", "URL", groups=("store", "keys")),
+    Option("region", str, None, "AWS region (default: boto3's chain)", "REGION", groups=("store", "keys")),
+    Option("profile", str, None, "AWS profile from ~/.aws/config", "NAME", groups=("store", "keys")),
+    Option("path_style", _bool, False, "path-style S3 addressing (MinIO and similar)", flag=True,
+           groups=("store",)),
+    Option("retry_mode", _choice("standard", "adaptive", "legacy"), "standard",
+           "botocore retry mode", "MODE", groups=("store", "keys")),
+    Option("max_attempts", _nonneg_int, 5, "botocore attempts per request", "N", groups=("store", "keys")),
+    # format
+    Option("chunk_size", _chunk_size, 1 << 20, "plaintext chunk size for new objects (4K..16M, power "
+           "of two)", "SIZE", groups=("write",)),
+    Option("workers", _nonneg_int, max(2, min(8, (os.cpu_count() or 2) * 2)),
+           "parallel crypto/S3 workers", "N", groups=("write",)),
+    # mount
+    Option("cache_size", _size, 512 << 20, "plaintext chunk cache bound in memory", "SIZE", groups=("mount",)),
+    Option("spill_dir", str, None, "staging directory for dirty data beyond --cache-size (encrypted with "
+           "an in-memory key; default under $XDG_CACHE_HOME or /var/cache/dssefs)", "DIR", groups=("mount",)),
+    Option("attr_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache attributes",
+           "SECONDS", groups=("mount",)),
+    Option("entry_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache name lookups",
+           "SECONDS", groups=("mount",)),
+    Option("allow_other", _bool, False, "let other users access the mount (implies default_permissions)",
+           flag=True, groups=("mount",)),
+    Option("read_only", _bool, False, "mount read-only", flag=True, groups=("mount",)),
+    Option("uid", _nonneg_int, None, "owner of objects without attributes (default: the mounting user)",
+           "UID", groups=("mount",)),
+    Option("gid", _nonneg_int, None, "group of objects without attributes", "GID", groups=("mount",)),
+    Option("file_mode", _octal, 0o644, "mode of files without attributes", "MODE", groups=("mount",)),
+    Option("dir_mode", _octal, 0o755, "mode of directories without attributes", "MODE", groups=("mount",)),
+    Option("foreign_objects", _choice("deny", "read-only"), "deny",
+           "objects not written by dssefs: 'deny' (listed, reads fail with EACCES) or 'read-only' "
+           "(readable as plain bytes)", "POLICY", groups=("mount",)),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log level", "LEVEL",
+           groups=("mount",)),
+    Option("foreground", _bool, False, "stay attached to the terminal instead of daemonizing", flag=True,
+           groups=("mount",)),
+    Option("config", str, None, "configuration file (TOML)", "PATH", groups=("mount",)),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+#: Generic mount options that mount(8) / mount.fuse3 pass along and dssefs accepts and ignores
+#: (or maps, see ``parse_mount_options``).
+GENERIC_MOUNT_OPTIONS = frozenset({
+    "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync", "atime", "noatime",
+    "relatime", "norelatime", "strictatime", "diratime", "nodiratime", "auto", "noauto", "user",
+    "nouser", "users", "_netdev", "nofail", "defaults", "default_permissions", "lazytime",
+    "nolazytime", "silent", "loud",
+})
+
+
+@dataclass
+class Settings:
+    values: dict[str, Any] = field(default_factory=lambda: {o.name: o.default for o in OPTIONS})
+    sources: dict[str, str] = field(default_factory=dict)  # name -> "cli" | "-o" | "file" | "default"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def set(self, name: str, raw: Any, source: str) -> None:
+        opt = BY_NAME.get(name)
+        if opt is None:
+            raise ConfigError(f"unknown option '{name}'")
+        try:
+            value = None if raw is None else opt.parse(raw)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"bad value for '{name.replace('_', '-')}' ({source}): {e}") from None
+        self.values[name] = value
+        self.sources[name] = source
+
+
+def normalise_key(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def parse_mount_options(text: str) -> dict[str, Any]:
+    """Parse ``-o`` text (``a=1,b,ro``) into option values; generic options are dropped, ``ro``
+    maps to read_only.  Unknown keys raise ConfigError naming the key."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = normalise_key(key)
+        if key == "ro":
+            out["read_only"] = True
+            continue
+        if key in GENERIC_MOUNT_OPTIONS or key.startswith("x_"):
+            continue
+        opt = BY_NAME.get(key)
+        if opt is None:
+            raise ConfigError(f"unknown mount option '{item.partition('=')[0]}': see 'dssefs mount --help'")
+        out[key] = value if sep else (True if opt.flag else "")
+        if not sep and not opt.flag:
+            raise ConfigError(f"mount option '{key.replace('_', '-')}' needs a value ({key}=...)")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """Add ``--long-flag`` options for every option in the named groups.  Defaults are left as
+    None (argparse.SUPPRESS) so that an explicit flag can be told apart from a default."""
+    for opt in OPTIONS:
+        if not set(opt.groups) & set(groups):
+            continue
+        dest = opt.name
+        default_txt = "" if opt.default is None else f" (default: {_show(opt)})"
+        if opt.flag:
+            parser.add_argument(opt.cli, dest=dest, action="store_const", const=True,
+                                default=argparse.SUPPRESS, help=opt.help + default_txt)
+        else:
+            parser.add_argument(opt.cli, dest=dest, metavar=opt.metavar, default=argparse.SUPPRESS,
+                                help=opt.help + default_txt)
+
+
+def _show(opt: Option) -> str:
+    if opt.parse is _octal:
+        return f"{opt.default:04o}"
+    if opt.parse in (_size, _chunk_size) and opt.default >= 1024:
+        for unit, m in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+            if opt.default % m == 0:
+                return f"{opt.default // m}{unit}"
+    return str(opt.default)
+
+
+def settings_from(namespace: argparse.Namespace, mount_options: str | None = None,
+                  file_values: dict[str, Any] | None = None) -> Settings:
+    """Merge defaults < file < ``-o`` < explicit flags into one validated Settings."""
+    s = Settings()
+    for key, raw in (file_values or {}).items():
+        s.set(normalise_key(key), raw, "file")
+    if mount_options:
+        for key, raw in parse_mount_options(mount_options).items():
+            s.set(key, raw, "-o")
+    for opt in OPTIONS:
+        if opt.name in vars(namespace):
+            s.set(opt.name, getattr(namespace, opt.name), "cli")
+    return s

@@ -1,0 +1,384 @@
+"""Reading and writing dual-layer encrypted objects.
+
+A :class:`Vault` binds one object store to one key provider.  All methods are blocking and
+thread-safe; the file system calls them from worker threads.  Large writes are split into parts
+that are encrypted and uploaded in parallel with bounded memory (``workers`` parts in flight).
+
+Rules enforced here (see docs/format.md):
+- every new version gets a fresh message id, hence fresh per-version keys, whatever data keys it
+  reuses; data keys are only reused for the same object key (their wrapping binds the key);
+- readers check the stored object size against the authenticated length before decrypting, fetch
+  whole chunks pinned to the ETag they opened (``If-Match``), and release only verified plaintext;
+- rename and re-key rewrite metadata only (server-side copy); bodies are never re-encrypted.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from .. import envelope
+from ..envelope import format as fmt
+from ..envelope.metadata import Envelope, metadata_size
+from ..errors import IntegrityError, KeyProviderError, PreconditionFailed
+from ..kms.base import KeyProvider, Layer, WrappedKey, context
+from ..store.base import ObjectInfo, ObjectStore
+
+#: ``source(offset, length) -> bytes-like`` returning exactly ``length`` plaintext bytes.
+Source = Callable[[int, int], "bytes | bytearray | memoryview"]
+Progress = Callable[[int], None]
+
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
+READ_WINDOW = 8 * 1024 * 1024
+
+
+def bytes_source(data) -> Source:
+    view = memoryview(data)
+    return lambda offset, length: view[offset:offset + length]
+
+
+def file_source(fd: int) -> Source:
+    def read(offset: int, length: int) -> bytes:
+        buf = os.pread(fd, length, offset)
+        if len(buf) != length:
+            raise IOError(f"source file shrank while being read (wanted {length} bytes at {offset})")
+        return buf
+    return read
+
+
+class DataKeys:
+    """The two plaintext data keys of one object key and their wrapped forms.  Never printed."""
+
+    __slots__ = ("inner", "outer", "wrapped_inner", "wrapped_outer", "provider", "object_key")
+
+    def __init__(self, inner: bytes, outer: bytes, wrapped_inner: WrappedKey, wrapped_outer: WrappedKey,
+                 provider: str, object_key: str):
+        self.inner, self.outer = inner, outer
+        self.wrapped_inner, self.wrapped_outer = wrapped_inner, wrapped_outer
+        self.provider, self.object_key = provider, object_key
+
+    def __repr__(self) -> str:
+        return f"DataKeys({self.provider}, {self.object_key!r}, <redacted>)"
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    key: str
+    etag: str
+    envelope: Envelope
+    data_keys: DataKeys
+    body_size: int
+
+
+class OpenObject:
+    """One opened, authenticated object version: header parsed, keys unwrapped, commitments
+    verified.  Reads are pinned to the ETag seen at open time."""
+
+    def __init__(self, vault: "Vault", info: ObjectInfo, env: Envelope, cipher: envelope.ObjectCipher,
+                 keys: DataKeys):
+        self.vault, self.info, self.envelope, self.cipher, self.data_keys = vault, info, env, cipher, keys
+
+    def __repr__(self) -> str:
+        return f"OpenObject({self.key!r}, size={self.size}, gen={self.generation})"
+
+    key = property(lambda self: self.info.key)
+    etag = property(lambda self: self.info.etag)
+    size = property(lambda self: self.cipher.plaintext_len)
+    header = property(lambda self: self.cipher.header)
+    file_id = property(lambda self: self.cipher.header.file_id)
+    generation = property(lambda self: self.cipher.header.generation)
+    chunk_size = property(lambda self: self.cipher.chunk_size)
+    n_chunks = property(lambda self: self.cipher.n_chunks)
+
+    def attrs(self) -> bytes | None:
+        """The decrypted attribute blob, or None if the object has none."""
+        return None if self.envelope.attrs is None else self.cipher.open_attrs(self.envelope.attrs)
+
+    def read_chunks(self, chunks: range) -> list[bytearray]:
+        """Fetch a contiguous run of chunks with one ranged GET and return their plaintexts."""
+        if not chunks:
+            return []
+        if chunks.start < 0 or chunks.stop > self.n_chunks:
+            raise IndexError(f"chunks {chunks.start}..{chunks.stop - 1} outside 0..{self.n_chunks - 1}")
+        start, length = self.cipher.body_span(chunks)
+        data, total = self.vault.store.get_range(self.key, start, length, if_match=self.etag)
+        if total != self.cipher.body_size:
+            raise IntegrityError(f"{self.vault.store.url}/{self.key}: object is {total} bytes, its header "
+                                 f"says {self.cipher.body_size} (truncated or extended)")
+        if len(data) != length:
+            raise IntegrityError(f"{self.vault.store.url}/{self.key}: short read ({len(data)} of {length} bytes)")
+        buf = data if isinstance(data, bytearray) else bytearray(data)
+        view = memoryview(buf)
+        out = []
+        pos = 0
+        for i in chunks:
+            n = self.cipher.chunk_plain_len(i) + fmt.CHUNK_OVERHEAD
+            try:
+                out.append(self.cipher.open_chunk(i, view[pos:pos + n]))
+            except IntegrityError as e:
+                raise IntegrityError(f"{self.vault.store.url}/{self.key}: {e}") from None
+            pos += n
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Plaintext bytes ``[offset, offset+length)`` clipped to the end of the object."""
+        chunks = self.cipher.chunks_for_range(offset, length)
+        if not chunks:
+            return b""
+        plain = b"".join(self.read_chunks(chunks))
+        skip = offset - chunks.start * self.chunk_size
+        return plain[skip:skip + min(length, self.size - offset)]
+
+    def iter_chunks(self, *, window: int = READ_WINDOW, progress: Progress | None = None
+                    ) -> Iterator[tuple[int, bytearray]]:
+        """Every chunk in order, fetched ``window`` bytes per request with requests in parallel."""
+        per = max(1, window // self.chunk_size)
+        runs = iter([range(s, min(s + per, self.n_chunks)) for s in range(0, self.n_chunks, per)])
+        pool = self.vault.pool
+        pending: collections.deque = collections.deque(
+            (run, pool.submit(self.read_chunks, run)) for run in itertools.islice(runs, self.vault.workers))
+        try:
+            while pending:
+                run, future = pending.popleft()
+                plains = future.result()
+                nxt = next(runs, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self.read_chunks, nxt)))
+                for i, p in zip(run, plains):
+                    if progress:
+                        progress(len(p))
+                    yield i, p
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    def verify(self, progress: Progress | None = None) -> None:
+        """Authenticate every chunk (and the attributes); raises IntegrityError on the first failure."""
+        self.attrs()
+        for _ in self.iter_chunks(progress=progress):
+            pass
+
+
+class Vault:
+    def __init__(self, store: ObjectStore, keys: KeyProvider, *, chunk_log2: int = fmt.DEFAULT_CHUNK_LOG2,
+                 workers: int = 4, part_size: int = DEFAULT_PART_SIZE,
+                 multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD):
+        if not fmt.MIN_CHUNK_LOG2 <= chunk_log2 <= fmt.MAX_CHUNK_LOG2:
+            raise ValueError(f"chunk_log2 must be within {fmt.MIN_CHUNK_LOG2}..{fmt.MAX_CHUNK_LOG2}")
+        self.store, self.keys = store, keys
+        self.chunk_log2 = chunk_log2
+        self.workers = max(1, workers)
+        self.part_size = part_size
+        self.multipart_threshold = max(multipart_threshold, part_size)
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def pool(self) -> cf.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(max_workers=self.workers * 2,
+                                                   thread_name_prefix="dssefs-vault")
+            return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _ctx(self, layer: Layer, key: str) -> dict[str, str]:
+        return context(layer, self.store.context_name, key)
+
+    # ---- keys -----------------------------------------------------------------------------------
+
+    def new_data_keys(self, key: str) -> DataKeys:
+        dk_in, w_in = self.keys.generate(Layer.INNER, self._ctx(Layer.INNER, key))
+        dk_out, w_out = self.keys.generate(Layer.OUTER, self._ctx(Layer.OUTER, key))
+        return DataKeys(dk_in, dk_out, w_in, w_out, self.keys.kind, key)
+
+    def _unwrap(self, key: str, env: Envelope) -> DataKeys:
+        if env.provider != self.keys.kind:
+            raise KeyProviderError(
+                f"{self.store.url}/{key}: data keys are wrapped by '{env.provider}' but this command uses "
+                f"'{self.keys.kind}': pass the matching --kms-key-id or --keyring")
+        w_in = WrappedKey(env.wrapped_inner, env.key_id_inner)
+        w_out = WrappedKey(env.wrapped_outer, env.key_id_outer)
+        dk_in = self.keys.unwrap(Layer.INNER, w_in, self._ctx(Layer.INNER, key))
+        dk_out = self.keys.unwrap(Layer.OUTER, w_out, self._ctx(Layer.OUTER, key))
+        return DataKeys(dk_in, dk_out, w_in, w_out, env.provider, key)
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def open(self, key: str, info: ObjectInfo | None = None, *, data_keys: DataKeys | None = None
+             ) -> OpenObject:
+        """Head (unless ``info`` is given), parse, unwrap and verify commitments.
+
+        ``data_keys`` may be passed to skip unwrapping when the caller already holds the keys for
+        these exact wrapped blobs (the file system's key cache); they are still checked against
+        both commitments.
+        """
+        if info is None:
+            info = self.store.head(key)
+        try:
+            env = envelope.parse(info.metadata)
+        except IntegrityError as e:
+            raise type(e)(f"{self.store.url}/{key}: {e}") from None
+        if info.size != fmt.body_size(env.header.plaintext_len, env.header.chunk_size):
+            raise IntegrityError(
+                f"{self.store.url}/{key}: object is {info.size} bytes but its header says "
+                f"{fmt.body_size(env.header.plaintext_len, env.header.chunk_size)} (truncated or extended)")
+        if (data_keys is None or data_keys.object_key != key
+                or data_keys.wrapped_inner.blob != env.wrapped_inner
+                or data_keys.wrapped_outer.blob != env.wrapped_outer):
+            data_keys = self._unwrap(key, env)
+        try:
+            cipher = envelope.ObjectCipher.open_version(env.header, data_keys.inner, data_keys.outer)
+        except IntegrityError as e:
+            raise IntegrityError(f"{self.store.url}/{key}: {e}") from None
+        return OpenObject(self, info, env, cipher, data_keys)
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def write(self, key: str, source: Source, size: int, *, attrs: bytes | None = None,
+              file_id: bytes | None = None, generation: int = 0, data_keys: DataKeys | None = None,
+              if_match: str | None = None, if_none_match: bool = False, chunk_log2: int | None = None,
+              progress: Progress | None = None) -> WriteResult:
+        """Encrypt ``size`` bytes from ``source`` as a new version of ``key`` and store it.
+
+        Returns once the store has acknowledged the whole object (durable)."""
+        if data_keys is None or data_keys.object_key != key or data_keys.provider != self.keys.kind:
+            data_keys = self.new_data_keys(key)
+        cipher = envelope.ObjectCipher.new_version(
+            data_keys.inner, data_keys.outer, plaintext_len=size,
+            file_id=file_id if file_id is not None else os.urandom(fmt.FILE_ID_BYTES),
+            generation=generation, chunk_log2=chunk_log2 or self.chunk_log2)
+        env = self._envelope(cipher, data_keys, attrs)
+        meta = env.to_metadata()
+        if cipher.body_size <= self.multipart_threshold:
+            body = self._seal_range(cipher, range(cipher.n_chunks), source, progress, parallel=True)
+            etag = self.store.put(key, body, meta, if_match=if_match, if_none_match=if_none_match)
+        else:
+            etag = self._write_multipart(key, cipher, source, meta, if_match, if_none_match, progress)
+        return WriteResult(key, etag, env, data_keys, cipher.body_size)
+
+    def _envelope(self, cipher: envelope.ObjectCipher, keys: DataKeys, attrs: bytes | None) -> Envelope:
+        return Envelope(header=cipher.header, provider=keys.provider,
+                        key_id_inner=keys.wrapped_inner.key_id, key_id_outer=keys.wrapped_outer.key_id,
+                        wrapped_inner=keys.wrapped_inner.blob, wrapped_outer=keys.wrapped_outer.blob,
+                        attrs=None if attrs is None else cipher.seal_attrs(attrs))
+
+    def _seal_range(self, cipher: envelope.ObjectCipher, chunks: range, source: Source,
+                    progress: Progress | None, parallel: bool = False) -> bytearray:
+        start, length = cipher.body_span(chunks) if chunks else (0, 0)
+        out = bytearray(length)
+        view = memoryview(out)
+
+        def seal(i: int) -> None:
+            n = cipher.chunk_plain_len(i)
+            off = cipher.chunk_body_offset(i) - start
+            cipher.seal_chunk_into(i, source(i * cipher.chunk_size, n), view[off:off + n + fmt.CHUNK_OVERHEAD])
+            if progress:
+                progress(n)
+
+        if parallel and len(chunks) > 1:
+            list(self.pool.map(seal, chunks))
+        else:
+            for i in chunks:
+                seal(i)
+        return out
+
+    def _write_multipart(self, key, cipher, source, meta, if_match, if_none_match, progress) -> str:
+        per_part = max(1, -(-self.part_size // cipher.chunk_size))
+        runs = [range(s, min(s + per_part, cipher.n_chunks)) for s in range(0, cipher.n_chunks, per_part)]
+        upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match)
+        sem = threading.BoundedSemaphore(self.workers)
+
+        def part(number: int, run: range) -> None:
+            try:
+                upload.put_part(number, self._seal_range(cipher, run, source, progress))
+            finally:
+                sem.release()
+
+        futures = []
+        try:
+            for number, run in enumerate(runs, start=1):
+                sem.acquire()
+                if any(f.done() and f.exception() for f in futures):
+                    sem.release()
+                    break
+                futures.append(self.pool.submit(part, number, run))
+            for f in futures:
+                f.result()
+            return upload.complete()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            cf.wait(futures)
+            upload.abort()
+            raise
+
+    # ---- metadata-only operations ---------------------------------------------------------------
+
+    def set_attrs(self, obj: OpenObject, attrs: bytes | None) -> str:
+        """Replace the attribute blob (fresh nonce) with a self-copy pinned to the opened ETag."""
+        env = Envelope(header=obj.envelope.header, provider=obj.envelope.provider,
+                       key_id_inner=obj.envelope.key_id_inner, key_id_outer=obj.envelope.key_id_outer,
+                       wrapped_inner=obj.envelope.wrapped_inner, wrapped_outer=obj.envelope.wrapped_outer,
+                       attrs=None if attrs is None else obj.cipher.seal_attrs(attrs))
+        return self.store.copy(obj.key, obj.key, env.to_metadata(), if_match=obj.etag)
+
+    def _rewrapped(self, obj: OpenObject, dst: str, key_id_inner: str | None = None,
+                   key_id_outer: str | None = None) -> Envelope:
+        env = obj.envelope
+        w_in = self.keys.rewrap(Layer.INNER, WrappedKey(env.wrapped_inner, env.key_id_inner),
+                                self._ctx(Layer.INNER, obj.key), self._ctx(Layer.INNER, dst), key_id_inner)
+        w_out = self.keys.rewrap(Layer.OUTER, WrappedKey(env.wrapped_outer, env.key_id_outer),
+                                 self._ctx(Layer.OUTER, obj.key), self._ctx(Layer.OUTER, dst), key_id_outer)
+        return Envelope(header=env.header, provider=self.keys.kind, key_id_inner=w_in.key_id,
+                        key_id_outer=w_out.key_id, wrapped_inner=w_in.blob, wrapped_outer=w_out.blob,
+                        attrs=env.attrs)
+
+    def rename(self, obj: OpenObject, dst: str, *, dst_if_match: str | None = None,
+               dst_if_none_match: bool = False, delete_source: bool = True) -> str:
+        """Move an object to ``dst`` without touching its body: both data keys are re-wrapped for
+        the new object key, the body is copied server-side with the new metadata, and the source
+        is deleted.  Returns the new ETag."""
+        env = self._rewrapped(obj, dst)
+        etag = self.store.copy(obj.key, dst, env.to_metadata(), if_match=dst_if_match,
+                               if_none_match=dst_if_none_match)
+        if delete_source and dst != obj.key:
+            self.store.delete(obj.key)
+        return etag
+
+    def rekey(self, key: str, *, key_id_inner: str | None = None, key_id_outer: str | None = None) -> str:
+        """Re-wrap both data keys under new master keys (body untouched); returns the new ETag."""
+        obj = self.open(key)
+        env = self._rewrapped(obj, key, key_id_inner or self.keys.key_id(Layer.INNER),
+                              key_id_outer or self.keys.key_id(Layer.OUTER))
+        try:
+            return self.store.copy(key, key, env.to_metadata(), if_match=obj.etag)
+        except PreconditionFailed:
+            raise PreconditionFailed(f"{self.store.url}/{key}: changed while re-keying; run rekey again") from None
+
+    def describe(self, key: str, info: ObjectInfo | None = None) -> dict:
+        """Everything about an object that is not secret (for ``dssefs inspect``)."""
+        info = info or self.store.head(key)
+        env = envelope.parse(info.metadata)
+        h = env.header
+        return {
+            "key": key, "store": self.store.url, "etag": info.etag, "object_size": info.size,
+            "format_version": h.version, "suite": f"0x{h.suite:04x}",
+            "plaintext_size": h.plaintext_len, "chunk_size": h.chunk_size,
+            "chunks": fmt.chunk_count(h.plaintext_len, h.chunk_size),
+            "expected_object_size": fmt.body_size(h.plaintext_len, h.chunk_size),
+            "generation": h.generation, "file_id": h.file_id.hex(), "message_id": h.msg_id.hex(),
+            "key_provider": env.provider, "key_id_inner": env.key_id_inner,
+            "key_id_outer": env.key_id_outer, "wrapped_key_bytes": [len(env.wrapped_inner), len(env.wrapped_outer)],
+            "has_attributes": env.attrs is not None, "metadata_bytes": metadata_size(info.metadata),
+        }
