@@ -40,7 +40,7 @@ def b64encode(data: bytes) -> str:
 
 def b64decode(text: str, what: str) -> bytes:
     """Strict, canonical unpadded base64url: anything else is an integrity error."""
-    if not isinstance(text, str) or not _B64_RE.match(text) or len(text) % 4 == 1:
+    if not isinstance(text, str) or not _B64_RE.fullmatch(text) or len(text) % 4 == 1:
         raise IntegrityError(f"{what}: not canonical unpadded base64url")
     data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     if b64encode(data) != text:
@@ -62,7 +62,7 @@ class Envelope:
 
     def to_metadata(self) -> dict[str, str]:
         for kid in (self.key_id_inner, self.key_id_outer):
-            if not _KEY_ID_RE.match(kid):
+            if not _KEY_ID_RE.fullmatch(kid):
                 raise ValueError(f"key id {kid!r} has characters metadata cannot carry")
         if self.provider not in PROVIDERS:
             raise ValueError(f"unknown provider {self.provider!r}")
@@ -114,7 +114,7 @@ def parse(meta: dict[str, str]) -> Envelope:
     if provider not in PROVIDERS:
         raise UnsupportedFormat(f"unknown key provider {provider!r} in {KEY_WRAPPING}")
     for kid in (kid_in, kid_out):
-        if not _KEY_ID_RE.match(kid):
+        if not _KEY_ID_RE.fullmatch(kid):
             raise IntegrityError(f"metadata {KEY_WRAPPING}: malformed key id")
     w_in = b64decode(ours[KEY_WRAPPED_INNER], KEY_WRAPPED_INNER)
     w_out = b64decode(ours[KEY_WRAPPED_OUTER], KEY_WRAPPED_OUTER)
