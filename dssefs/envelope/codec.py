@@ -8,6 +8,7 @@ pure computations and safe to call from several threads at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 
@@ -24,15 +25,19 @@ LABEL_COMMIT = b"COMMITKEY"
 LABEL_ATTRS = b"ATTRSKEY"
 
 
-def _derive_inner(dk: bytes, msg_id: bytes, suite: int) -> tuple[bytes, bytes, bytes]:
+def _derive_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
+    """(content key, commitment, attribute key) of the inner layer.  ``bound`` is the header's
+    first 69 bytes: the commitment covers them, so a verified commitment authenticates the header."""
     info = lambda label: fmt.kdf_info(suite, fmt.LAYER_INNER, label)  # noqa: E731
-    return (inner_hkdf(dk, msg_id, info(LABEL_DERIVE)), inner_hkdf(dk, msg_id, info(LABEL_COMMIT)),
+    return (inner_hkdf(dk, msg_id, info(LABEL_DERIVE)),
+            inner_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound)),
             inner_hkdf(dk, msg_id, info(LABEL_ATTRS)))
 
 
-def _derive_outer(dk: bytes, msg_id: bytes, suite: int) -> tuple[bytes, bytes, bytes]:
+def _derive_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
     info = lambda label: fmt.kdf_info(suite, fmt.LAYER_OUTER, label)  # noqa: E731
-    return (outer_hkdf(dk, msg_id, info(LABEL_DERIVE)), outer_hkdf(dk, msg_id, info(LABEL_COMMIT)),
+    return (outer_hkdf(dk, msg_id, info(LABEL_DERIVE)),
+            outer_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound)),
             outer_hkdf(dk, msg_id, info(LABEL_ATTRS)))
 
 
@@ -84,25 +89,34 @@ class ObjectCipher:
         if msg_id is None:
             msg_id = os.urandom(fmt.MSG_ID_BYTES)
         suite = fmt.SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT
-        k_in, c_in, a_in = _derive_inner(dk_inner, msg_id, suite)
-        k_out, c_out, a_out = _derive_outer(dk_outer, msg_id, suite)
-        header = Header(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
-                        file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=c_in,
-                        commit_outer=c_out)
+        # validates every field; the commitments are filled in below
+        draft = Header(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
+                       file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=bytes(fmt.COMMIT_BYTES),
+                       commit_outer=bytes(fmt.COMMIT_BYTES), suite=suite)
+        bound = draft.bound_fields()
+        k_in, c_in, a_in = _derive_inner(dk_inner, draft.msg_id, suite, bound)
+        k_out, c_out, a_out = _derive_outer(dk_outer, draft.msg_id, suite, bound)
+        header = dataclasses.replace(draft, commit_inner=c_in, commit_outer=c_out)
         return cls(header, (k_in, a_in), (k_out, a_out))
 
     @classmethod
     def open_version(cls, header: Header, dk_inner: bytes, dk_outer: bytes) -> "ObjectCipher":
-        """Keys for an existing version; verifies both key commitments first (constant time)."""
+        """Keys for an existing version; verifies both commitments first (constant time).
+
+        The commitments cover the data keys, ``msg_id`` and every other header field, so once this
+        returns the header is authenticated (plaintext length and generation included) even before
+        any chunk has been read."""
         dk_inner = _check_dk(dk_inner, "inner")
         dk_outer = _check_dk(dk_outer, "outer")
-        k_in, c_in, a_in = _derive_inner(dk_inner, header.msg_id, header.suite)
-        k_out, c_out, a_out = _derive_outer(dk_outer, header.msg_id, header.suite)
+        bound = header.bound_fields()
+        k_in, c_in, a_in = _derive_inner(dk_inner, header.msg_id, header.suite, bound)
+        k_out, c_out, a_out = _derive_outer(dk_outer, header.msg_id, header.suite, bound)
         ok_in = hmac.compare_digest(c_in, header.commit_inner)
         ok_out = hmac.compare_digest(c_out, header.commit_outer)
         if not (ok_in and ok_out):
             which = " and ".join(n for n, ok in (("inner", ok_in), ("outer", ok_out)) if not ok)
-            raise IntegrityError(f"key commitment mismatch ({which} layer): wrong or substituted data key")
+            raise IntegrityError(f"commitment mismatch ({which} layer): wrong or substituted data key, "
+                                 "or an altered header")
         return cls(header, (k_in, a_in), (k_out, a_out))
 
     # ---- layout ---------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ MAX_PLAINTEXT = 1 << 48
 
 _HEADER = struct.Struct(">BHBBQQ16s32s32s32s")
 HEADER_BYTES = _HEADER.size  # 133
+# Every header field before the two commitments (version .. msg_id).  These bytes are bound into
+# both commitments, so the commitment check at open time authenticates the whole header.
+HEADER_BOUND_BYTES = HEADER_BYTES - 2 * COMMIT_BYTES  # 69
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ class Header:
 
     def digest(self) -> bytes:
         return hashlib.sha256(self.pack()).digest()
+
+    def bound_fields(self) -> bytes:
+        """``version .. msg_id`` as packed (69 bytes): the header bytes the commitments cover."""
+        return self.pack()[:HEADER_BOUND_BYTES]
 
 
 def validate_header_fields(h: Header) -> None:
@@ -156,6 +163,13 @@ def chunk_nonce(index: int) -> bytes:
 
 def kdf_info(suite: int, layer: int, label: bytes) -> bytes:
     return DOMAIN + suite.to_bytes(2, "big") + bytes([layer]) + label
+
+
+def commit_info(suite: int, layer: int, label: bytes, bound_fields: bytes) -> bytes:
+    """HKDF info of a commitment: ``kdf_info(...) || header[0:69]``."""
+    if len(bound_fields) != HEADER_BOUND_BYTES:
+        raise ValueError(f"bound header fields must be {HEADER_BOUND_BYTES} bytes")
+    return kdf_info(suite, layer, label) + bound_fields
 
 
 def aad_prefix(suite: int, layer: int, header_digest: bytes) -> bytes:
