@@ -35,7 +35,8 @@ class InnerAEAD:
 
     def encrypt_into(self, nonce: bytes, plaintext, aad: bytes, out) -> None:
         """Write ``ciphertext || tag`` (len(plaintext) + 16 bytes) into ``out``."""
-        assert len(nonce) == NONCE_BYTES
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError("nonce must be 12 bytes")
         self._aead.encrypt_into(nonce, plaintext, aad, out)
 
     def decrypt_into(self, nonce: bytes, data, aad: bytes, out) -> bool:
@@ -43,7 +44,8 @@ class InnerAEAD:
 
         On failure ``out`` may hold garbage: the caller must wipe it.
         """
-        assert len(nonce) == NONCE_BYTES
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError("nonce must be 12 bytes")
         try:
             self._aead.decrypt_into(nonce, data, aad, out)
         except InvalidTag:

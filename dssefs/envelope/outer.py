@@ -20,6 +20,19 @@ def hkdf_sha512(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes
     return HKDF(ikm, length, salt, SHA512, num_keys=1, context=info)
 
 
+def _writable_view(out, size: int) -> memoryview:
+    """``out`` as a memoryview of exactly ``size`` writable bytes.
+
+    Slicing a bytearray copies it, so ``output=out[:n]`` on a bytearray would make pycryptodome
+    write into a temporary and leave ``out`` untouched (plaintext left in place by an in-place
+    encryption, zeros returned by a decryption).  A memoryview slice writes through.
+    """
+    view = memoryview(out)
+    if view.readonly or view.nbytes != size:
+        raise ValueError(f"output buffer must be {size} writable bytes")
+    return view.cast("B") if view.format != "B" else view
+
+
 class OuterAEAD:
     """AES-256-GCM with 12-byte nonces and 16-byte tags; in place on writable buffers."""
 
@@ -34,7 +47,8 @@ class OuterAEAD:
         return "OuterAEAD(<key redacted>)"
 
     def _cipher(self, nonce: bytes, aad: bytes):
-        assert len(nonce) == NONCE_BYTES
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError("nonce must be 12 bytes")
         cipher = AES.new(self._key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
         cipher.update(aad)
         return cipher
@@ -45,6 +59,7 @@ class OuterAEAD:
         ``out[:len(data)]`` may be the very buffer ``data`` (in-place encryption).
         """
         n = len(data)
+        out = _writable_view(out, n + TAG_BYTES)
         cipher = self._cipher(nonce, aad)
         cipher.encrypt(data, output=out[:n])
         out[n:n + TAG_BYTES] = cipher.digest()
@@ -55,6 +70,7 @@ class OuterAEAD:
         n = len(data) - TAG_BYTES
         if n < 0:
             return False
+        out = _writable_view(out, n)
         cipher = self._cipher(nonce, aad)
         try:
             cipher.decrypt_and_verify(data[:n], data[n:], output=out[:n])
