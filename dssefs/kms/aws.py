@@ -1,0 +1,568 @@
+"""AWS KMS key provider: data keys from ``GenerateDataKey``, unwrapped with ``Decrypt``.
+
+Each layer gets its own 32-byte data key from its own ``GenerateDataKey`` call, with the layer's
+encryption context (:func:`dssefs.kms.base.context`).  The outer layer may use a second KMS key
+(split custody: two key policies, possibly two administrators).  Re-wrapping (rename, moving to
+another KMS key) uses ``ReEncrypt``, so the data key never leaves KMS.
+
+Credentials, region and endpoint come from boto3's standard chain: ``AWS_PROFILE``,
+``AWS_ACCESS_KEY_ID``, SSO, instance and container roles; ``AWS_REGION``; ``AWS_ENDPOINT_URL`` and
+``AWS_ENDPOINT_URL_KMS`` (an explicit ``endpoint_url`` wins).  When no region is configured and the
+key is given as an ARN, the ARN's region is used.
+
+Which KMS keys are trusted on read
+----------------------------------
+The KMS key id of each wrapped data key is stored in object metadata, which anyone who can write
+to the bucket can change.  Calling ``Decrypt`` with whatever key id an object names would let such
+a writer point it at a KMS key of their own (any account can grant everyone ``kms:Decrypt``) and
+have forged objects accepted.  So :meth:`AwsKmsProvider.unwrap` and :meth:`AwsKmsProvider.rewrap`
+only use keys this provider trusts: the configured inner and outer keys (aliases are resolved to
+their current target with ``DescribeKey``), keys passed in ``allowed_key_ids`` (e.g. the previous
+key after an alias was moved to a new one) and destinations this process re-wrapped to.  Any other
+key id is refused with :class:`~dssefs.errors.KeyAccessDenied` before KMS is called.
+
+Error mapping (every message is one line, names the problem and the fix, never key material)
+-------------------------------------------------------------------------------------------------
+==========================================  ===========================================
+botocore                                    dssefs
+==========================================  ===========================================
+AccessDeniedException                       KeyAccessDenied
+credentials rejected / expired              KeyAccessDenied
+NoCredentialsError, PartialCredentialsError KeyAccessDenied
+NotFoundException                           KeyNotFound (names the region)
+DisabledException, KMSInvalidStateException KeyUnavailable
+KeyUnavailableException                     KeyUnavailable
+throttling, KMS internal errors             KeyUnavailable (after botocore's retries)
+EndpointConnectionError, timeouts, TLS      KeyUnavailable
+InvalidCiphertextException                  WrappedKeyMismatch (a KeyAccessDenied)
+IncorrectKeyException                       WrappedKeyMismatch
+InvalidKeyUsageException, other errors      KeyProviderError
+key ARN in another region than the client   ConfigError (raised by the constructor)
+==========================================  ===========================================
+
+``WrappedKeyMismatch`` (errno ``EACCES``) is shared with the local keyring: a wrapped key that does
+not open under the object's context, typically because the object was copied or renamed outside
+dssefs, or its metadata was altered.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import boto3
+import botocore.config
+import botocore.exceptions as bce
+
+from .. import __version__
+from ..errors import (ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError,
+                      KeyUnavailable)
+from ._common import (METADATA_KEY_ID_RE, Stats, WrappedKeyMismatch, check_context,
+                      describe_context, layer_value, one_line)
+from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
+
+__all__ = ["AwsKmsProvider", "KmsKeyRef", "KmsKeyStatus", "parse_kms_key_id",
+           "looks_like_kms_key_id", "DEFAULT_MAX_ATTEMPTS"]
+
+DEFAULT_MAX_ATTEMPTS = 5
+RETRY_MODES = ("standard", "adaptive", "legacy")
+#: Minimum seconds between two alias look-ups triggered by an untrusted key id.
+_RESOLVE_INTERVAL = 30.0
+
+_KEY_ID_RE = re.compile(
+    r"^(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32})$")
+_ALIAS_RE = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
+_ARN_RE = re.compile(
+    r"^arn:(aws[a-z-]*):kms:([a-z0-9-]{1,64}):([0-9]{12}):(key|alias)/([A-Za-z0-9/_-]{1,250})$")
+
+_CREDENTIAL_CODES = frozenset({
+    "UnrecognizedClientException", "InvalidClientTokenId", "ExpiredTokenException",
+    "ExpiredToken", "InvalidSignatureException", "IncompleteSignature", "SignatureDoesNotMatch",
+    "RequestExpired", "MissingAuthenticationToken", "InvalidAccessKeyId",
+})
+_THROTTLE_CODES = frozenset({
+    "ThrottlingException", "Throttling", "ThrottledException", "LimitExceededException",
+    "RequestLimitExceeded", "TooManyRequestsException", "SlowDown",
+})
+_TRANSIENT_CODES = frozenset({
+    "KMSInternalException", "DependencyTimeoutException", "InternalFailure", "InternalError",
+    "ServiceUnavailable", "ServiceUnavailableException", "RequestTimeout",
+    "RequestTimeoutException", "500", "502", "503", "504",
+})
+
+
+# --------------------------------------------------------------------------------------------
+# Key ids
+
+
+@dataclass(frozen=True)
+class KmsKeyRef:
+    """A parsed KMS key id: ``form`` is ``key-arn``, ``alias-arn``, ``key-id`` or ``alias``."""
+
+    raw: str
+    form: str
+    region: str | None = None
+    account: str | None = None
+    name: str | None = None  # key id (UUID / mrk-...) or alias name ``alias/...``
+
+    @property
+    def is_arn(self) -> bool:
+        return self.form in ("key-arn", "alias-arn")
+
+    @property
+    def is_alias(self) -> bool:
+        return self.form in ("alias-arn", "alias")
+
+
+def parse_kms_key_id(key_id: str, *, what: str = "KMS key id") -> KmsKeyRef:
+    """Parse a KMS key id, key ARN, alias name (``alias/x``) or alias ARN; ConfigError otherwise."""
+    if not isinstance(key_id, str) or not METADATA_KEY_ID_RE.fullmatch(key_id):
+        raise ConfigError(f"{what} {one_line(repr(key_id), 80)} is malformed: use a key id, "
+                          "key ARN, alias name (alias/NAME) or alias ARN")
+    if _KEY_ID_RE.fullmatch(key_id):
+        return KmsKeyRef(key_id, "key-id", name=key_id)
+    if _ALIAS_RE.fullmatch(key_id):
+        return KmsKeyRef(key_id, "alias", name=key_id)
+    m = _ARN_RE.fullmatch(key_id)
+    if m:
+        _partition, region, account, kind, rest = m.groups()
+        if kind == "key" and _KEY_ID_RE.fullmatch(rest):
+            return KmsKeyRef(key_id, "key-arn", region, account, rest)
+        if kind == "alias" and _ALIAS_RE.fullmatch("alias/" + rest):
+            return KmsKeyRef(key_id, "alias-arn", region, account, "alias/" + rest)
+    raise ConfigError(f"{what} {key_id!r} is not a KMS key: use a key id, key ARN, "
+                      "alias name (alias/NAME) or alias ARN")
+
+
+def looks_like_kms_key_id(value: str) -> bool:
+    """True for strings that can only be meant as a KMS key: ARN, ``alias/...``, key id."""
+    try:
+        parse_kms_key_id(value)
+    except ConfigError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class KmsKeyStatus:
+    """What ``DescribeKey`` says about one configured key (no secrets)."""
+
+    layers: tuple[str, ...]
+    key_id: str  # as configured
+    arn: str
+    state: str
+    key_spec: str | None
+    key_usage: str | None
+    region: str
+
+    @property
+    def usable(self) -> bool:
+        return (self.state == "Enabled"
+                and self.key_spec in (None, "SYMMETRIC_DEFAULT")
+                and self.key_usage in (None, "ENCRYPT_DECRYPT"))
+
+
+# --------------------------------------------------------------------------------------------
+# botocore debug logging prints whole response bodies, and GenerateDataKey / Decrypt responses
+# carry the plaintext data key.  Redact those records wherever logging is configured.
+
+
+class _RedactKmsPlaintext(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, str) and msg.startswith("Response body"):
+            body = record.args[0] if isinstance(record.args, tuple) and record.args else b""
+            if isinstance(body, (bytes, bytearray, str)):
+                marker = b'"Plaintext"' if isinstance(body, (bytes, bytearray)) else '"Plaintext"'
+                if marker in body:
+                    record.args = ("<redacted by dssefs: KMS response carries key material>",)
+        return True
+
+
+_REDACTOR = _RedactKmsPlaintext()
+_parsers_log = logging.getLogger("botocore.parsers")
+if not any(isinstance(f, _RedactKmsPlaintext) for f in _parsers_log.filters):
+    _parsers_log.addFilter(_REDACTOR)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class AwsKmsProvider(KeyProvider):
+    """Per-layer data keys wrapped by AWS KMS.  Thread-safe; create one per mount."""
+
+    kind = "kms"
+
+    def __init__(self, key_id_inner: str, key_id_outer: str | None = None, *,
+                 region: str | None = None, profile: str | None = None,
+                 endpoint_url: str | None = None, session: boto3.Session | None = None,
+                 retries_mode: str = "standard", max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 connect_timeout: float = 5.0, read_timeout: float = 15.0,
+                 max_pool_connections: int = 32, allowed_key_ids: Iterable[str] = ()):
+        inner = parse_kms_key_id(key_id_inner, what="inner KMS key id")
+        outer = parse_kms_key_id(key_id_outer, what="outer KMS key id") \
+            if key_id_outer is not None else inner
+        extra = [parse_kms_key_id(k, what="allowed KMS key id") for k in allowed_key_ids]
+        if retries_mode not in RETRY_MODES:
+            raise ConfigError(f"KMS retry mode {retries_mode!r} is unknown: use "
+                              + " or ".join(RETRY_MODES))
+        if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 50:
+            raise ConfigError(f"KMS max attempts {max_attempts!r} is out of range: use 1..50")
+
+        if session is not None and profile is not None:
+            raise ConfigError("pass either an AWS session or a profile, not both")
+        if session is None:
+            try:
+                session = boto3.Session(profile_name=profile, region_name=region)
+            except bce.ProfileNotFound:
+                raise ConfigError(f"AWS profile {profile!r} not found: check AWS_PROFILE and "
+                                  "~/.aws/config") from None
+
+        refs = [inner, outer, *extra]
+        arn_regions = {r.region for r in refs if r.is_arn}
+        client_region = region or session.region_name
+        if client_region is None:
+            if len(arn_regions) == 1:
+                client_region = next(iter(arn_regions))
+            elif len(arn_regions) > 1:
+                raise ConfigError("the KMS key ARNs name several regions ("
+                                  + ", ".join(sorted(arn_regions))
+                                  + "): use keys from one region")
+            else:
+                raise ConfigError("no AWS region configured for KMS: set AWS_REGION, pass "
+                                  "--region, or give the key as an ARN")
+        for ref in refs:
+            if ref.is_arn and ref.region != client_region:
+                raise ConfigError(
+                    f"KMS key {ref.raw} is in region {ref.region} but the KMS client uses region "
+                    f"{client_region}: set the region to {ref.region} (AWS_REGION / --region) or "
+                    f"use a key from {client_region}")
+
+        cfg = botocore.config.Config(
+            region_name=client_region,
+            retries={"mode": retries_mode, "total_max_attempts": max_attempts},
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+            user_agent_extra=f"dssefs/{__version__}",
+        )
+        try:
+            self._client = session.client("kms", region_name=client_region,
+                                          endpoint_url=endpoint_url, config=cfg)
+        except ValueError as exc:  # botocore: invalid endpoint URL
+            raise ConfigError(f"KMS endpoint {endpoint_url!r} is invalid: {one_line(exc)}") \
+                from None
+
+        self._ids = {Layer.INNER: inner, Layer.OUTER: outer}
+        self._extra = extra
+        self.region: str = client_region
+        self.endpoint_url: str = self._client.meta.endpoint_url
+        self.max_attempts = max_attempts
+        self._stats = Stats()
+        self._lock = threading.Lock()
+        # Trusted key ARNs for unwrap/rewrap; aliases are looked up lazily.
+        self._trusted: set[str] = {r.raw for r in refs if r.form == "key-arn"}
+        self._bare_ids: set[str] = {r.name for r in refs if r.form == "key-id"}
+        self._aliases: list[KmsKeyRef] = [r for r in dict.fromkeys(refs) if r.is_alias]
+        self._configured: frozenset[str] = frozenset(r.raw for r in refs)
+        self._resolve_errors: dict[str, KeyProviderError] = {}
+        self._last_resolve = float("-inf")
+
+    # ---------------------------------------------------------------------------- public API
+
+    @property
+    def client(self):
+        """The boto3 KMS client (thread-safe; shared by all calls)."""
+        return self._client
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts of KMS calls made: generate, unwrap, rewrap, describe, and errors."""
+        return self._stats.snapshot()
+
+    def key_id(self, layer: Layer) -> str:
+        return self._ids[Layer(layer)].raw
+
+    def generate(self, layer: Layer, ctx: dict[str, str]) -> tuple[bytes, WrappedKey]:
+        layer = Layer(layer)
+        ctx = check_context(ctx)
+        kid = self._ids[layer].raw
+        self._stats.add("generate")
+        resp = self._call("GenerateDataKey", dict(KeyId=kid, KeySpec="AES_256",
+                                                  EncryptionContext=ctx),
+                          key=kid, layer=layer, ctx=ctx)
+        plaintext = resp.get("Plaintext")
+        arn = resp.get("KeyId")
+        blob = resp.get("CiphertextBlob")
+        if not isinstance(plaintext, bytes) or len(plaintext) != DATA_KEY_BYTES:
+            raise KeyProviderError(f"KMS GenerateDataKey on {kid} returned a malformed data key: "
+                                   "check AWS_ENDPOINT_URL_KMS points at AWS KMS", errno=_errno.EIO)
+        if not isinstance(blob, bytes) or not blob or not isinstance(arn, str) \
+                or not METADATA_KEY_ID_RE.fullmatch(arn):
+            raise KeyProviderError(f"KMS GenerateDataKey on {kid} returned a malformed answer: "
+                                   "check AWS_ENDPOINT_URL_KMS points at AWS KMS", errno=_errno.EIO)
+        with self._lock:
+            self._trusted.add(arn)  # KMS says this is what the configured id names
+        return plaintext, WrappedKey(blob=blob, key_id=arn)
+
+    def unwrap(self, layer: Layer, wrapped: WrappedKey, ctx: dict[str, str]) -> bytes:
+        layer = Layer(layer)
+        ctx = check_context(ctx)
+        self._require_trusted(wrapped.key_id, layer, ctx)
+        self._stats.add("unwrap")
+        resp = self._call("Decrypt", dict(CiphertextBlob=wrapped.blob, EncryptionContext=ctx,
+                                          KeyId=wrapped.key_id),
+                          key=wrapped.key_id, layer=layer, ctx=ctx)
+        plaintext = resp.get("Plaintext")
+        if not isinstance(plaintext, bytes) or len(plaintext) != DATA_KEY_BYTES:
+            n = len(plaintext) if isinstance(plaintext, bytes) else 0
+            raise WrappedKeyMismatch(
+                f"wrapped {layer.value} data key of {describe_context(ctx)} opens to {n} bytes, "
+                f"not {DATA_KEY_BYTES}: the object's metadata was altered")
+        return plaintext
+
+    def rewrap(self, layer: Layer, wrapped: WrappedKey, old_ctx: dict[str, str],
+               new_ctx: dict[str, str], new_key_id: str | None = None) -> WrappedKey:
+        layer = Layer(layer)
+        old_ctx = check_context(old_ctx)
+        new_ctx = check_context(new_ctx)
+        self._require_trusted(wrapped.key_id, layer, old_ctx)
+        if new_key_id is not None:
+            dest = parse_kms_key_id(new_key_id, what="destination KMS key id")
+            if dest.is_arn and dest.region != self.region:
+                raise ConfigError(f"KMS key {dest.raw} is in region {dest.region} but the KMS "
+                                  f"client uses region {self.region}: re-wrap to a key in "
+                                  f"{self.region}")
+            dest_id = dest.raw
+        else:
+            dest_id = wrapped.key_id or self._ids[layer].raw
+        self._stats.add("rewrap")
+        resp = self._call("ReEncrypt", dict(
+            CiphertextBlob=wrapped.blob, SourceEncryptionContext=old_ctx,
+            SourceKeyId=wrapped.key_id, DestinationKeyId=dest_id,
+            DestinationEncryptionContext=new_ctx),
+            key=wrapped.key_id, dest=dest_id, layer=layer, ctx=old_ctx)
+        blob = resp.get("CiphertextBlob")
+        arn = resp.get("KeyId")
+        if not isinstance(blob, bytes) or not blob or not isinstance(arn, str) \
+                or not METADATA_KEY_ID_RE.fullmatch(arn):
+            raise KeyProviderError(f"KMS ReEncrypt to {dest_id} returned a malformed answer: "
+                                   "check AWS_ENDPOINT_URL_KMS points at AWS KMS", errno=_errno.EIO)
+        with self._lock:
+            self._trusted.add(arn)  # chosen by the caller, so trusted for reading back
+        return WrappedKey(blob=blob, key_id=arn)
+
+    def describe(self) -> list[KmsKeyStatus]:
+        """``DescribeKey`` for each configured key; raises only if a key cannot be described."""
+        out: list[KmsKeyStatus] = []
+        by_id: dict[str, list[str]] = {}
+        for layer, ref in self._ids.items():
+            by_id.setdefault(ref.raw, []).append(layer.value)
+        for kid, layers in by_id.items():
+            self._stats.add("describe")
+            meta = self._call("DescribeKey", dict(KeyId=kid), key=kid)["KeyMetadata"]
+            arn = meta.get("Arn", kid)
+            with self._lock:
+                self._trusted.add(arn)
+            out.append(KmsKeyStatus(
+                layers=tuple(layers), key_id=kid, arn=arn, state=meta.get("KeyState", "Unknown"),
+                key_spec=meta.get("KeySpec") or meta.get("CustomerMasterKeySpec"),
+                key_usage=meta.get("KeyUsage"), region=self.region))
+        return out
+
+    def check(self) -> list[KmsKeyStatus]:
+        """Verify at mount time that each configured key exists, is enabled and can wrap keys."""
+        statuses = self.describe()
+        for st in statuses:
+            if st.state == "Disabled":
+                raise KeyUnavailable(f"KMS key {st.key_id} is disabled: enable it "
+                                     f"(aws kms enable-key --key-id {st.arn})")
+            if st.state == "PendingDeletion":
+                raise KeyUnavailable(f"KMS key {st.key_id} is pending deletion: cancel it and "
+                                     f"enable it (aws kms cancel-key-deletion --key-id {st.arn})")
+            if st.state != "Enabled":
+                raise KeyUnavailable(f"KMS key {st.key_id} is in state {st.state}, not Enabled: "
+                                     "wait for it or fix it in KMS")
+            if not st.usable:
+                raise KeyProviderError(
+                    f"KMS key {st.key_id} ({st.key_spec}, {st.key_usage}) cannot wrap data keys: "
+                    "use a symmetric encryption key", errno=_errno.EINVAL)
+        return statuses
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # pragma: no cover - closing is best effort
+            pass
+
+    def __repr__(self) -> str:
+        outer = self._ids[Layer.OUTER].raw
+        return (f"AwsKmsProvider(inner={self._ids[Layer.INNER].raw!r}, outer={outer!r}, "
+                f"region={self.region!r}, endpoint={self.endpoint_url!r})")
+
+    # ---------------------------------------------------------------------------- trust
+
+    def _require_trusted(self, key_id: str, layer: Layer, ctx: Mapping[str, str]) -> None:
+        if self._is_trusted(key_id):
+            return
+        where = describe_context(ctx)
+        shown = one_line(repr(key_id), 300)
+        with self._lock:
+            failures = list(self._resolve_errors.values())
+        if failures:
+            err = failures[0]
+            raise type(err)(f"cannot check whether KMS key {shown} of {where} is trusted: {err}",
+                            errno=err.errno)
+        raise KeyAccessDenied(
+            f"{layer.value} data key of {where} is wrapped by KMS key {shown}, which this mount "
+            "does not trust: if it is yours, add it to the allowed KMS key ids")
+
+    def _is_trusted(self, key_id: str) -> bool:
+        if not isinstance(key_id, str) or not METADATA_KEY_ID_RE.fullmatch(key_id):
+            return False
+        if key_id in self._configured:
+            return True  # Decrypt with KeyId=<configured id> lets KMS enforce the match
+        with self._lock:
+            if key_id in self._trusted:
+                return True
+        m = _ARN_RE.fullmatch(key_id)
+        if m is None or m.group(4) != "key" or m.group(2) != self.region:
+            return False  # only key ARNs of the client's region can be trusted
+        if m.group(5) in self._bare_ids:
+            # Key ids are assigned by KMS, so a key ARN of our region with that id is that key.
+            with self._lock:
+                self._trusted.add(key_id)
+            return True
+        if self._aliases:
+            self._resolve_aliases()
+            with self._lock:
+                return key_id in self._trusted
+        return False
+
+    def _resolve_aliases(self) -> None:
+        """Look up the current target of each configured alias (at most every 30 s)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_resolve < _RESOLVE_INTERVAL:
+                return
+            self._last_resolve = now
+        for ref in self._aliases:
+            try:
+                self._stats.add("describe")
+                meta = self._call("DescribeKey", dict(KeyId=ref.raw), key=ref.raw)["KeyMetadata"]
+            except KeyProviderError as exc:
+                with self._lock:
+                    self._resolve_errors[ref.raw] = exc
+                continue
+            with self._lock:
+                self._resolve_errors.pop(ref.raw, None)
+                if isinstance(meta.get("Arn"), str):
+                    self._trusted.add(meta["Arn"])
+
+    # ---------------------------------------------------------------------------- calls
+
+    def _call(self, op: str, params: dict[str, Any], *, key: str, dest: str | None = None,
+              layer: Layer | None = None, ctx: Mapping[str, str] | None = None) -> dict:
+        method = getattr(self._client, _SNAKE[op])
+        try:
+            return method(**params)
+        except (bce.ClientError, bce.BotoCoreError) as exc:
+            self._stats.add("errors")
+            raise self._map_error(exc, op, key, dest=dest, layer=layer, ctx=ctx) from exc
+
+    def _map_error(self, exc: Exception, op: str, key: str, *, dest: str | None,
+                   layer: Layer | None, ctx: Mapping[str, str] | None) -> Exception:
+        endpoint = self.endpoint_url
+        lay = f"{layer_value(layer)} " if layer is not None else ""
+        where = describe_context(ctx) if ctx is not None else "this object"
+        if op == "ReEncrypt":
+            action = f"kms:ReEncryptFrom on {key} or kms:ReEncryptTo on {dest}"
+            subject = f"{key} or {dest}"
+        else:
+            action = f"kms:{op} on {key}"
+            subject = key
+
+        if isinstance(exc, bce.ClientError):
+            err = exc.response.get("Error", {}) or {}
+            code = str(err.get("Code", "Unknown"))
+            aws_msg = one_line(err.get("Message") or "", 160)
+            attempts = (exc.response.get("ResponseMetadata", {}) or {}).get("RetryAttempts", 0)
+            if code == "AccessDeniedException":
+                return KeyAccessDenied(f"KMS denied {action}: grant it in the key policy or IAM")
+            if code in _CREDENTIAL_CODES:
+                return KeyAccessDenied(f"KMS rejected the AWS credentials ({code}): refresh them "
+                                       "or check AWS_PROFILE / AWS_ACCESS_KEY_ID")
+            if code == "NotFoundException":
+                return KeyNotFound(f"KMS key {subject} not found in region {self.region}: check "
+                                   "the key id or alias and the region (AWS_REGION / --region)")
+            if code == "DisabledException":
+                return KeyUnavailable(f"KMS key {subject} is disabled: enable it "
+                                      "(aws kms enable-key)")
+            if code == "KMSInvalidStateException":
+                return KeyUnavailable(f"KMS key {subject} is disabled or pending deletion: enable "
+                                      "it (aws kms enable-key / aws kms cancel-key-deletion)")
+            if code == "KeyUnavailableException":
+                return KeyUnavailable(f"KMS key {subject} is unavailable (custom key store "
+                                      "disconnected?): reconnect the key store or retry later")
+            if code == "InvalidCiphertextException":
+                return WrappedKeyMismatch(
+                    f"wrapped {lay}data key does not match the encryption context of {where} "
+                    "(object copied or renamed outside dssefs?): restore it or copy it with dssefs")
+            if code == "IncorrectKeyException":
+                return WrappedKeyMismatch(
+                    f"wrapped {lay}data key of {where} was not made with KMS key {key} (object "
+                    "metadata altered?): restore the object from a trusted copy")
+            if code == "InvalidKeyUsageException":
+                return KeyProviderError(f"KMS key {subject} cannot wrap data keys: use a "
+                                        "symmetric encryption key (SYMMETRIC_DEFAULT, "
+                                        "ENCRYPT_DECRYPT)", errno=_errno.EINVAL)
+            if code in _THROTTLE_CODES:
+                return KeyUnavailable(f"KMS throttled {op} on {subject} after {attempts + 1} "
+                                      "attempts: lower the request rate, raise the KMS quota or "
+                                      "use adaptive retries")
+            if code in _TRANSIENT_CODES:
+                return KeyUnavailable(f"KMS failed {op} on {subject} ({code}) after "
+                                      f"{attempts + 1} attempts: retry later")
+            if code in ("ValidationException", "InvalidArnException",
+                        "InvalidGrantTokenException"):
+                return KeyProviderError(f"KMS rejected {op} on {subject} ({code}: {aws_msg}): "
+                                        "check the key id and encryption context",
+                                        errno=_errno.EINVAL)
+            return KeyProviderError(f"KMS {op} on {subject} failed ({code}: {aws_msg})",
+                                    errno=_errno.EIO)
+
+        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+            return KeyAccessDenied("no AWS credentials found: set AWS_PROFILE / AWS_ACCESS_KEY_ID "
+                                   "or an instance role")
+        if isinstance(exc, (bce.CredentialRetrievalError, bce.TokenRetrievalError,
+                            bce.SSOError)):
+            source = getattr(exc, "kwargs", {}).get("provider") or type(exc).__name__
+            return KeyAccessDenied(f"could not load AWS credentials from {source}: refresh them "
+                                   "(e.g. aws sso login) or check AWS_PROFILE")
+        if isinstance(exc, bce.SSLError):
+            return KeyUnavailable(f"TLS error talking to KMS at {endpoint}: check AWS_CA_BUNDLE "
+                                  "and any proxy")
+        if isinstance(exc, bce.ReadTimeoutError):
+            return KeyUnavailable(f"KMS at {endpoint} did not answer {op} in time: check network "
+                                  "/ AWS_ENDPOINT_URL_KMS")
+        if isinstance(exc, (bce.EndpointConnectionError, bce.ConnectionError,
+                            bce.HTTPClientError)):
+            return KeyUnavailable(f"cannot reach KMS at {endpoint}: check network / "
+                                  "AWS_ENDPOINT_URL_KMS")
+        if isinstance(exc, bce.ParamValidationError):
+            return KeyProviderError(f"invalid KMS {op} request: {one_line(exc)}",
+                                    errno=_errno.EINVAL)
+        return KeyUnavailable(f"KMS {op} on {subject} failed ({type(exc).__name__}): "
+                              "retry later or check the AWS configuration")
+
+
+_SNAKE = {
+    "GenerateDataKey": "generate_data_key",
+    "Decrypt": "decrypt",
+    "ReEncrypt": "re_encrypt",
+    "DescribeKey": "describe_key",
+}
