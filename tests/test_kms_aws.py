@@ -467,3 +467,29 @@ def test_debug_logging_does_not_leak_data_keys(kms_key, caplog):
     assert "Response body" in text and "redacted by dssefs" in text
     for form in secret_forms(dk):
         assert form not in text
+
+
+# ---------------------------------------------------------------------------- make_provider
+
+
+@pytest.mark.parametrize("form", ["arn", "alias", "key-id"])
+def test_make_provider_kms(kms, kms_key, kms_key2, form):
+    from dssefs.kms import make_provider
+
+    alias = f"alias/dssefs-{uuid.uuid4().hex[:8]}"
+    kms.create_alias(AliasName=alias, TargetKeyId=key_uuid(kms_key))
+    kid = {"arn": kms_key, "alias": alias, "key-id": key_uuid(kms_key)}[form]
+    p = make_provider(kms_key_id=kid, kms_key_id_outer=kms_key2, max_attempts=2)
+    assert isinstance(p, AwsKmsProvider) and p.kind == "kms"
+    assert p.key_id(Layer.INNER) == kid and p.key_id(Layer.OUTER) == kms_key2
+    dk, w = p.generate(Layer.OUTER, CTX_OUT)
+    assert w.key_id == kms_key2 and p.unwrap(Layer.OUTER, w, CTX_OUT) == dk
+
+
+def test_make_provider_kms_region_and_endpoint(moto_server, kms_key):
+    from dssefs.kms import make_provider
+
+    with pytest.raises(ConfigError, match="eu-west-1"):
+        make_provider(kms_key_id=kms_key, region="eu-west-1")
+    p = make_provider(kms_key_id=kms_key, region="us-east-1", endpoint_url=moto_server.endpoint)
+    assert p.endpoint_url == moto_server.endpoint

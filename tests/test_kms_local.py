@@ -567,3 +567,60 @@ def test_thread_safety(provider):
         t.join()
     assert len(results) == 400 and all(results)
     assert provider.stats["generate"] == provider.stats["unwrap"] == 400
+
+
+# ---------------------------------------------------------------------------- make_provider
+
+
+def test_make_provider_keyring(keyring, kr_path):
+    from dssefs.kms import make_provider
+
+    p = make_provider(keyring=kr_path)
+    assert isinstance(p, LocalKeyringProvider) and p.key_id(Layer.OUTER) == "default"
+    p = make_provider(keyring=keyring, kms_key_id="second", region="eu-west-1")
+    assert p.key_id(Layer.INNER) == p.key_id(Layer.OUTER) == "second"
+    p = make_provider(keyring=kr_path, kms_key_id="default", kms_key_id_outer="second")
+    assert (p.key_id(Layer.INNER), p.key_id(Layer.OUTER)) == ("default", "second")
+
+
+def test_make_provider_keyring_with_passphrase(kr_path):
+    from dssefs.kms import make_provider
+
+    create_keyring(kr_path, passphrase="pw", kdf=FAST)
+    assert make_provider(keyring=kr_path, keyring_passphrase="pw").kind == "local"
+    with pytest.raises(KeyAccessDenied):
+        make_provider(keyring=kr_path)
+
+
+@pytest.mark.parametrize("kid", [
+    "alias/prod", "12345678-1234-1234-1234-123456789012",
+    "arn:aws:kms:us-east-1:123456789012:key/12345678-1234-1234-1234-123456789012",
+])
+def test_make_provider_refuses_kms_id_with_keyring(keyring, kr_path, kid):
+    from dssefs.kms import make_provider
+
+    with pytest.raises(ConfigError, match="is a KMS key but a keyring was given"):
+        make_provider(keyring=kr_path, kms_key_id=kid)
+    with pytest.raises(ConfigError, match="KMS"):
+        make_provider(keyring=kr_path, kms_allowed_key_ids=[kid])
+
+
+def test_make_provider_needs_something():
+    from dssefs.kms import make_provider
+
+    with pytest.raises(ConfigError, match="no key provider configured"):
+        make_provider()
+    with pytest.raises(ConfigError, match="not a KMS key id"):
+        make_provider(kms_key_id="default")
+    with pytest.raises(ConfigError, match="without a keyring"):
+        make_provider(kms_key_id="alias/x", keyring_passphrase="pw")
+    with pytest.raises(ConfigError, match="outer KMS key"):
+        make_provider(kms_key_id_outer="alias/x")
+
+
+def test_ensure_kind(provider):
+    from dssefs.kms import ensure_kind
+
+    ensure_kind(provider, "local")
+    with pytest.raises(KeyNotFound, match="'kms' key provider"):
+        ensure_kind(provider, "kms", "'b/k'")
