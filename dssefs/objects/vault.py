@@ -168,10 +168,15 @@ class OpenObject:
 class Vault:
     def __init__(self, store: ObjectStore, keys: KeyProvider, *, chunk_log2: int = fmt.DEFAULT_CHUNK_LOG2,
                  workers: int = 4, part_size: int = DEFAULT_PART_SIZE,
-                 multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD):
+                 multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+                 key_resolver: Callable[[str], KeyProvider] | None = None):
+        """``keys`` wraps new data keys.  ``key_resolver(kind)`` may supply a provider for reading
+        objects whose keys another provider kind wrapped (e.g. a KMS-wrapped object read by a
+        command configured with a keyring); without it such objects are refused."""
         if not fmt.MIN_CHUNK_LOG2 <= chunk_log2 <= fmt.MAX_CHUNK_LOG2:
             raise ValueError(f"chunk_log2 must be within {fmt.MIN_CHUNK_LOG2}..{fmt.MAX_CHUNK_LOG2}")
         self.store, self.keys = store, keys
+        self.key_resolver = key_resolver
         self.chunk_log2 = chunk_log2
         self.workers = max(1, workers)
         self.part_size = part_size
@@ -202,15 +207,21 @@ class Vault:
         dk_out, w_out = self.keys.generate(Layer.OUTER, self._ctx(Layer.OUTER, key))
         return DataKeys(dk_in, dk_out, w_in, w_out, self.keys.kind, key)
 
+    def _provider_for(self, key: str, kind: str) -> KeyProvider:
+        if kind == self.keys.kind:
+            return self.keys
+        if self.key_resolver is not None:
+            return self.key_resolver(kind)
+        raise KeyProviderError(
+            f"{self.store.url}/{key}: data keys are wrapped by '{kind}' but this command uses "
+            f"'{self.keys.kind}': pass the matching --kms-key-id or --keyring")
+
     def _unwrap(self, key: str, env: Envelope) -> DataKeys:
-        if env.provider != self.keys.kind:
-            raise KeyProviderError(
-                f"{self.store.url}/{key}: data keys are wrapped by '{env.provider}' but this command uses "
-                f"'{self.keys.kind}': pass the matching --kms-key-id or --keyring")
+        provider = self._provider_for(key, env.provider)
         w_in = WrappedKey(env.wrapped_inner, env.key_id_inner)
         w_out = WrappedKey(env.wrapped_outer, env.key_id_outer)
-        dk_in = self.keys.unwrap(Layer.INNER, w_in, self._ctx(Layer.INNER, key))
-        dk_out = self.keys.unwrap(Layer.OUTER, w_out, self._ctx(Layer.OUTER, key))
+        dk_in = provider.unwrap(Layer.INNER, w_in, self._ctx(Layer.INNER, key))
+        dk_out = provider.unwrap(Layer.OUTER, w_out, self._ctx(Layer.OUTER, key))
         return DataKeys(dk_in, dk_out, w_in, w_out, env.provider, key)
 
     # ---- reading --------------------------------------------------------------------------------
@@ -336,11 +347,12 @@ class Vault:
     def _rewrapped(self, obj: OpenObject, dst: str, key_id_inner: str | None = None,
                    key_id_outer: str | None = None) -> Envelope:
         env = obj.envelope
-        w_in = self.keys.rewrap(Layer.INNER, WrappedKey(env.wrapped_inner, env.key_id_inner),
+        provider = self._provider_for(obj.key, env.provider)
+        w_in = provider.rewrap(Layer.INNER, WrappedKey(env.wrapped_inner, env.key_id_inner),
                                 self._ctx(Layer.INNER, obj.key), self._ctx(Layer.INNER, dst), key_id_inner)
-        w_out = self.keys.rewrap(Layer.OUTER, WrappedKey(env.wrapped_outer, env.key_id_outer),
+        w_out = provider.rewrap(Layer.OUTER, WrappedKey(env.wrapped_outer, env.key_id_outer),
                                  self._ctx(Layer.OUTER, obj.key), self._ctx(Layer.OUTER, dst), key_id_outer)
-        return Envelope(header=env.header, provider=self.keys.kind, key_id_inner=w_in.key_id,
+        return Envelope(header=env.header, provider=provider.kind, key_id_inner=w_in.key_id,
                         key_id_outer=w_out.key_id, wrapped_inner=w_in.blob, wrapped_outer=w_out.blob,
                         attrs=env.attrs)
 
@@ -367,18 +379,22 @@ class Vault:
             raise PreconditionFailed(f"{self.store.url}/{key}: changed while re-keying; run rekey again") from None
 
     def describe(self, key: str, info: ObjectInfo | None = None) -> dict:
-        """Everything about an object that is not secret (for ``dssefs inspect``)."""
-        info = info or self.store.head(key)
-        env = envelope.parse(info.metadata)
-        h = env.header
-        return {
-            "key": key, "store": self.store.url, "etag": info.etag, "object_size": info.size,
-            "format_version": h.version, "suite": f"0x{h.suite:04x}",
-            "plaintext_size": h.plaintext_len, "chunk_size": h.chunk_size,
-            "chunks": fmt.chunk_count(h.plaintext_len, h.chunk_size),
-            "expected_object_size": fmt.body_size(h.plaintext_len, h.chunk_size),
-            "generation": h.generation, "file_id": h.file_id.hex(), "message_id": h.msg_id.hex(),
-            "key_provider": env.provider, "key_id_inner": env.key_id_inner,
-            "key_id_outer": env.key_id_outer, "wrapped_key_bytes": [len(env.wrapped_inner), len(env.wrapped_outer)],
-            "has_attributes": env.attrs is not None, "metadata_bytes": metadata_size(info.metadata),
-        }
+        return describe(self.store, key, info)
+
+
+def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None) -> dict:
+    """Everything about an object that is not secret (for ``dssefs inspect``); needs no keys."""
+    info = info or object_store.head(key)
+    env = envelope.parse(info.metadata)
+    h = env.header
+    return {
+        "key": key, "store": object_store.url, "etag": info.etag, "object_size": info.size,
+        "format_version": h.version, "suite": f"0x{h.suite:04x}",
+        "plaintext_size": h.plaintext_len, "chunk_size": h.chunk_size,
+        "chunks": fmt.chunk_count(h.plaintext_len, h.chunk_size),
+        "expected_object_size": fmt.body_size(h.plaintext_len, h.chunk_size),
+        "generation": h.generation, "file_id": h.file_id.hex(), "message_id": h.msg_id.hex(),
+        "key_provider": env.provider, "key_id_inner": env.key_id_inner,
+        "key_id_outer": env.key_id_outer, "wrapped_key_bytes": [len(env.wrapped_inner), len(env.wrapped_outer)],
+        "has_attributes": env.attrs is not None, "metadata_bytes": metadata_size(info.metadata),
+    }
