@@ -1,0 +1,800 @@
+"""A local directory as an :class:`~dssefs.store.base.ObjectStore`, with S3's semantics.
+
+Layout
+------
+::
+
+    ROOT/.dssefs-store          marker: {"format": "dssefs-local-store", "version": 1}
+    ROOT/objects/               the objects, one file each
+    ROOT/uploads/<id>/          multipart uploads in progress (<n>.part files)
+    ROOT/locks/<nn>.lock        64 lock files, picked by a hash of the key
+
+An object key is split at ``/``; every segment but the last becomes a directory named
+``<segment>.d`` and the last a file named ``<segment>.o``.  So key ``a`` is ``objects/a.o`` and
+key ``a/b`` is ``objects/a.d/b.o``: both can exist, as on S3, and no key maps onto another's file
+(files and directories carry different suffixes; ``.``, ``..`` and empty segments become the
+ordinary names ``..o``, ``...d``, ``.d``).  Segments may be at most 253 UTF-8 bytes
+(``ENAMETOOLONG`` otherwise).  The file system must be case-sensitive (checked when opening).
+Anything without one of the two suffixes (temporary files end in ``.tmp``) is ignored.
+
+Object file
+-----------
+One file holds the metadata and the body, so both change together with one ``rename``::
+
+    "DSSEOBJ1" | u32 big-endian n | n bytes of JSON | body
+    JSON: {"etag": "\\"<32 hex>\\"", "size": <body bytes>, "mtime": <epoch>, "metadata": {...}}
+
+A reader opens the file once and reads header and body from that descriptor, so it always sees
+one consistent version even while a writer replaces it.  The ETag is a fresh random token on every
+put, copy and completed upload.  A file whose length disagrees with its header is reported as
+corrupt.
+
+Crash safety
+------------
+Writes go to ``.<random>.tmp`` in the target directory, are ``fsync``-ed, renamed over the object
+under the key's lock and the directory is ``fsync``-ed; new directories are ``fsync``-ed into
+their parents.  A writer killed at any point leaves either the old or the new object, plus at
+worst a temporary file that listings ignore and :meth:`LocalStore.sweep` removes.
+
+Conditional writes
+------------------
+The check of ``if_match`` / ``if_none_match`` and the rename run while holding both a
+per-process ``threading.Lock`` and an ``fcntl.flock`` on the key's lock file (opened afresh each
+time, so forked processes do not share it).  Every mutation takes the lock, so a conditional
+write can never overwrite a version it has not seen, across threads and processes on one host
+(``flock`` over NFS depends on the server's lock support).
+
+Errors: missing object → ObjectNotFound; ``ENOSPC`` / ``EDQUOT`` → StoreFull; ``EACCES`` /
+``EPERM`` / ``EROFS`` → StoreAccessDenied; a lost condition → PreconditionFailed; other ``OSError``
+→ StoreError with the errno.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from ..errors import (ConfigError, DssefsError, ObjectNotFound, PreconditionFailed,
+                      StoreAccessDenied, StoreError, StoreFull)
+from ._common import (check_conditions, check_key, check_part_number, check_parts, check_range,
+                      normalize_metadata, one_line, strip_etag)
+from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, Upload
+
+__all__ = ["LocalStore", "LocalUpload", "MARKER", "is_local_store"]
+
+log = logging.getLogger(__name__)
+
+MARKER = ".dssefs-store"
+FORMAT = "dssefs-local-store"
+VERSION = 1
+OBJECTS = "objects"
+UPLOADS = "uploads"
+LOCKS = "locks"
+FILE_SUFFIX = ".o"
+DIR_SUFFIX = ".d"
+TMP_SUFFIX = ".tmp"
+MAGIC = b"DSSEOBJ1"
+_PREFIX = struct.Struct(">8sI")
+MAX_HEADER = 64 * 1024
+MAX_SEGMENT_BYTES = 255 - len(FILE_SUFFIX)
+LOCK_STRIPES = 64
+_IO_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+_COPY_CHUNK = 8 << 20
+_HEAD_READ = 4096
+
+
+def is_local_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the root of a local store (holds the marker file)."""
+    return os.path.isfile(os.path.join(os.fspath(path), MARKER))
+
+
+@dataclass(frozen=True)
+class _Header:
+    etag: str
+    size: int
+    mtime: float
+    metadata: dict[str, str]
+    offset: int  # where the body starts in the file
+
+
+def _new_etag() -> str:
+    return f'"{secrets.token_hex(16)}"'
+
+
+def _encode_header(etag: str, size: int, mtime: float, metadata: dict[str, str]) -> bytes:
+    blob = json.dumps({"etag": etag, "size": size, "mtime": mtime, "metadata": metadata},
+                      separators=(",", ":"), sort_keys=True).encode("ascii")
+    return _PREFIX.pack(MAGIC, len(blob)) + blob
+
+
+def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(fd, data[pos:pos + _IO_CHUNK], offset + pos)
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    if n <= _IO_CHUNK:
+        data = os.pread(fd, n, offset)
+        if len(data) == n:
+            return data
+        chunks, got = [data], len(data)
+    else:
+        chunks, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, min(n - got, _IO_CHUNK), offset + got)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
+    """Copy ``count`` bytes between files: ``copy_file_range`` (reflinks where the file system
+    offers them), falling back to pread/pwrite.  Raises EOFError if the source is short."""
+    cfr = getattr(os, "copy_file_range", None)
+    while count > 0 and cfr is not None:
+        try:
+            n = cfr(src_fd, dst_fd, min(count, _IO_CHUNK), src_off, dst_off)
+        except OSError as e:
+            if e.errno in (_errno.EXDEV, _errno.ENOSYS, _errno.EINVAL, _errno.EOPNOTSUPP,
+                           _errno.EPERM, _errno.ETXTBSY):
+                break
+            raise
+        if n == 0:
+            break
+        src_off, dst_off, count = src_off + n, dst_off + n, count - n
+    while count > 0:
+        chunk = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
+        if not chunk:
+            raise EOFError
+        _pwrite_all(dst_fd, memoryview(chunk), dst_off)
+        src_off, dst_off, count = src_off + len(chunk), dst_off + len(chunk), count - len(chunk)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _decode_segment(name: str, suffix: str) -> str | None:
+    seg = name[: -len(suffix)]
+    try:
+        seg.encode("utf-8")  # names that are not valid UTF-8 are not ours
+    except UnicodeEncodeError:
+        return None
+    return seg
+
+
+class LocalStore(ObjectStore):
+    """A directory holding objects with S3 semantics; see the module docstring for the layout."""
+
+    context_name = "local"
+    supports_conditional_writes = True
+
+    def __init__(self, root: str | os.PathLike, *, create: bool = True,
+                 min_part_size: int = MIN_PART_SIZE, fsync: bool = True):
+        """Open the store at ``root``.
+
+        ``create``: make ``root`` (mode 0700) and the layout when the marker is missing;
+        otherwise a directory without the marker is refused with ConfigError.
+        ``min_part_size``: S3's rule for multipart uploads (lower it only in tests).
+        ``fsync``: durability of every write; turn off only for throw-away stores.
+        """
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = f"file://{self.root}"
+        self.min_part_size = min_part_size
+        self._fsync = fsync
+        self._objects = os.path.join(self.root, OBJECTS)
+        self._uploads = os.path.join(self.root, UPLOADS)
+        self._locks_dir = os.path.join(self.root, LOCKS)
+        self._thread_locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        with self._fs_errors("open", None):
+            self._open_layout(create)
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up
+
+    def _open_layout(self, create: bool) -> None:
+        marker = os.path.join(self.root, MARKER)
+        try:
+            with open(marker, "rb") as f:
+                info = json.loads(f.read(4096) or b"{}")
+        except FileNotFoundError:
+            info = None
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError(f"{marker} is unreadable: not a dssefs local store, or damaged")
+        except NotADirectoryError:
+            raise ConfigError(f"{self.root} is not a directory: give a directory for the store")
+        if info is None:
+            if not create:
+                raise ConfigError(f"{self.root} is not a dssefs local store (no {MARKER}): "
+                                  "check the path or create the store first")
+            self._create_layout(marker)
+        elif not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ConfigError(f"{marker} does not describe a dssefs local store")
+        elif info.get("version") != VERSION:
+            raise ConfigError(f"{self.root}: local store version {info.get('version')!r} is not "
+                              f"supported by this dssefs (expects {VERSION}): upgrade dssefs")
+        for sub in (OBJECTS, UPLOADS, LOCKS):
+            path = os.path.join(self.root, sub)
+            if not os.path.isdir(path):
+                if not create:
+                    raise ConfigError(f"{self.root}: store directory {sub}/ is missing")
+                os.makedirs(path, exist_ok=True)
+        if os.path.exists(os.path.join(self.root, MARKER.upper())):
+            raise ConfigError(f"{self.root} is on a case-insensitive file system: a local store "
+                              "needs case-sensitive names")
+
+    def _create_layout(self, marker: str) -> None:
+        missing = []
+        path = self.root
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for sub in (OBJECTS, UPLOADS, LOCKS):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        tmp = os.path.join(self.root, f".{secrets.token_hex(8)}{TMP_SUFFIX}")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"format": FORMAT, "version": VERSION}).encode() + b"\n")
+            f.flush()
+            if self._fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        if self._fsync:
+            _fsync_dir(self.root)
+            for p in missing:
+                _fsync_dir(os.path.dirname(p))
+
+    # ------------------------------------------------------------------------------------------
+    # Paths, locks, errors
+
+    def _where(self, key: str | None) -> str:
+        return f"{self.url}/{key}" if key else self.url
+
+    def _paths(self, key: str) -> tuple[str, str]:
+        """(directory, file) holding ``key``."""
+        check_key(key)
+        segs = key.split("/")
+        for seg in segs:
+            if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
+                raise StoreError(f"{self._where(key)}: a path component is longer than "
+                                 f"{MAX_SEGMENT_BYTES} bytes: shorten the name",
+                                 errno=_errno.ENAMETOOLONG)
+        d = os.path.join(self._objects, *(s + DIR_SUFFIX for s in segs[:-1]))
+        return d, os.path.join(d, segs[-1] + FILE_SUFFIX)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        stripe = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=4).digest(),
+                                "big") % LOCK_STRIPES
+        with self._thread_locks[stripe]:
+            fd = os.open(os.path.join(self._locks_dir, f"{stripe:02d}.lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    @contextlib.contextmanager
+    def _fs_errors(self, op: str, key: str | None):
+        try:
+            yield
+        except DssefsError:
+            raise
+        except OSError as e:
+            raise self._os_error(e, op, key) from e
+
+    def _os_error(self, e: OSError, op: str, key: str | None) -> StoreError:
+        where = self._where(key)
+        reason = e.strerror or type(e).__name__
+        if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+            return StoreFull(f"{where}: {reason} on the file system holding {self.root}: free "
+                             "space or raise the quota")
+        if e.errno in (_errno.EACCES, _errno.EPERM):
+            return StoreAccessDenied(f"{where}: permission denied: give this user read and write "
+                                     f"access to {self.root}")
+        if e.errno == _errno.EROFS:
+            return StoreAccessDenied(f"{where}: {self.root} is on a read-only file system",
+                                     errno=_errno.EROFS)
+        if e.errno in (_errno.ENOENT, _errno.ENOTDIR) and op in ("head", "get"):
+            return ObjectNotFound(f"{where}: no such object")
+        return StoreError(f"{op} {where} failed: {reason}",
+                          errno=e.errno if e.errno else _errno.EIO)
+
+    def _corrupt(self, key: str, why: str) -> StoreError:
+        return StoreError(f"{self._where(key)}: object file is corrupt ({why}): restore it from "
+                          "a backup or delete it", errno=_errno.EIO)
+
+    # ------------------------------------------------------------------------------------------
+    # Reading
+
+    def _open(self, key: str) -> int:
+        _, path = self._paths(key)
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(f"{self._where(key)}: no such object") from None
+        except IsADirectoryError:  # pragma: no cover - cannot happen with suffixed names
+            raise ObjectNotFound(f"{self._where(key)}: no such object") from None
+
+    def _read_header(self, fd: int, key: str) -> _Header:
+        buf = os.pread(fd, _HEAD_READ, 0)
+        if len(buf) < _PREFIX.size:
+            raise self._corrupt(key, "truncated header")
+        magic, n = _PREFIX.unpack_from(buf)
+        if magic != MAGIC:
+            raise self._corrupt(key, "bad magic")
+        if n > MAX_HEADER:
+            raise self._corrupt(key, "oversized header")
+        end = _PREFIX.size + n
+        if end > len(buf):
+            buf += os.pread(fd, end - len(buf), len(buf))
+            if len(buf) < end:
+                raise self._corrupt(key, "truncated header")
+        try:
+            h = json.loads(buf[_PREFIX.size:end])
+            etag, size, mtime, metadata = h["etag"], h["size"], h["mtime"], h["metadata"]
+        except (ValueError, KeyError, TypeError):
+            raise self._corrupt(key, "unreadable header") from None
+        if (not isinstance(etag, str) or not isinstance(size, int) or size < 0
+                or not isinstance(mtime, (int, float)) or not isinstance(metadata, dict)
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise self._corrupt(key, "malformed header")
+        actual = os.fstat(fd).st_size
+        if actual != end + size:
+            raise self._corrupt(key, f"{actual - end} body bytes where the header says {size}")
+        return _Header(etag, size, float(mtime), metadata, end)
+
+    def head(self, key: str) -> ObjectInfo:
+        with self._fs_errors("head", key):
+            fd = self._open(key)
+            try:
+                h = self._read_header(fd, key)
+            finally:
+                os.close(fd)
+        return ObjectInfo(key=key, size=h.size, etag=h.etag, mtime=h.mtime,
+                          metadata=dict(h.metadata))
+
+    def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None
+                  ) -> tuple[bytes, int]:
+        check_range(start, length)
+        with self._fs_errors("get", key):
+            fd = self._open(key)
+            try:
+                h = self._read_header(fd, key)
+                if if_match is not None and strip_etag(h.etag) != strip_etag(if_match):
+                    raise self._precondition(key, "changed by another writer")
+                n = max(0, min(length, h.size - start))
+                if n == 0:
+                    return b"", h.size
+                try:
+                    return _pread_exact(fd, n, h.offset + start), h.size
+                except EOFError:
+                    raise self._corrupt(key, "body shorter than its header says") from None
+            finally:
+                os.close(fd)
+
+    # ------------------------------------------------------------------------------------------
+    # Writing
+
+    def _precondition(self, key: str, what: str) -> PreconditionFailed:
+        return PreconditionFailed(f"{self._where(key)}: {what} (precondition failed): re-read and "
+                                  "retry")
+
+    def _makedirs(self, dirpath: str) -> None:
+        """Create ``dirpath`` under objects/, fsync-ing each new directory into its parent."""
+        missing = []
+        path = dirpath
+        while path != self._objects and not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                continue
+            if self._fsync:
+                _fsync_dir(os.path.dirname(path))
+
+    def _current_etag(self, path: str, key: str) -> str | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return self._read_header(fd, key).etag
+        finally:
+            os.close(fd)
+
+    def _write_object(self, key: str, metadata: dict[str, str], size: int,
+                      write_body: Callable[[int, int], None], *, if_match: str | None,
+                      if_none_match: bool) -> str:
+        """Write a new version of ``key`` with a ``size``-byte body produced by
+        ``write_body(fd, offset)`` and make it visible atomically if the conditions hold."""
+        dirpath, path = self._paths(key)
+        etag = _new_etag()
+        header = _encode_header(etag, size, time.time(), metadata)
+        for attempt in range(16):
+            self._makedirs(dirpath)
+            tmp = os.path.join(dirpath, f".{secrets.token_hex(12)}{TMP_SUFFIX}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:
+                continue  # a concurrent delete pruned the empty directory: create it again
+            break
+        else:  # pragma: no cover - needs a pathological delete storm
+            raise StoreError(f"{self._where(key)}: directory keeps disappearing", errno=_errno.EIO)
+        committed = False
+        try:
+            try:
+                _pwrite_all(fd, memoryview(header), 0)
+                write_body(fd, len(header))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self._locked(key):
+                if if_match is not None or if_none_match:
+                    current = self._current_etag(path, key)
+                    if if_none_match and current is not None:
+                        raise self._precondition(key, "already exists")
+                    if if_match is not None and (
+                            current is None or strip_etag(current) != strip_etag(if_match)):
+                        raise self._precondition(key, "changed by another writer")
+                os.replace(tmp, path)
+                committed = True
+        finally:
+            if not committed:
+                _unlink_quietly(tmp)
+        if self._fsync:
+            _fsync_dir(dirpath)
+        return etag
+
+    def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
+            if_match: str | None = None, if_none_match: bool = False) -> str:
+        check_key(key)
+        metadata = normalize_metadata(metadata)
+        check_conditions(if_match, if_none_match)
+        data = _as_bytes_view(body)
+        with self._fs_errors("put", key):
+            return self._write_object(key, metadata, len(data),
+                                      lambda fd, off: _pwrite_all(fd, data, off),
+                                      if_match=if_match, if_none_match=if_none_match)
+
+    def begin_upload(self, key: str, metadata: dict[str, str], *,
+                     if_match: str | None = None, if_none_match: bool = False) -> "LocalUpload":
+        check_key(key)
+        self._paths(key)
+        metadata = normalize_metadata(metadata)
+        check_conditions(if_match, if_none_match)
+        with self._fs_errors("upload", key):
+            return LocalUpload(self, key, metadata, if_match=if_match, if_none_match=if_none_match)
+
+    def copy(self, src: str, dst: str, metadata: dict[str, str], *,
+             if_match: str | None = None, if_none_match: bool = False) -> str:
+        check_key(src)
+        check_key(dst)
+        metadata = normalize_metadata(metadata)
+        check_conditions(if_match, if_none_match)
+        with self._fs_errors("copy", src):
+            fd = self._open(src)
+            try:
+                h = self._read_header(fd, src)
+                if src == dst and if_match is not None and strip_etag(h.etag) != strip_etag(if_match):
+                    raise self._precondition(src, "changed by another writer")
+
+                def write_body(out_fd: int, offset: int) -> None:
+                    try:
+                        _copy_range(fd, h.offset, out_fd, offset, h.size)
+                    except EOFError:
+                        raise self._corrupt(src, "body shorter than its header says") from None
+
+                with self._fs_errors("write", dst):
+                    return self._write_object(dst, metadata, h.size, write_body,
+                                              if_match=if_match, if_none_match=if_none_match)
+            finally:
+                os.close(fd)
+
+    def delete(self, key: str) -> None:
+        dirpath, path = self._paths(key)
+        with self._fs_errors("delete", key):
+            with self._locked(key):
+                try:
+                    os.unlink(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    return
+            if self._fsync:
+                _fsync_dir(dirpath)
+            self._prune(dirpath)
+
+    def _prune(self, dirpath: str) -> None:
+        """Remove now-empty directories up to objects/ (writers re-create them as needed)."""
+        while dirpath != self._objects and dirpath.startswith(self._objects + os.sep):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                return
+            parent = os.path.dirname(dirpath)
+            if self._fsync:
+                with contextlib.suppress(OSError):
+                    _fsync_dir(parent)
+            dirpath = parent
+
+    # ------------------------------------------------------------------------------------------
+    # Listing
+
+    def _entries(self, dirpath: str, base_key: str, name_prefix: str
+                 ) -> list[tuple[str, bool, str]]:
+        """Sorted ``(key, is_dir, path)`` for one directory; directory keys end with ``/``."""
+        out = []
+        try:
+            it = os.scandir(dirpath)
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        with it:
+            for entry in it:
+                name = entry.name
+                try:
+                    if name.endswith(FILE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                        seg = _decode_segment(name, FILE_SUFFIX)
+                        is_dir = False
+                    elif name.endswith(DIR_SUFFIX) and entry.is_dir(follow_symlinks=False):
+                        seg = _decode_segment(name, DIR_SUFFIX)
+                        is_dir = True
+                    else:
+                        continue
+                except OSError:
+                    continue
+                if seg is None or not seg.startswith(name_prefix):
+                    continue
+                out.append((base_key + seg + ("/" if is_dir else ""), is_dir, entry.path))
+        out.sort()
+        return out
+
+    def _has_objects(self, dirpath: str) -> bool:
+        stack = [dirpath]
+        while stack:
+            for key, is_dir, path in self._entries(stack.pop(), "", ""):
+                if not is_dir:
+                    return True
+                stack.append(path)
+        return False
+
+    def _list_info(self, path: str, key: str) -> ObjectInfo | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # deleted while listing
+        try:
+            h = self._read_header(fd, key)
+        except StoreError as e:
+            log.warning("skipping %s in listing: %s", self._where(key), e)
+            return None
+        finally:
+            os.close(fd)
+        return ObjectInfo(key=key, size=h.size, etag=h.etag, mtime=h.mtime)
+
+    def _walk(self, prefix: str, recursive: bool) -> Iterator[ObjectInfo | str]:
+        """Objects under ``prefix`` in key order; without ``recursive`` sub-directories are yielded
+        as ``/``-terminated prefixes (only those holding at least one object)."""
+        segs = prefix.split("/")
+        for seg in segs[:-1]:
+            if len(seg.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+                return
+        dirpath = os.path.join(self._objects, *(s + DIR_SUFFIX for s in segs[:-1]))
+        base = prefix[: len(prefix) - len(segs[-1])]
+        stack = [iter(self._entries(dirpath, base, segs[-1]))]
+        while stack:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+                continue
+            key, is_dir, path = item
+            if not is_dir:
+                info = self._list_info(path, key)
+                if info is not None:
+                    yield info
+            elif recursive:
+                stack.append(iter(self._entries(path, key, "")))
+            elif self._has_objects(path):
+                yield key
+
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
+        if delimiter is not None and not delimiter:
+            raise ValueError("delimiter must be None or a non-empty string")
+        with self._fs_errors("list", prefix or None):
+            if delimiter == "/":
+                yield from self._walk(prefix, recursive=False)
+                return
+            last = None
+            for item in self._walk(prefix, recursive=True):
+                if delimiter is not None:
+                    rest = item.key[len(prefix):]
+                    i = rest.find(delimiter)
+                    if i >= 0:
+                        common = prefix + rest[: i + len(delimiter)]
+                        if common != last:
+                            last = common
+                            yield common
+                        continue
+                yield item
+
+    # ------------------------------------------------------------------------------------------
+    # Maintenance
+
+    def check(self) -> None:
+        """Verify at mount time that the store is readable and writable by this user."""
+        for path in (self._objects, self._uploads, self._locks_dir):
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                raise StoreAccessDenied(f"{self.url}: no read/write access to {path}: fix the "
+                                        "permissions")
+
+    def sweep(self, older_than: float = 24 * 3600.0) -> int:
+        """Remove temporary files and multipart uploads left behind by crashed writers, when older
+        than ``older_than`` seconds; returns how many were removed.  Safe while others write."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self._objects):
+            for name in filenames:
+                if name.endswith(TMP_SUFFIX):
+                    p = os.path.join(dirpath, name)
+                    with contextlib.suppress(OSError):
+                        if os.lstat(p).st_mtime < cutoff:
+                            os.unlink(p)
+                            removed += 1
+        with contextlib.suppress(OSError), os.scandir(self._uploads) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        shutil.rmtree(entry.path)
+                        removed += 1
+        return removed
+
+    def __enter__(self) -> "LocalStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+
+class LocalUpload(Upload):
+    """A multipart upload staged under ``uploads/<id>/``; parts may be written concurrently."""
+
+    def __init__(self, store: LocalStore, key: str, metadata: dict[str, str], *,
+                 if_match: str | None, if_none_match: bool):
+        self.store = store
+        self.key = key
+        self.upload_id = secrets.token_hex(16)
+        self._metadata = metadata
+        self._if_match = if_match
+        self._if_none_match = if_none_match
+        self._dir = os.path.join(store._uploads, self.upload_id)
+        self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}
+        self._state = "open"  # open -> completing -> completed | aborted
+        os.mkdir(self._dir, 0o700)
+        with open(os.path.join(self._dir, "upload.json"), "w") as f:
+            json.dump({"key": key, "started": time.time()}, f)
+
+    def _part_path(self, number: int) -> str:
+        return os.path.join(self._dir, f"{number:05d}.part")
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StoreError(f"{self.store._where(self.key)}: upload is already {self._state}",
+                             errno=_errno.EINVAL)
+
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
+        check_part_number(number)
+        with self._lock:
+            self._check_open()
+        view = _as_bytes_view(data)
+        tmp = os.path.join(self._dir, f".{number}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+        with self.store._fs_errors("upload", self.key):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                raise StoreError(f"{self.store._where(self.key)}: upload was aborted",
+                                 errno=_errno.EINVAL) from None
+            try:
+                try:
+                    _pwrite_all(fd, view, 0)
+                finally:
+                    os.close(fd)
+                with self._lock:
+                    self._check_open()
+                    os.replace(tmp, self._part_path(number))  # a re-sent part replaces the old one
+                    self._sizes[number] = len(view)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+
+    def complete(self) -> str:
+        with self._lock:
+            self._check_open()
+            numbers = check_parts(self._sizes, self.store.min_part_size)
+            sizes = [self._sizes[n] for n in numbers]
+            self._state = "completing"
+
+        def write_body(out_fd: int, offset: int) -> None:
+            for n, size in zip(numbers, sizes):
+                fd = os.open(self._part_path(n), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if os.fstat(fd).st_size != size:
+                        raise StoreError(f"{self.store._where(self.key)}: part {n} changed size "
+                                         "while staged", errno=_errno.EIO)
+                    _copy_range(fd, 0, out_fd, offset, size)
+                finally:
+                    os.close(fd)
+                offset += size
+
+        try:
+            with self.store._fs_errors("complete", self.key):
+                etag = self.store._write_object(self.key, self._metadata, sum(sizes), write_body,
+                                                if_match=self._if_match,
+                                                if_none_match=self._if_none_match)
+        except PreconditionFailed:
+            self.abort()
+            raise
+        except BaseException:
+            with self._lock:
+                self._state = "open"  # may be retried or aborted
+            raise
+        with self._lock:
+            self._state = "completed"
+        shutil.rmtree(self._dir, ignore_errors=True)
+        return etag
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._state == "completed":
+                return
+            self._state = "aborted"
+        try:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        except Exception as e:  # pragma: no cover - never raises
+            log.warning("could not remove upload staging %s: %s", self._dir, one_line(e))
+
+    def __enter__(self) -> "LocalUpload":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

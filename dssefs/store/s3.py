@@ -1,0 +1,638 @@
+"""Amazon S3 (or any S3-compatible service) as an :class:`~dssefs.store.base.ObjectStore`.
+
+Credentials and region come from boto3's standard chain (``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``,
+SSO, instance and container roles, ``AWS_REGION``).  The endpoint comes from ``AWS_ENDPOINT_URL_S3``
+or ``AWS_ENDPOINT_URL`` (boto3 reads them itself); an explicit ``endpoint_url`` wins.  Requests are
+retried by botocore (``standard`` or ``adaptive`` mode); a body that breaks off mid-read is fetched
+again up to ``max_attempts`` times.
+
+Conditional writes use S3's ``If-Match`` / ``If-None-Match`` on PutObject, CopyObject and
+CompleteMultipartUpload.  For copies and completions, where some S3-compatible services ignore
+these headers, the condition is also checked with a HEAD first, so a stale write is refused there
+too (the server-side check closes the remaining race where it is supported).  Every copy pins the source with
+``CopySourceIfMatch`` to the ETag it inspected, so a copy never mixes two source versions.
+Objects larger than 5 GiB are copied with UploadPartCopy.
+
+Note that S3 computes the ETag of a single-part, unencrypted or SSE-S3 object as the MD5 of its
+body: a copy that only replaces metadata keeps the ETag.
+
+Error mapping (every message is one line naming the problem and the fix; never a URL with a
+signature, never credentials)
+---------------------------------------------------------------------------------------------
+=====================================================  =============================================
+botocore                                               dssefs
+=====================================================  =============================================
+NoSuchKey, 404 on an object                            ObjectNotFound
+NoSuchBucket, 404 on HeadBucket                        StoreUnavailable ("bucket ... does not exist")
+AccessDenied, 403, AllAccessDisabled                   StoreAccessDenied (names the IAM action)
+InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken StoreAccessDenied (credentials rejected)
+NoCredentialsError, PartialCredentialsError, SSO       StoreAccessDenied ("no AWS credentials found")
+PreconditionFailed (412), ConditionalRequestConflict   PreconditionFailed
+  (409), NoSuchKey on a write with ``if_match``
+EndpointConnectionError, timeouts, TLS, broken bodies  StoreUnavailable ("cannot reach S3 endpoint")
+SlowDown, 500/503 after retries                        StoreUnavailable (throttled / unavailable)
+EntityTooLarge, quota exceeded, 507                    StoreFull
+MetadataTooLarge                                       MetadataBudgetError
+PermanentRedirect, AuthorizationHeaderMalformed        ConfigError (bucket is in another region)
+InvalidBucketName, ProfileNotFound, bad endpoint URL   ConfigError
+KeyTooLongError                                        StoreError (``ENAMETOOLONG``)
+anything else                                          StoreError (code, HTTP status, S3's message)
+=====================================================  =============================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import logging
+import math
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions as bce
+
+from .. import __version__
+from ..errors import (ConfigError, MetadataBudgetError, ObjectNotFound, PreconditionFailed,
+                      StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
+from ._common import (MAX_PARTS, check_conditions, check_key, check_part_number, check_parts,
+                      check_range, normalize_metadata, one_line, strip_etag)
+from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, Upload
+
+__all__ = ["S3Store", "S3Upload", "MAX_COPY_OBJECT_SIZE", "RETRY_MODES"]
+
+log = logging.getLogger(__name__)
+
+#: CopyObject refuses sources larger than this; bigger objects are copied part by part.
+MAX_COPY_OBJECT_SIZE = 5 * 1024**3
+#: S3's largest part.
+MAX_PART_SIZE = 5 * 1024**3
+DEFAULT_COPY_PART_SIZE = 512 * 1024**2
+RETRY_MODES = ("standard", "adaptive", "legacy")
+CONTENT_TYPE = "application/octet-stream"
+
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIABLE_RANGE_RE = re.compile(r"^bytes \*/(\d+)$")
+
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
+_PRECONDITION = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_DENIED = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled",
+                     "AccountProblem", "InvalidPayer", "RequestTimeTooSkewed"})
+_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                          "TokenRefreshRequired", "InvalidToken", "InvalidSecurity",
+                          "MissingSecurityHeader", "CredentialsNotSupported",
+                          "InvalidClientTokenId", "UnrecognizedClientException"})
+_FULL = frozenset({"EntityTooLarge", "QuotaExceeded", "ServiceQuotaExceeded",
+                   "XMinioStorageFull", "StorageFull", "InsufficientStorage", "507",
+                   "TooManyBuckets", "MaxMessageLengthExceeded"})
+_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                        "RequestLimitExceeded", "503", "ServiceUnavailable", "InternalError",
+                        "500", "502", "504", "RequestTimeout", "OperationAborted"})
+_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301",
+                     "IllegalLocationConstraintException", "TemporaryRedirect"})
+
+#: The IAM action(s) each operation needs, for AccessDenied messages.
+_ACTIONS = {
+    "head": "s3:GetObject",
+    "get": "s3:GetObject",
+    "put": "s3:PutObject",
+    "upload": "s3:PutObject",
+    "complete": "s3:PutObject",
+    "copy": "s3:GetObject on the source and s3:PutObject on the destination",
+    "delete": "s3:DeleteObject",
+    "list": "s3:ListBucket",
+    "check": "s3:ListBucket",
+    "abort": "s3:AbortMultipartUpload",
+}
+
+_UNREACHABLE = (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ProxyConnectionError,
+                bce.ConnectionClosedError, bce.ReadTimeoutError, bce.ResponseStreamingError,
+                bce.IncompleteReadError, bce.HTTPClientError)
+_NO_CREDENTIALS = (bce.NoCredentialsError, bce.PartialCredentialsError,
+                   bce.CredentialRetrievalError)
+_SSO = tuple(getattr(bce, name) for name in ("SSOTokenLoadError", "UnauthorizedSSOTokenError",
+                                             "SSOError", "TokenRetrievalError")
+             if hasattr(bce, name))
+#: Failures while streaming a response body: the GET is repeated.
+_BODY_ERRORS = (bce.ResponseStreamingError, bce.IncompleteReadError, bce.ReadTimeoutError,
+                bce.ConnectionClosedError)
+
+
+def _safe_endpoint(url: str | None) -> str:
+    """The endpoint URL without user info, query or fragment (nothing secret can leak)."""
+    if not url:
+        return "(default AWS endpoint)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        return "(unparsable endpoint URL)"
+
+
+class S3Store(ObjectStore):
+    """One S3 bucket.  Thread-safe: one botocore client shared by all threads."""
+
+    supports_conditional_writes = True
+
+    def __init__(self, bucket: str, *, region: str | None = None, profile: str | None = None,
+                 endpoint_url: str | None = None, path_style: bool = False,
+                 retries_mode: str = "standard", max_attempts: int = 5,
+                 max_pool_connections: int = 32, session: Any = None,
+                 connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 list_page_size: int = 1000,
+                 multipart_copy_threshold: int = MAX_COPY_OBJECT_SIZE,
+                 copy_part_size: int = DEFAULT_COPY_PART_SIZE, copy_concurrency: int = 8):
+        if not isinstance(bucket, str) or not bucket or "/" in bucket or bucket != bucket.strip():
+            raise ConfigError(f"invalid bucket name {bucket!r}: use s3://BUCKET/KEY")
+        if retries_mode not in RETRY_MODES:
+            raise ConfigError(f"unknown retry mode {retries_mode!r}: use one of "
+                              f"{', '.join(RETRY_MODES)}")
+        if max_attempts < 1:
+            raise ConfigError(f"max_attempts must be at least 1, not {max_attempts}")
+        if not 1 <= list_page_size <= 1000:
+            raise ConfigError("list_page_size must be 1..1000")
+        if not MIN_PART_SIZE <= copy_part_size <= MAX_PART_SIZE:
+            raise ConfigError(f"copy_part_size must be {MIN_PART_SIZE}..{MAX_PART_SIZE} bytes")
+        if not 0 < multipart_copy_threshold <= MAX_COPY_OBJECT_SIZE:
+            raise ConfigError(f"multipart_copy_threshold must be 1..{MAX_COPY_OBJECT_SIZE}")
+        self.bucket = bucket
+        self.context_name = bucket
+        self.url = f"s3://{bucket}"
+        self.max_attempts = max_attempts
+        self.list_page_size = list_page_size
+        self.multipart_copy_threshold = multipart_copy_threshold
+        self.copy_part_size = copy_part_size
+        self.copy_concurrency = max(1, copy_concurrency)
+        try:
+            self._session = session or boto3.Session(profile_name=profile, region_name=region)
+        except bce.ProfileNotFound:
+            raise ConfigError(f"AWS profile {profile!r} not found: check ~/.aws/config or the "
+                              "profile option") from None
+        config = botocore.config.Config(
+            region_name=region,
+            retries={"mode": retries_mode, "max_attempts": max_attempts},
+            max_pool_connections=max_pool_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            s3={"addressing_style": "path"} if path_style else None,
+            user_agent_extra=f"dssefs/{__version__}",
+        )
+        try:
+            self._client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
+        except bce.ProfileNotFound:
+            raise ConfigError(f"AWS profile {profile!r} not found: check ~/.aws/config or the "
+                              "profile option") from None
+        except ValueError as e:  # botocore: "Invalid endpoint: ..."
+            raise ConfigError(f"invalid S3 endpoint URL {_safe_endpoint(endpoint_url)!r}: "
+                              f"{one_line(e)}") from None
+        except bce.BotoCoreError as e:
+            raise ConfigError(f"cannot configure the S3 client: {one_line(e)}") from None
+        self.endpoint = _safe_endpoint(self._client.meta.endpoint_url)
+
+    # ------------------------------------------------------------------------------------------
+    # Public operations
+
+    def check(self) -> None:
+        """Verify at mount time that the bucket exists and these credentials may list it."""
+        with self._errors("check", None):
+            self._client.head_bucket(Bucket=self.bucket)
+
+    def head(self, key: str) -> ObjectInfo:
+        check_key(key)
+        with self._errors("head", key):
+            r = self._client.head_object(Bucket=self.bucket, Key=key)
+        return self._info(key, r, metadata=True)
+
+    def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None
+                  ) -> tuple[bytes, int]:
+        check_key(key)
+        check_range(start, length)
+        if length == 0:
+            return b"", self._head_size(key, if_match)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                                  "Range": f"bytes={start}-{start + length - 1}"}
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        for attempt in range(1, self.max_attempts + 1):
+            with self._errors("get", key):
+                try:
+                    r = self._client.get_object(**kwargs)
+                except bce.ClientError as e:
+                    total = self._unsatisfiable_total(e)
+                    if total is None:
+                        raise
+                    # The range starts at or after the end (or the object is empty).
+                    return b"", total if total >= 0 else self._head_size(key, if_match)
+            body = r["Body"]
+            try:
+                data = body.read()
+                break
+            except _BODY_ERRORS as e:
+                # botocore retries requests, not bodies that break off mid-stream.
+                if attempt >= self.max_attempts:
+                    raise StoreUnavailable(f"lost the connection to S3 endpoint {self.endpoint} "
+                                           f"while reading {self._where(key)}: check network, "
+                                           "or retry") from e
+                log.debug("%s: body read failed (attempt %d), retrying", self._where(key), attempt)
+            finally:
+                body.close()
+        return self._check_range_reply(key, start, length, r, data)
+
+    def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
+            if_match: str | None = None, if_none_match: bool = False) -> str:
+        check_key(key)
+        metadata = normalize_metadata(metadata)
+        check_conditions(if_match, if_none_match)
+        if not isinstance(body, bytes):
+            body = bytes(body)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
+                                  "Metadata": metadata, "ContentType": CONTENT_TYPE}
+        kwargs.update(_conditions(if_match, if_none_match))
+        with self._errors("put", key, conditional=if_match is not None):
+            r = self._client.put_object(**kwargs)
+        return r["ETag"]
+
+    def begin_upload(self, key: str, metadata: dict[str, str], *,
+                     if_match: str | None = None, if_none_match: bool = False) -> "S3Upload":
+        check_key(key)
+        metadata = normalize_metadata(metadata)
+        check_conditions(if_match, if_none_match)
+        with self._errors("upload", key):
+            r = self._client.create_multipart_upload(Bucket=self.bucket, Key=key,
+                                                     Metadata=metadata, ContentType=CONTENT_TYPE)
+        return S3Upload(self, key, r["UploadId"], if_match=if_match, if_none_match=if_none_match)
+
+    def copy(self, src: str, dst: str, metadata: dict[str, str], *,
+             if_match: str | None = None, if_none_match: bool = False) -> str:
+        check_key(src)
+        check_key(dst)
+        metadata = normalize_metadata(metadata)
+        check_conditions(if_match, if_none_match)
+        source = self.head(src)
+        if src == dst:
+            if if_none_match:
+                raise self._precondition(dst, "already exists")
+            if if_match is not None and strip_etag(source.etag) != strip_etag(if_match):
+                raise self._precondition(src, "changed by another writer")
+        elif if_match is not None or if_none_match:
+            try:
+                current = self.head(dst)
+            except ObjectNotFound:
+                current = None
+            if if_none_match and current is not None:
+                raise self._precondition(dst, "already exists")
+            if if_match is not None and (current is None
+                                         or strip_etag(current.etag) != strip_etag(if_match)):
+                raise self._precondition(dst, "changed by another writer")
+        if source.size > self.multipart_copy_threshold:
+            return self._multipart_copy(source, dst, metadata, if_match, if_none_match)
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket, "Key": dst,
+            "CopySource": {"Bucket": self.bucket, "Key": src},
+            "CopySourceIfMatch": source.etag,
+            "MetadataDirective": "REPLACE", "Metadata": metadata, "ContentType": CONTENT_TYPE,
+        }
+        kwargs.update(_conditions(if_match, if_none_match))
+        with self._copy_errors(src, dst, if_match):
+            r = self._client.copy_object(**kwargs)
+        return r["CopyObjectResult"]["ETag"]
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        try:
+            with self._errors("delete", key):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        except ObjectNotFound:
+            pass
+
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
+                                  "PaginationConfig": {"PageSize": self.list_page_size}}
+        if delimiter is not None:
+            if not delimiter:
+                raise ValueError("delimiter must be None or a non-empty string")
+            kwargs["Delimiter"] = delimiter
+        last_prefix = None
+        with self._errors("list", prefix or None):
+            pages = self._client.get_paginator("list_objects_v2").paginate(**kwargs)
+            for page in pages:
+                objects = [self._info(o["Key"], o, metadata=False) for o in page.get("Contents", ())]
+                prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+                objects.sort(key=lambda o: o.key)
+                prefixes.sort()
+                # S3 pages cover consecutive key ranges; within a page merge both kinds by key.
+                i = j = 0
+                while i < len(objects) or j < len(prefixes):
+                    if j >= len(prefixes) or (i < len(objects) and objects[i].key < prefixes[j]):
+                        yield objects[i]
+                        i += 1
+                    else:
+                        p = prefixes[j]
+                        j += 1
+                        if p != last_prefix:  # never repeat a prefix split across pages
+                            last_prefix = p
+                            yield p
+
+    def close(self) -> None:
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "S3Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.bucket!r}, endpoint={self.endpoint!r})"
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers
+
+    def _info(self, key: str, r: dict, *, metadata: bool) -> ObjectInfo:
+        size = r.get("ContentLength", r.get("Size", 0))
+        lm = r.get("LastModified")
+        return ObjectInfo(key=key, size=int(size), etag=r.get("ETag", ""),
+                          mtime=lm.timestamp() if lm is not None else 0.0,
+                          metadata=dict(r.get("Metadata", {})) if metadata else {})
+
+    def _head_size(self, key: str, if_match: str | None) -> int:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        with self._errors("head", key):
+            return int(self._client.head_object(**kwargs)["ContentLength"])
+
+    @staticmethod
+    def _unsatisfiable_total(e: bce.ClientError) -> int | None:
+        """For a 416 reply: the object's size (-1 if the reply does not say); else None."""
+        err = e.response.get("Error", {})
+        meta = e.response.get("ResponseMetadata", {})
+        if err.get("Code") != "InvalidRange" and meta.get("HTTPStatusCode") != 416:
+            return None
+        size = err.get("ActualObjectSize")
+        if size is not None and str(size).isdigit():
+            return int(size)
+        m = _UNSATISFIABLE_RANGE_RE.match(meta.get("HTTPHeaders", {}).get("content-range", ""))
+        return int(m.group(1)) if m else -1
+
+    def _check_range_reply(self, key: str, start: int, length: int, r: dict, data: bytes
+                           ) -> tuple[bytes, int]:
+        content_range = r.get("ContentRange")
+        if content_range:
+            m = _CONTENT_RANGE_RE.match(content_range.strip())
+            if not m or int(m.group(1)) != start:
+                raise StoreError(f"s3://{self.bucket}/{key}: unexpected Content-Range "
+                                 f"{one_line(content_range, 60)!r} for a read at {start}")
+            if m.group(3) == "*":
+                total = self._head_size(key, r.get("ETag"))
+            else:
+                total = int(m.group(3))
+        else:
+            # The service ignored Range and sent the whole object (allowed by HTTP).
+            total = len(data)
+            data = data[start:start + length]
+        expected = max(0, min(length, total - start))
+        if len(data) != expected:
+            raise StoreUnavailable(f"s3://{self.bucket}/{key}: S3 returned {len(data)} bytes for a "
+                                   f"{expected}-byte range: retry")
+        return data, total
+
+    def _precondition(self, key: str, what: str) -> PreconditionFailed:
+        return PreconditionFailed(f"s3://{self.bucket}/{key}: {what} (precondition failed): "
+                                  "re-read and retry")
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str | None, *, conditional: bool = False):
+        try:
+            yield
+        except bce.ClientError as e:
+            raise self._client_error(e, op, key, conditional=conditional) from e
+        except _NO_CREDENTIALS as e:
+            raise StoreAccessDenied(
+                "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or run 'aws sso login'") from e
+        except _SSO as e:
+            raise StoreAccessDenied("the AWS SSO session is missing or expired: run "
+                                    "'aws sso login'") from e
+        except bce.ProfileNotFound as e:
+            raise ConfigError(f"AWS profile not found ({one_line(e)}): check ~/.aws/config") from e
+        except bce.SSLError as e:
+            raise StoreUnavailable(f"TLS error talking to S3 endpoint {self.endpoint}: check the "
+                                   "endpoint URL and AWS_CA_BUNDLE") from e
+        except (bce.ConnectTimeoutError, bce.ReadTimeoutError) as e:
+            raise StoreUnavailable(f"S3 endpoint {self.endpoint} timed out: check network / "
+                                   "AWS_ENDPOINT_URL, or retry") from e
+        except _UNREACHABLE as e:
+            raise StoreUnavailable(f"cannot reach S3 endpoint {self.endpoint}: check network / "
+                                   "AWS_ENDPOINT_URL") from e
+        except bce.ParamValidationError as e:
+            raise StoreError(f"invalid S3 request for {self._where(key)}: {one_line(e)}",
+                             errno=_errno.EINVAL) from e
+
+    @contextlib.contextmanager
+    def _copy_errors(self, src: str, dst: str, if_match: str | None):
+        try:
+            with self._errors("copy", dst, conditional=if_match is not None and src != dst):
+                yield
+        except PreconditionFailed:
+            # Either the pinned source or the destination condition failed.
+            raise self._precondition(src if src == dst else f"{src} -> {dst}",
+                                     "changed by another writer during the copy") from None
+        except ObjectNotFound:
+            raise ObjectNotFound(f"s3://{self.bucket}/{src}: no such object") from None
+
+    def _where(self, key: str | None) -> str:
+        return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+
+    def _client_error(self, e: bce.ClientError, op: str, key: str | None, *,
+                      conditional: bool = False) -> StoreError:
+        err = e.response.get("Error", {}) or {}
+        meta = e.response.get("ResponseMetadata", {}) or {}
+        code = str(err.get("Code") or "")
+        status = meta.get("HTTPStatusCode")
+        where = self._where(key)
+        if code == "NoSuchBucket" or (op == "check" and (code in _NOT_FOUND or status == 404)):
+            return StoreUnavailable(f"bucket {self.bucket} does not exist: create it or fix the "
+                                    "source URI")
+        if code == "NoSuchUpload":
+            return StoreError(f"{where}: the multipart upload no longer exists (aborted or "
+                              "expired): write the file again")
+        if code in _NOT_FOUND or (status == 404 and not code):
+            if conditional:
+                return self._precondition(key or "", "deleted by another writer")
+            return ObjectNotFound(f"{where}: no such object")
+        if code in _PRECONDITION or status in (409, 412):
+            return self._precondition(key or "", "changed by another writer")
+        if code in _CREDENTIALS:
+            return StoreAccessDenied(f"S3 rejected the AWS credentials ({code}): check "
+                                     "AWS_PROFILE / AWS_ACCESS_KEY_ID or refresh the session")
+        if code in _DENIED or status == 403:
+            action = _ACTIONS.get(op, "the required s3 actions")
+            resource = (f"arn:aws:s3:::{self.bucket}" if op in ("list", "check")
+                        else f"arn:aws:s3:::{self.bucket}/*")
+            return StoreAccessDenied(f"access denied to {where} ({code or status}): grant {action} "
+                                     f"on {resource} to these credentials")
+        if code == "MetadataTooLarge":
+            return MetadataBudgetError(f"{where}: S3 refused the object metadata as too large "
+                                       "(2 KB limit)")
+        if code in _FULL or status == 507:
+            return StoreFull(f"{where}: S3 refused the write ({code or status}): the object is too "
+                             "large or a storage quota is exhausted")
+        if code in _REGION or status == 301:
+            region = (meta.get("HTTPHeaders", {}).get("x-amz-bucket-region")
+                      or err.get("Region") or "another region")
+            return ConfigError(f"bucket {self.bucket} is in {region}: set AWS_REGION or the region "
+                               "option to match")
+        if code == "InvalidBucketName":
+            return ConfigError(f"invalid bucket name {self.bucket!r}: fix the source URI")
+        if code == "KeyTooLongError":
+            return StoreError(f"{where}: key too long for S3 (1024 bytes): shorten the path",
+                              errno=_errno.ENAMETOOLONG)
+        if code == "InvalidObjectState":
+            return StoreError(f"{where}: object is archived (Glacier / Deep Archive): restore it "
+                              "before reading", errno=_errno.EIO)
+        if code in _THROTTLED or (isinstance(status, int) and status >= 500):
+            return StoreUnavailable(f"S3 is throttling or unavailable for {where} ({code or status})"
+                                    f" after {self.max_attempts} attempts: retry later")
+        return StoreError(f"S3 {op} {where} failed: {code or 'error'} (HTTP {status}): "
+                          f"{one_line(err.get('Message', ''), 160)}")
+
+    def _multipart_copy(self, source: ObjectInfo, dst: str, metadata: dict[str, str],
+                        if_match: str | None, if_none_match: bool) -> str:
+        size = source.size
+        part = max(self.copy_part_size, math.ceil(size / MAX_PARTS))
+        if part > MAX_PART_SIZE:  # pragma: no cover - objects > 50 TB do not exist in S3
+            raise StoreFull(f"{self._where(source.key)}: too large to copy")
+        ranges = [(n + 1, off, min(off + part, size) - 1)
+                  for n, off in enumerate(range(0, size, part))]
+        upload = self.begin_upload(dst, metadata, if_match=if_match, if_none_match=if_none_match)
+
+        def copy_part(spec: tuple[int, int, int]) -> None:
+            number, first, last = spec
+            with self._copy_errors(source.key, dst, None):
+                r = self._client.upload_part_copy(
+                    Bucket=self.bucket, Key=dst, UploadId=upload.upload_id, PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": source.key},
+                    CopySourceRange=f"bytes={first}-{last}", CopySourceIfMatch=source.etag)
+            upload._record(number, r["CopyPartResult"]["ETag"], last - first + 1)
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.copy_concurrency, len(ranges)),
+                                    thread_name_prefix="dssefs-s3-copy") as pool:
+                for f in [pool.submit(copy_part, spec) for spec in ranges]:
+                    f.result()
+            return upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+
+
+def _conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
+    if if_match is not None:
+        return {"IfMatch": if_match}
+    if if_none_match:
+        return {"IfNoneMatch": "*"}
+    return {}
+
+
+class S3Upload(Upload):
+    """A multipart upload; ``put_part`` may run in many threads at once."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str, *, if_match: str | None,
+                 if_none_match: bool):
+        self.store = store
+        self.key = key
+        self.upload_id = upload_id
+        self._if_match = if_match
+        self._if_none_match = if_none_match
+        self._lock = threading.Lock()
+        self._etags: dict[int, str] = {}
+        self._sizes: dict[int, int] = {}
+        self._state = "open"  # open -> completing -> done | aborted
+
+    def _record(self, number: int, etag: str, size: int) -> None:
+        with self._lock:
+            if self._state != "open":
+                raise StoreError(f"s3://{self.store.bucket}/{self.key}: upload is already "
+                                 f"{self._state}", errno=_errno.EINVAL)
+            self._etags[number] = etag
+            self._sizes[number] = size
+
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
+        check_part_number(number)
+        with self._lock:
+            if self._state != "open":
+                raise StoreError(f"s3://{self.store.bucket}/{self.key}: upload is already "
+                                 f"{self._state}", errno=_errno.EINVAL)
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        with self.store._errors("upload", self.key):
+            r = self.store._client.upload_part(Bucket=self.store.bucket, Key=self.key,
+                                               UploadId=self.upload_id, PartNumber=number,
+                                               Body=data)
+        self._record(number, r["ETag"], len(data))
+
+    def complete(self) -> str:
+        with self._lock:
+            if self._state != "open":
+                raise StoreError(f"s3://{self.store.bucket}/{self.key}: upload is already "
+                                 f"{self._state}", errno=_errno.EINVAL)
+            numbers = check_parts(self._sizes, MIN_PART_SIZE)
+            parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in numbers]
+            self._state = "completing"
+        kwargs: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key,
+                                  "UploadId": self.upload_id,
+                                  "MultipartUpload": {"Parts": parts}}
+        kwargs.update(_conditions(self._if_match, self._if_none_match))
+        try:
+            if self._if_match is not None:
+                # Checked here too for services that ignore If-Match on this call.
+                self._check_if_match()
+            with self.store._errors("complete", self.key, conditional=self._if_match is not None):
+                r = self.store._client.complete_multipart_upload(**kwargs)
+        except PreconditionFailed:
+            self.abort()
+            raise
+        except BaseException:
+            with self._lock:
+                self._state = "open"  # may be retried or aborted
+            raise
+        with self._lock:
+            self._state = "completed"
+        return r["ETag"]
+
+    def _check_if_match(self) -> None:
+        try:
+            current = self.store.head(self.key).etag
+        except ObjectNotFound:
+            raise self.store._precondition(self.key, "deleted by another writer") from None
+        if strip_etag(current) != strip_etag(self._if_match or ""):
+            raise self.store._precondition(self.key, "changed by another writer")
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._state in ("aborted", "completed"):
+                return
+            self._state = "aborted"
+        try:
+            self.store._client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
+                                                      UploadId=self.upload_id)
+        except Exception as e:  # never raises: a lifecycle rule reaps what is left
+            log.warning("s3://%s/%s: could not abort multipart upload: %s", self.store.bucket,
+                        self.key, one_line(e))
+
+    def __enter__(self) -> "S3Upload":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
