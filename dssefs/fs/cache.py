@@ -1,0 +1,350 @@
+"""The plaintext chunk cache and the content of one file.
+
+Chunks are aligned to the file's chunk size (the object's, so a cached chunk is exactly one
+decrypted chunk of the stored version).  The cache is bounded in bytes: least recently used clean
+chunks are dropped, dirty chunks beyond the bound are spilled (encrypted) to the staging
+directory and read back on demand.  Everything here is blocking and thread-safe (one lock); the
+file system calls it from worker threads.  No store I/O happens while the lock is held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+
+from ..errors import ObjectNotFound, PreconditionFailed
+from .spill import SpillArea, SpillFile
+
+_ids = itertools.count(1)
+
+
+class Chunk:
+    __slots__ = ("data", "dirty", "spilled")
+
+    def __init__(self, data: bytearray | None, dirty: bool):
+        self.data, self.dirty, self.spilled = data, dirty, False
+
+
+class ChunkCache:
+    def __init__(self, budget: int, spill: SpillArea | None):
+        self.lock = threading.RLock()
+        self.budget = budget
+        self.spill_area = spill
+        self.lru: OrderedDict[tuple[int, int], "FileContent"] = OrderedDict()
+        self.used = 0
+        self.spilled_chunks = 0
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"used": self.used, "budget": self.budget, "chunks": len(self.lru),
+                    "spilled_chunks": self.spilled_chunks}
+
+    # all helpers below expect self.lock held
+    def _touch(self, content: "FileContent", idx: int) -> None:
+        key = (content.id, idx)
+        if key in self.lru:
+            self.lru.move_to_end(key)
+        else:
+            self.lru[key] = content
+
+    def _forget(self, content: "FileContent", idx: int) -> None:
+        ch = content.chunks.pop(idx, None)
+        if ch is None:
+            return
+        if ch.data is not None:
+            self.used -= len(ch.data)
+            self.lru.pop((content.id, idx), None)
+        if ch.spilled:
+            self.spilled_chunks -= 1
+
+    def _enforce(self) -> None:
+        while self.used > self.budget and self.lru:
+            (cid, idx), content = self.lru.popitem(last=False)
+            ch = content.chunks.get(idx)
+            if ch is None or ch.data is None:
+                continue
+            if ch.dirty:
+                if self.spill_area is None:
+                    self.lru[(cid, idx)] = content  # nowhere to spill: keep it (over budget)
+                    self.lru.move_to_end((cid, idx), last=False)
+                    return
+                if not ch.spilled:
+                    content._spill().write(idx, ch.data)
+                    ch.spilled = True
+                    self.spilled_chunks += 1
+                self.used -= len(ch.data)
+                ch.data = None
+            else:
+                self.used -= len(ch.data)
+                del content.chunks[idx]
+
+
+class FileContent:
+    """The bytes of one open file: a stored base version plus local (dirty) chunks.
+
+    ``base`` has ``size``, ``chunk_size`` and ``read_chunks(range)`` (an OpenObject or a foreign
+    object reader).  Bytes at or beyond ``base_limit`` never come from the base: they were
+    truncated away locally.
+    """
+
+    def __init__(self, cache: ChunkCache, base, chunk_size: int, size: int):
+        self.id = next(_ids)
+        self.cache = cache
+        self.base = base
+        self.cs = base.chunk_size if base is not None else chunk_size
+        self.size = size
+        self.base_limit = size if base is not None else 0
+        self.chunks: dict[int, Chunk] = {}
+        self.modified = False
+        self.spill_file: SpillFile | None = None
+
+    def __repr__(self) -> str:
+        return f"FileContent(size={self.size}, chunks={len(self.chunks)}, modified={self.modified})"
+
+    # ---- helpers (lock held) --------------------------------------------------------------------
+
+    def _spill(self) -> SpillFile:
+        if self.spill_file is None:
+            self.spill_file = self.cache.spill_area.open(self.cs)
+        return self.spill_file
+
+    def _valid_base(self) -> int:
+        return 0 if self.base is None else min(self.base.size, self.base_limit)
+
+    def _mem(self, idx: int, ch: Chunk) -> bytearray:
+        if ch.data is None:
+            ch.data = self.spill_file.read(idx)
+            self.cache.used += len(ch.data)
+        self.cache._touch(self, idx)
+        return ch.data
+
+    def _missing(self, indexes) -> list[int]:
+        vb = self._valid_base()
+        return [i for i in indexes if i not in self.chunks and i * self.cs < vb]
+
+    # ---- base fetches (no lock while talking to the store) ----------------------------------------
+
+    def _fetch(self, indexes: list[int], dirty: bool = False) -> dict[int, bytearray]:
+        """Bring base chunks ``indexes`` into the cache (one ranged GET per contiguous run) and
+        return what was fetched (the cache may evict clean chunks again at any time)."""
+        for attempt in range(3):
+            with self.cache.lock:
+                base = self.base
+                todo = self._missing(indexes)
+            if not todo:
+                return {}
+            try:
+                got = {}
+                for run in _runs(todo):
+                    for i, plain in zip(run, base.read_chunks(run)):
+                        got[i] = plain
+            except (PreconditionFailed, ObjectNotFound):
+                with self.cache.lock:
+                    if self.base is base:
+                        raise
+                continue  # the file was flushed or renamed meanwhile: read the new version
+            with self.cache.lock:
+                if self.base is not base:
+                    continue
+                vb = self._valid_base()
+                for i, plain in got.items():
+                    if i in self.chunks:
+                        continue
+                    keep = max(0, min(len(plain), vb - i * self.cs))
+                    if keep < len(plain):
+                        del plain[keep:]
+                    self.chunks[i] = Chunk(plain, dirty)
+                    self.cache.used += len(plain)
+                    self.cache._touch(self, i)
+            return got
+        raise PreconditionFailed("the object kept changing while being read")
+
+    # ---- file operations (blocking) ---------------------------------------------------------------
+
+    def read(self, off: int, length: int) -> bytes:
+        with self.cache.lock:
+            end = min(self.size, off + length)
+        if off >= end:
+            return b""
+        cs = self.cs
+        idxs = range(off // cs, (end - 1) // cs + 1)
+        got = self._fetch(list(idxs))
+        out = bytearray(end - off)
+        with self.cache.lock:
+            end = min(end, self.size)
+            vb = self._valid_base()
+            for i in idxs:
+                ch = self.chunks.get(i)
+                if ch is not None:
+                    data = self._mem(i, ch)
+                elif i in got and i * cs < vb:
+                    data = got[i][:max(0, vb - i * cs)]  # fetched, then evicted already
+                else:
+                    continue  # hole (or truncated away): zeros
+                c0 = i * cs
+                a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
+                piece = data[a:b]
+                out[c0 + a - off:c0 + a - off + len(piece)] = piece
+            del out[max(0, end - off):]
+            self.cache._enforce()
+        return bytes(out)
+
+    def write(self, off: int, data) -> int:
+        n = len(data)
+        if n == 0:
+            return 0
+        cs, end = self.cs, off + n
+        first, last = off // cs, (end - 1) // cs
+        with self.cache.lock:
+            vb = self._valid_base()
+        # base bytes are needed only where the write leaves some of a chunk's stored bytes
+        partial = {i for i in (first, last)
+                   if i * cs < vb and (off > i * cs or end < min((i + 1) * cs, vb))}
+        got = self._fetch(sorted(partial)) if partial else {}
+        view = memoryview(data)
+        with self.cache.lock:
+            vb = self._valid_base()
+            for i, plain in got.items():
+                if i not in self.chunks and i * cs < vb:  # evicted since the fetch: put it back
+                    self.chunks[i] = Chunk(plain[:max(0, vb - i * cs)], False)
+                    self.cache.used += len(self.chunks[i].data)
+            for i in range(first, last + 1):
+                c0 = i * cs
+                a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
+                ch = self.chunks.get(i)
+                if ch is None:
+                    ch = self.chunks[i] = Chunk(bytearray(), True)
+                    self.cache._touch(self, i)
+                buf = self._mem(i, ch)
+                if len(buf) < b:
+                    self.cache.used += b - len(buf)
+                    buf.extend(bytes(b - len(buf)))
+                buf[a:b] = view[c0 + a - off:c0 + b - off]
+                ch.dirty = True
+                if ch.spilled:
+                    ch.spilled = False
+                    self.cache.spilled_chunks -= 1
+            self.size = max(self.size, end)
+            self.modified = True
+            self.cache._enforce()
+        return n
+
+    def truncate(self, size: int) -> None:
+        with self.cache.lock:
+            if size < self.size:
+                cs = self.cs
+                for i in [i for i in self.chunks if i * cs >= size]:
+                    self.cache._forget(self, i)
+                i = size // cs
+                ch = self.chunks.get(i)
+                if ch is not None:
+                    buf = self._mem(i, ch)
+                    keep = size - i * cs
+                    if len(buf) > keep:
+                        self.cache.used -= len(buf) - keep
+                        del buf[keep:]
+                        ch.dirty = True
+                        if ch.spilled:
+                            ch.spilled = False
+                            self.cache.spilled_chunks -= 1
+                self.base_limit = min(self.base_limit, size)
+            if size != self.size:
+                self.size = size
+            self.modified = True
+
+    def source(self, offset: int, length: int) -> bytes:
+        """Plaintext ``[offset, offset+length)`` for the flush (called from the Vault's threads);
+        ``offset`` is chunk aligned."""
+        i = offset // self.cs
+        with self.cache.lock:
+            ch = self.chunks.get(i)
+            if ch is not None:
+                data = bytes(self._mem(i, ch)[:length])
+                self.cache._enforce()
+                return data + bytes(length - len(data))
+            base, vb = self.base, self._valid_base()
+        if i * self.cs >= vb:
+            return bytes(length)
+        plain = base.read_chunks(range(i, i + 1))[0]
+        keep = max(0, min(len(plain), vb - i * self.cs, length))
+        return bytes(plain[:keep]) + bytes(length - keep)
+
+    def committed(self, new_base) -> None:
+        """The flush stored everything: local chunks become clean copies of ``new_base``."""
+        with self.cache.lock:
+            self.base = new_base
+            self.size = new_base.size
+            self.base_limit = new_base.size
+            for i, ch in list(self.chunks.items()):
+                ch.dirty = False
+                if ch.data is None:
+                    self.cache._forget(self, i)
+                elif ch.spilled:
+                    ch.spilled = False
+                    self.cache.spilled_chunks -= 1
+            self.modified = False
+            if self.spill_file is not None:
+                self.spill_file.close()
+                self.spill_file = None
+
+    def rebase(self, new_base) -> None:
+        """Same bytes, different stored object (after a rename)."""
+        with self.cache.lock:
+            self.base = new_base
+
+    def reset(self, new_base, size: int) -> None:
+        """Another client replaced the object: drop clean chunks, read the new version."""
+        with self.cache.lock:
+            for i in list(self.chunks):
+                self.cache._forget(self, i)
+            self.base = new_base
+            self.size = size
+            self.base_limit = size if new_base is not None else 0
+            self.modified = False
+
+    def materialize(self) -> None:
+        """Copy every base byte into local dirty chunks so the stored object may disappear
+        (unlink or replace while open)."""
+        with self.cache.lock:
+            n = -(-self._valid_base() // self.cs)
+        for start in range(0, n, 8):
+            self._fetch(list(range(start, min(n, start + 8))), dirty=True)
+        with self.cache.lock:
+            for ch in self.chunks.values():
+                ch.dirty = True
+            self.base = None
+            self.base_limit = 0
+
+    def discard(self) -> None:
+        with self.cache.lock:
+            for i in list(self.chunks):
+                self.cache._forget(self, i)
+            self.modified = False
+            if self.spill_file is not None:
+                self.spill_file.close()
+                self.spill_file = None
+
+
+class ForeignBase:
+    """A non-dssefs object exposed read-only as plain bytes (``foreign_objects=read-only``)."""
+
+    def __init__(self, store, key: str, size: int, etag: str, chunk_size: int):
+        self.store, self.key, self.size, self.etag, self.chunk_size = store, key, size, etag, chunk_size
+
+    def read_chunks(self, run: range) -> list[bytearray]:
+        start = run.start * self.chunk_size
+        length = min(self.size, run.stop * self.chunk_size) - start
+        data, _total = self.store.get_range(self.key, start, length, if_match=self.etag)
+        buf = bytearray(data)
+        return [buf[j:j + self.chunk_size] for j in range(0, len(buf), self.chunk_size)]
+
+
+def _runs(indexes: list[int]) -> list[range]:
+    out: list[range] = []
+    for i in sorted(indexes):
+        if out and out[-1].stop == i:
+            out[-1] = range(out[-1].start, i + 1)
+        else:
+            out.append(range(i, i + 1))
+    return out

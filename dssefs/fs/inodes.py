@@ -1,0 +1,159 @@
+"""The inode table: numbers, names, lookup counts and deferred deletion.
+
+State lives in the trio thread only.  An inode is named by ``(parent, name)`` while it is linked;
+unlink/rmdir/rename-over detach it, and it is dropped from the table once the kernel has forgotten
+it (lookup count 0), no handle is open and no unsaved data remains.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .attributes import Attrs
+
+ROOT_INODE = 1
+
+
+class Inode:
+    __slots__ = ("ino", "parent", "name", "attrs", "nlookup", "open_count", "writers", "linked", "stored",
+                 "obj", "etag", "foreign_size", "foreign", "validated", "lock", "content", "symlink_target",
+                 "cached_etag", "meta_dirty", "broken", "__weakref__")
+
+    def __init__(self, ino: int, parent: int, name: str, attrs: Attrs):
+        self.ino, self.parent, self.name, self.attrs = ino, parent, name, attrs
+        self.nlookup = 0
+        self.open_count = 0
+        self.writers = 0
+        self.linked = True
+        self.stored = False  # an object (file or directory marker) exists in the store
+        self.obj = None  # OpenObject of the stored version (dssefs objects)
+        self.etag: str | None = None
+        self.foreign = False
+        self.foreign_size = 0
+        self.validated = 0.0  # trio.current_time() of the last check against the store
+        self.lock = trio.Lock()  # serialises writes, truncates and flushes of this inode
+        self.content = None  # FileContent once opened/read
+        self.symlink_target: bytes | None = None
+        self.cached_etag: str | None = None  # the version the kernel page cache holds
+        self.meta_dirty = False  # attributes changed locally, not stored yet
+        self.broken = None  # DssefsError: the object exists but cannot be opened (tampered, key denied)
+
+    def __repr__(self) -> str:
+        return f"Inode({self.ino}, parent={self.parent}, name={self.name!r}, mode={self.attrs.mode:o})"
+
+    def is_dir(self) -> bool:
+        return self.attrs.is_dir()
+
+    @property
+    def dirty(self) -> bool:
+        return self.meta_dirty or (self.content is not None and self.content.modified)
+
+
+class InodeTable:
+    def __init__(self, root_attrs: Attrs):
+        self._next = ROOT_INODE + 1
+        root = Inode(ROOT_INODE, ROOT_INODE, "", root_attrs)
+        root.nlookup = 1
+        self.by_ino: dict[int, Inode] = {ROOT_INODE: root}
+        self.by_name: dict[tuple[int, str], int] = {}
+        self.kids: dict[int, int] = {}  # linked children known per directory inode
+
+    @property
+    def root(self) -> Inode:
+        return self.by_ino[ROOT_INODE]
+
+    def __len__(self) -> int:
+        return len(self.by_ino)
+
+    def get(self, ino: int) -> Inode | None:
+        return self.by_ino.get(ino)
+
+    def child(self, parent: int, name: str) -> Inode | None:
+        ino = self.by_name.get((parent, name))
+        return None if ino is None else self.by_ino.get(ino)
+
+    def add(self, parent: int, name: str, attrs: Attrs) -> Inode:
+        old = self.child(parent, name)
+        if old is not None:
+            self.detach(old)
+        node = Inode(self._next, parent, name, attrs)
+        self._next += 1
+        self.by_ino[node.ino] = node
+        self._name(node)
+        return node
+
+    def _name(self, node: Inode) -> None:
+        self.by_name[(node.parent, node.name)] = node.ino
+        self.kids[node.parent] = self.kids.get(node.parent, 0) + 1
+
+    def _unname(self, node: Inode) -> bool:
+        if self.by_name.get((node.parent, node.name)) != node.ino:
+            return False
+        del self.by_name[(node.parent, node.name)]
+        left = self.kids.get(node.parent, 1) - 1
+        if left:
+            self.kids[node.parent] = left
+        else:
+            self.kids.pop(node.parent, None)
+        return True
+
+    def detach(self, node: Inode) -> None:
+        """Remove the name (unlink/rmdir/replaced); the inode lives on while referenced."""
+        parent = self.by_ino.get(node.parent)
+        self._unname(node)
+        node.linked = False
+        self.maybe_drop(node)
+        if parent is not None:
+            self.maybe_drop(parent)
+
+    def move(self, node: Inode, parent: int, name: str) -> None:
+        old_parent = self.by_ino.get(node.parent)
+        self._unname(node)
+        node.parent, node.name = parent, name
+        self._name(node)
+        node.linked = True
+        if old_parent is not None:
+            self.maybe_drop(old_parent)
+
+    def children(self, parent: int) -> list[Inode]:
+        return [n for n in self.by_ino.values() if n.parent == parent and n.linked and n.ino != ROOT_INODE]
+
+    def descendants(self, ancestor: int) -> list[Inode]:
+        out = []
+        for n in self.by_ino.values():
+            p, seen = n, 0
+            while p.ino != ROOT_INODE and seen < 10000:
+                if p.parent == ancestor:
+                    out.append(n)
+                    break
+                p = self.by_ino.get(p.parent)
+                if p is None or not p.linked:
+                    break
+                seen += 1
+        return out
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.by_ino.get(ino)
+        if node is None or ino == ROOT_INODE:
+            return
+        node.nlookup = max(0, node.nlookup - n)
+        self.maybe_drop(node)
+
+    def in_use(self, node: Inode) -> bool:
+        return node.nlookup > 0 or node.open_count > 0 or node.dirty
+
+    def maybe_drop(self, node: Inode) -> None:
+        if node.ino == ROOT_INODE or self.in_use(node):
+            return
+        # a directory that still has known children stays so their keys can be computed
+        if self.kids.get(node.ino):
+            return
+        self.by_ino.pop(node.ino, None)
+        named = self._unname(node)
+        if node.content is not None:
+            node.content.discard()
+            node.content = None
+        if named:
+            parent = self.by_ino.get(node.parent)
+            if parent is not None:
+                self.maybe_drop(parent)

@@ -1,0 +1,204 @@
+"""The file system core driven directly (no FUSE), over LocalStore + keyring and S3(moto) + KMS."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+import trio
+
+from dssefs.errors import DssefsError
+from dssefs.fs import Filesystem, FsConfig
+from dssefs.kms.local import LocalKeyringProvider, create_keyring
+from dssefs.objects.vault import Vault
+from dssefs.store.local import LocalStore
+
+ROOT = 1
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def backend(request, tmp_path):
+    if request.param == "local":
+        store = LocalStore(str(tmp_path / "store"))
+        create_keyring(str(tmp_path / "keyring"))
+        keys = LocalKeyringProvider(str(tmp_path / "keyring"))
+    else:
+        from dssefs.kms.aws import AwsKmsProvider
+        from dssefs.store.s3 import S3Store
+        bucket = request.getfixturevalue("bucket")
+        key = request.getfixturevalue("kms_key")
+        store = S3Store(bucket)
+        keys = AwsKmsProvider(key)
+    return Vault(store, keys, chunk_log2=16)
+
+
+def make_fs(vault, tmp_path, **kw) -> Filesystem:
+    cfg = dict(chunk_size=1 << 16, spill_dir=str(tmp_path / "spill"), attr_timeout=0, entry_timeout=0)
+    cfg.update(kw)
+    return Filesystem(vault, "", FsConfig(**cfg))
+
+
+async def write_file(fs, name, data, parent=ROOT):
+    fh, st = await fs.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await fs.write(fh, 0, data)
+    await fs.flush(fh)
+    await fs.release(fh)
+    return st.ino
+
+
+async def read_file(fs, name, parent=ROOT):
+    st = await fs.lookup(parent, name)
+    fh, _ = await fs.open(st.ino, os.O_RDONLY)
+    try:
+        return await fs.read(fh, 0, 1 << 30)
+    finally:
+        await fs.release(fh)
+
+
+async def test_roundtrip_and_remount(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    data = os.urandom(200_000)
+    await write_file(fs, "a.bin", data)
+    assert await read_file(fs, "a.bin") == data
+    fs2 = make_fs(backend, tmp_path / "2")
+    assert await read_file(fs2, "a.bin") == data
+    st = await fs2.lookup(ROOT, "a.bin")
+    assert st.size == len(data) and stat.S_ISREG(st.mode) and st.mode & 0o777 == 0o644
+
+
+async def test_random_writes_holes_truncate(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    ino = await write_file(fs, "f", b"x" * 100)
+    model = bytearray(b"x" * 100)
+    fh, _ = await fs.open(ino, os.O_RDWR)
+    for off, chunk in [(300_000, b"tail"), (70_000, b"mid" * 1000), (50, b"yy")]:
+        await fs.write(fh, off, chunk)
+        if len(model) < off:
+            model.extend(bytes(off - len(model)))
+        model[off:off + len(chunk)] = chunk
+    assert await fs.read(fh, 0, 1 << 20) == bytes(model)
+    await fs.setattr(ino, size=65_000)
+    del model[65_000:]
+    await fs.setattr(ino, size=140_000)
+    model.extend(bytes(140_000 - len(model)))
+    await fs.fsync(fh)
+    await fs.release(fh)
+    fs2 = make_fs(backend, tmp_path / "2")
+    assert await read_file(fs2, "f") == bytes(model)
+
+
+async def test_spill_beyond_cache(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, cache_size=3 << 16)
+    data = os.urandom(20 << 16)
+    fh, st = await fs.create(ROOT, "big", 0o600, os.O_RDWR | os.O_CREAT, 0, 0)
+    for off in range(0, len(data), 50_000):
+        await fs.write(fh, off, data[off:off + 50_000])
+    assert fs.cache.stats()["spilled_chunks"] > 0
+    assert fs.cache.used <= (4 << 16)
+    assert await fs.read(fh, 0, len(data)) == data
+    await fs.flush(fh)
+    assert fs.cache.stats()["spilled_chunks"] == 0
+    await fs.release(fh)
+    assert os.listdir(tmp_path / "spill") == []
+    assert await read_file(make_fs(backend, tmp_path / "2"), "big") == data
+
+
+async def test_directories_and_rename(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    d = await fs.mkdir(ROOT, "d", 0o750, 0, 0)
+    sub = await fs.mkdir(d.ino, "sub", 0o755, 0, 0)
+    await write_file(fs, "x", b"hello", parent=sub.ino)
+    with pytest.raises(DssefsError) as e:
+        await fs.rmdir(ROOT, "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(DssefsError) as e:
+        await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    assert e.value.errno == errno.EEXIST
+    await fs.rename(ROOT, "d", ROOT, "e")
+    fs2 = make_fs(backend, tmp_path / "2")
+    e2 = await fs2.lookup(ROOT, "e")
+    assert stat.S_ISDIR(e2.mode) and e2.mode & 0o777 == 0o750
+    s2 = await fs2.lookup(e2.ino, "sub")
+    assert await read_file(fs2, "x", parent=s2.ino) == b"hello"
+    with pytest.raises(DssefsError):
+        await fs2.lookup(ROOT, "d")
+    # rename over an existing file
+    await write_file(fs, "p", b"new")
+    await write_file(fs, "q", b"old")
+    await fs.rename(ROOT, "p", ROOT, "q")
+    assert await read_file(fs2, "q") == b"new"
+    fh = await fs2.opendir(ROOT)
+    names = [n for n, _st, _off in await fs2.readdir(fh, 0)]
+    assert names == [".", "..", "e", "q"]
+
+
+async def test_unlinked_file_stays_readable(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    data = os.urandom(150_000)
+    ino = await write_file(fs, "gone", data)
+    fh, _ = await fs.open(ino, os.O_RDWR)
+    await fs.unlink(ROOT, "gone")
+    assert await fs.read(fh, 0, len(data)) == data
+    await fs.write(fh, 0, b"ZZ")
+    assert (await fs.read(fh, 0, 4)) == b"ZZ" + data[2:4]
+    await fs.release(fh)
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(ROOT, "gone")
+    assert e.value.errno == errno.ENOENT
+
+
+async def test_symlink_special_xattr_chmod(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    target = b"/" + b"t" * 4000
+    await fs.symlink(ROOT, "ln", target, 0, 0)
+    await fs.mknod(ROOT, "fifo", stat.S_IFIFO | 0o640, 0, 0, 0)
+    ino = await write_file(fs, "f", b"data")
+    await fs.setxattr(ino, "user.k", b"v" * 100)
+    with pytest.raises(DssefsError) as e:
+        await fs.setxattr(ino, "user.big", b"v" * 2000)
+    assert e.value.errno == errno.ENOSPC
+    await fs.setattr(ino, mode=0o4755)
+    await fs.setattr(ino, uid=1000, gid=1000)
+    await fs.setattr(ino, atime_ns=1_000_000_000, mtime_ns=2_000_000_000)
+    fs2 = make_fs(backend, tmp_path / "2")
+    ln = await fs2.lookup(ROOT, "ln")
+    assert stat.S_ISLNK(ln.mode) and await fs2.readlink(ln.ino) == target
+    fifo = await fs2.lookup(ROOT, "fifo")
+    assert stat.S_ISFIFO(fifo.mode) and fifo.mode & 0o777 == 0o640
+    f = await fs2.lookup(ROOT, "f")
+    assert f.mode & 0o7777 == 0o755 and (f.uid, f.gid) == (1000, 1000)  # setuid cleared by chown
+    assert (f.atime_ns, f.mtime_ns) == (1_000_000_000, 2_000_000_000)
+    assert await fs2.getxattr(f.ino, "user.k") == b"v" * 100
+    assert await fs2.listxattr(f.ino) == ["user.k"]
+    assert await read_file(fs2, "f") == b"data"
+    with pytest.raises(DssefsError) as e:
+        await fs2.link(f.ino, ROOT, "hard")
+    assert e.value.errno == errno.EPERM
+
+
+async def test_conflict_is_not_overwritten(backend, tmp_path):
+    fs1 = make_fs(backend, tmp_path)
+    fs2 = make_fs(backend, tmp_path / "2")
+    await write_file(fs1, "c", b"v1")
+    st = await fs2.lookup(ROOT, "c")
+    fh2, _ = await fs2.open(st.ino, os.O_WRONLY)
+    await write_file(fs1, "c", b"v2-from-one")  # O_CREAT on existing: opens it
+    await fs2.write(fh2, 0, b"v3")
+    with pytest.raises(DssefsError) as e:
+        await fs2.flush(fh2)
+    assert e.value.errno == errno.EIO
+    assert await read_file(make_fs(backend, tmp_path / "3"), "c") == b"v2-from-one"
+    assert fs2.node(st.ino).dirty  # the local change is kept, not dropped
+    await fs2.release(fh2)
+
+
+async def test_concurrent_files(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    blobs = {f"n{i}": os.urandom(30_000 + i) for i in range(12)}
+    async with trio.open_nursery() as n:
+        for name, data in blobs.items():
+            n.start_soon(write_file, fs, name, data)
+    for name, data in blobs.items():
+        assert await read_file(fs, name) == data
