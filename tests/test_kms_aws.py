@@ -189,6 +189,51 @@ def test_alias_resolution_denied(kms, kms_key):
     assert "cannot check whether" in msg and f"kms:DescribeKey on {alias}" in msg
 
 
+def test_alias_resolution_shared_by_concurrent_readers(kms, kms_key):
+    alias = f"alias/dssefs-{uuid.uuid4().hex[:8]}"
+    kms.create_alias(AliasName=alias, TargetKeyId=key_uuid(kms_key))
+    writer = AwsKmsProvider(kms_key)
+    wrapped = [writer.generate(Layer.INNER, context(Layer.INNER, "b", f"o{i}")) for i in range(8)]
+    reader = AwsKmsProvider(alias)
+    results: list[bool] = []
+    barrier = threading.Barrier(len(wrapped))
+
+    def worker(i):
+        dk, w = wrapped[i]
+        barrier.wait()
+        results.append(reader.unwrap(Layer.INNER, w, context(Layer.INNER, "b", f"o{i}")) == dk)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(wrapped))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * len(wrapped)
+    assert reader.stats["describe"] == 1
+
+
+def test_alias_resolution_retried_after_transient_failure(kms, kms_key):
+    alias = f"alias/dssefs-{uuid.uuid4().hex[:8]}"
+    kms.create_alias(AliasName=alias, TargetKeyId=key_uuid(kms_key))
+    dk, w = AwsKmsProvider(kms_key).generate(Layer.INNER, CTX_IN)
+    reader = AwsKmsProvider(alias, max_attempts=1)
+    calls = []
+
+    def flaky(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return types.SimpleNamespace(status_code=503, headers={}), {
+                "Error": {"Code": "ServiceUnavailableException", "Message": "try later"},
+                "ResponseMetadata": {"HTTPStatusCode": 503, "RetryAttempts": 0}}
+        return None
+
+    reader.client.meta.events.register("before-call.kms.DescribeKey", flaky)
+    with pytest.raises(KeyUnavailable, match="cannot check whether"):
+        reader.unwrap(Layer.INNER, w, CTX_IN)
+    assert reader.unwrap(Layer.INNER, w, CTX_IN) == dk
+    assert len(calls) == 2
+
+
 def test_split_custody(kms_key, kms_key2):
     p = AwsKmsProvider(kms_key, kms_key2)
     assert p.key_id(Layer.INNER) == kms_key and p.key_id(Layer.OUTER) == kms_key2
@@ -446,7 +491,8 @@ def test_rewrap_error_names_both_permissions(kms_key, kms_key2):
 def test_malformed_kms_answers(kms_key):
     p = AwsKmsProvider(kms_key)
     _, w = p.generate(Layer.INNER, CTX_IN)
-    short = {"Plaintext": b"\x07" * 16, "KeyId": kms_key, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    short = {"Plaintext": b"\x07" * 16, "KeyId": kms_key,
+             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
              "ResponseMetadata": {"HTTPStatusCode": 200}}
     inject(p, "Decrypt", status=200, parsed=short)
     with pytest.raises(WrappedKeyMismatch, match="16 bytes"):

@@ -20,13 +20,15 @@ from ._common import WrappedKeyMismatch
 from .aws import AwsKmsProvider, KmsKeyStatus, looks_like_kms_key_id, parse_kms_key_id
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey, context
 from .local import (DEFAULT_KDF, PASSPHRASE_ENV, KdfParams, KeyInfo, Keyring,
-                    LocalKeyringProvider, add_key, change_passphrase, create_keyring, list_keys,
-                    load_keyring, passphrase_from_env_or_file, validate_key_name)
+                    LocalKeyringProvider, LocalKeyStatus, add_key, change_passphrase,
+                    create_keyring, list_keys, load_keyring, passphrase_from_env_or_file,
+                    validate_key_name)
 
 __all__ = [
     "KeyProvider", "Layer", "WrappedKey", "context", "DATA_KEY_BYTES", "WrappedKeyMismatch",
     "AwsKmsProvider", "KmsKeyStatus", "parse_kms_key_id", "looks_like_kms_key_id",
-    "LocalKeyringProvider", "Keyring", "KeyInfo", "KdfParams", "DEFAULT_KDF", "PASSPHRASE_ENV",
+    "LocalKeyringProvider", "LocalKeyStatus", "Keyring", "KeyInfo", "KdfParams", "DEFAULT_KDF",
+    "PASSPHRASE_ENV",
     "create_keyring", "add_key", "load_keyring", "list_keys", "change_passphrase",
     "passphrase_from_env_or_file", "validate_key_name", "make_provider", "ensure_kind",
     "PROVIDER_KINDS",

@@ -22,9 +22,10 @@ class WrappedKeyMismatch(KeyAccessDenied):
 
     Raised by both providers when the wrapped key was made for another object, another layer or
     another master key, or was altered: KMS answers ``InvalidCiphertextException`` /
-    ``IncorrectKeyException``; the local keyring's AES-GCM tag check fails.  The two causes cannot be
-    told apart (that is the point of binding the context), so callers get one error.  It is a
-    :class:`~dssefs.errors.KeyAccessDenied` (errno ``EACCES``): the reader is refused the key.
+    ``IncorrectKeyException``; the local keyring's AES-GCM tag check fails.  The two causes
+    cannot be told apart (that is the point of binding the context), so callers get one error.
+    It is a :class:`~dssefs.errors.KeyAccessDenied` (errno ``EACCES``): the reader is refused the
+    key.
     """
 
 

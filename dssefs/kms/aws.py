@@ -22,23 +22,25 @@ key after an alias was moved to a new one) and destinations this process re-wrap
 key id is refused with :class:`~dssefs.errors.KeyAccessDenied` before KMS is called.
 
 Error mapping (every message is one line, names the problem and the fix, never key material)
--------------------------------------------------------------------------------------------------
-==========================================  ===========================================
-botocore                                    dssefs
-==========================================  ===========================================
-AccessDeniedException                       KeyAccessDenied
-credentials rejected / expired              KeyAccessDenied
-NoCredentialsError, PartialCredentialsError KeyAccessDenied
-NotFoundException                           KeyNotFound (names the region)
-DisabledException, KMSInvalidStateException KeyUnavailable
-KeyUnavailableException                     KeyUnavailable
-throttling, KMS internal errors             KeyUnavailable (after botocore's retries)
-EndpointConnectionError, timeouts, TLS      KeyUnavailable
-InvalidCiphertextException                  WrappedKeyMismatch (a KeyAccessDenied)
-IncorrectKeyException                       WrappedKeyMismatch
-InvalidKeyUsageException, other errors      KeyProviderError
-key ARN in another region than the client   ConfigError (raised by the constructor)
-==========================================  ===========================================
+--------------------------------------------------------------------------------------------
+===========================================  =========================================
+botocore                                     dssefs
+===========================================  =========================================
+AccessDeniedException                        KeyAccessDenied
+credentials rejected or expired              KeyAccessDenied
+NoCredentialsError, PartialCredentialsError  KeyAccessDenied
+credential provider / SSO token failures     KeyAccessDenied
+NotFoundException                            KeyNotFound (names the region)
+DisabledException, KMSInvalidStateException  KeyUnavailable
+KeyUnavailableException                      KeyUnavailable
+throttling, KMS internal errors              KeyUnavailable (after botocore's retries)
+EndpointConnectionError, timeouts, TLS       KeyUnavailable
+InvalidCiphertextException                   WrappedKeyMismatch (a KeyAccessDenied)
+IncorrectKeyException                        WrappedKeyMismatch
+InvalidKeyUsageException, other errors       KeyProviderError
+key not trusted for reading (see above)      KeyAccessDenied, before KMS is called
+key ARN region differs from the client's     ConfigError (raised by the constructor)
+===========================================  =========================================
 
 ``WrappedKeyMismatch`` (errno ``EACCES``) is shared with the local keyring: a wrapped key that does
 not open under the object's context, typically because the object was copied or renamed outside
@@ -264,6 +266,7 @@ class AwsKmsProvider(KeyProvider):
         self.max_attempts = max_attempts
         self._stats = Stats()
         self._lock = threading.Lock()
+        self._resolve_lock = threading.Lock()
         # Trusted key ARNs for unwrap/rewrap; aliases are looked up lazily.
         self._trusted: set[str] = {r.raw for r in refs if r.form == "key-arn"}
         self._bare_ids: set[str] = {r.name for r in refs if r.form == "key-id"}
@@ -444,24 +447,32 @@ class AwsKmsProvider(KeyProvider):
         return False
 
     def _resolve_aliases(self) -> None:
-        """Look up the current target of each configured alias (at most every 30 s)."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last_resolve < _RESOLVE_INTERVAL:
+        """Look up the current target of each configured alias.
+
+        Concurrent callers wait for one look-up and then see its result.  After a look-up that
+        reached KMS, the next one waits 30 s, so objects naming unknown keys cannot turn every
+        read into extra KMS calls; a look-up that could not reach KMS may be retried at once.
+        """
+        with self._resolve_lock:
+            if time.monotonic() - self._last_resolve < _RESOLVE_INTERVAL:
                 return
-            self._last_resolve = now
-        for ref in self._aliases:
-            try:
-                self._stats.add("describe")
-                meta = self._call("DescribeKey", dict(KeyId=ref.raw), key=ref.raw)["KeyMetadata"]
-            except KeyProviderError as exc:
+            transient = False
+            for ref in self._aliases:
+                try:
+                    self._stats.add("describe")
+                    meta = self._call("DescribeKey", dict(KeyId=ref.raw),
+                                      key=ref.raw)["KeyMetadata"]
+                except KeyProviderError as exc:
+                    transient = transient or isinstance(exc, KeyUnavailable)
+                    with self._lock:
+                        self._resolve_errors[ref.raw] = exc
+                    continue
                 with self._lock:
-                    self._resolve_errors[ref.raw] = exc
-                continue
-            with self._lock:
-                self._resolve_errors.pop(ref.raw, None)
-                if isinstance(meta.get("Arn"), str):
-                    self._trusted.add(meta["Arn"])
+                    self._resolve_errors.pop(ref.raw, None)
+                    if isinstance(meta.get("Arn"), str):
+                        self._trusted.add(meta["Arn"])
+            if not transient:
+                self._last_resolve = time.monotonic()
 
     # ---------------------------------------------------------------------------- calls
 

@@ -70,9 +70,10 @@ from ._common import (Stats, WrappedKeyMismatch, canonical_context, check_contex
                       describe_context)
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
 
-__all__ = ["Keyring", "KeyInfo", "KdfParams", "LocalKeyringProvider", "create_keyring", "add_key",
-           "load_keyring", "list_keys", "change_passphrase", "passphrase_from_env_or_file",
-           "validate_key_name", "PASSPHRASE_ENV", "DEFAULT_KDF", "WRAPPED_KEY_BYTES"]
+__all__ = ["Keyring", "KeyInfo", "LocalKeyStatus", "KdfParams", "LocalKeyringProvider",
+           "create_keyring", "add_key", "load_keyring", "list_keys", "change_passphrase",
+           "passphrase_from_env_or_file", "validate_key_name", "PASSPHRASE_ENV", "DEFAULT_KDF",
+           "WRAPPED_KEY_BYTES"]
 
 KEYRING_FORMAT = "dssefs-keyring"
 KEYRING_VERSION = 1
@@ -114,6 +115,21 @@ class KdfParams:
 
 
 DEFAULT_KDF = KdfParams()
+
+
+@dataclass(frozen=True)
+class LocalKeyStatus:
+    """A configured keyring key as ``describe()`` reports it (no key bytes)."""
+
+    layers: tuple[str, ...]
+    key_id: str  # the key name
+    created: str
+    check: str
+    keyring: str  # the keyring's path
+
+    @property
+    def usable(self) -> bool:
+        return True  # a key that loaded passed its check value
 
 
 @dataclass(frozen=True)
@@ -534,7 +550,7 @@ def list_keys(keyring: Keyring | str | os.PathLike, passphrase: str | None = Non
 
 
 def passphrase_from_env_or_file(passphrase_file: str | os.PathLike | None = None) -> str | None:
-    """The keyring passphrase: from ``passphrase_file`` if given, else ``$DSSEFS_KEYRING_PASSPHRASE``.
+    """The keyring passphrase: ``passphrase_file`` if given, else ``$DSSEFS_KEYRING_PASSPHRASE``.
 
     A passphrase file must be private (mode 0600) like the keyring; one trailing newline is
     dropped.  Returns ``None`` when neither is set (the caller may then prompt).
@@ -634,18 +650,18 @@ class LocalKeyringProvider(KeyProvider):
             self._stats.add("errors")
             raise
 
-    def describe(self) -> list[dict[str, object]]:
+    def describe(self) -> list[LocalKeyStatus]:
         """The configured keys: layers, name, creation time and check value (no key bytes)."""
         self._stats.add("describe")
         by_name: dict[str, list[str]] = {}
         for layer, name in self._names.items():
             by_name.setdefault(name, []).append(layer.value)
         infos = {i.name: i for i in self._keyring.keys()}
-        return [{"layers": tuple(layers), "key_id": name, "created": infos[name].created,
-                 "check": infos[name].check, "keyring": self._keyring.path}
+        return [LocalKeyStatus(layers=tuple(layers), key_id=name, created=infos[name].created,
+                               check=infos[name].check, keyring=self._keyring.path)
                 for name, layers in by_name.items()]
 
-    def check(self) -> list[dict[str, object]]:
+    def check(self) -> list[LocalKeyStatus]:
         """Mount-time check: the configured keys exist (they are verified on load)."""
         for name in set(self._names.values()):
             self._keyring.master_key(name)
