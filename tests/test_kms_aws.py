@@ -145,6 +145,7 @@ def test_rewrap_to_second_key_with_new_context(kms_key, kms_key2):
         AwsKmsProvider(kms_key).unwrap(Layer.INNER, w2, new_ctx)
     reader = AwsKmsProvider(kms_key, allowed_key_ids=[kms_key2])
     assert reader.unwrap(Layer.INNER, w2, new_ctx) == dk
+    assert AwsKmsProvider(kms_key, allowed_key_ids=kms_key2).unwrap(Layer.INNER, w2, new_ctx) == dk
     assert p.stats["rewrap"] == 1
 
 

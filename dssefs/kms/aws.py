@@ -209,6 +209,8 @@ class AwsKmsProvider(KeyProvider):
         inner = parse_kms_key_id(key_id_inner, what="inner KMS key id")
         outer = parse_kms_key_id(key_id_outer, what="outer KMS key id") \
             if key_id_outer is not None else inner
+        if isinstance(allowed_key_ids, str):
+            allowed_key_ids = [allowed_key_ids]
         extra = [parse_kms_key_id(k, what="allowed KMS key id") for k in allowed_key_ids]
         if retries_mode not in RETRY_MODES:
             raise ConfigError(f"KMS retry mode {retries_mode!r} is unknown: use "
