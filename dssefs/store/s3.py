@@ -136,6 +136,23 @@ def _safe_endpoint(url: str | None) -> str:
         return "(unparsable endpoint URL)"
 
 
+def _check_endpoint(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise ConfigError("invalid S3 endpoint URL: use http(s)://HOST[:PORT]") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"invalid S3 endpoint URL {_safe_endpoint(url)!r}: use "
+                          "http(s)://HOST[:PORT]")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("the S3 endpoint URL must not carry credentials: use the AWS credential "
+                          "chain (AWS_PROFILE, AWS_ACCESS_KEY_ID...)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"the S3 endpoint URL {_safe_endpoint(url)!r} must not have a query or "
+                          "fragment")
+
+
 class S3Store(ObjectStore):
     """One S3 bucket.  Thread-safe: one botocore client shared by all threads."""
 
@@ -154,14 +171,16 @@ class S3Store(ObjectStore):
         if retries_mode not in RETRY_MODES:
             raise ConfigError(f"unknown retry mode {retries_mode!r}: use one of "
                               f"{', '.join(RETRY_MODES)}")
-        if max_attempts < 1:
-            raise ConfigError(f"max_attempts must be at least 1, not {max_attempts}")
+        if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 50:
+            raise ConfigError(f"S3 max attempts {max_attempts!r} is out of range: use 1..50")
         if not 1 <= list_page_size <= 1000:
             raise ConfigError("list_page_size must be 1..1000")
         if not MIN_PART_SIZE <= copy_part_size <= MAX_PART_SIZE:
             raise ConfigError(f"copy_part_size must be {MIN_PART_SIZE}..{MAX_PART_SIZE} bytes")
         if not 0 < multipart_copy_threshold <= MAX_COPY_OBJECT_SIZE:
             raise ConfigError(f"multipart_copy_threshold must be 1..{MAX_COPY_OBJECT_SIZE}")
+        if endpoint_url is not None:
+            _check_endpoint(endpoint_url)
         self.bucket = bucket
         self.context_name = bucket
         self.url = f"s3://{bucket}"
@@ -177,7 +196,7 @@ class S3Store(ObjectStore):
                               "profile option") from None
         config = botocore.config.Config(
             region_name=region,
-            retries={"mode": retries_mode, "max_attempts": max_attempts},
+            retries={"mode": retries_mode, "total_max_attempts": max_attempts},
             max_pool_connections=max_pool_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -437,6 +456,12 @@ class S3Store(ObjectStore):
         except bce.ParamValidationError as e:
             raise StoreError(f"invalid S3 request for {self._where(key)}: {one_line(e)}",
                              errno=_errno.EINVAL) from e
+        except bce.EndpointResolutionError as e:
+            # The message would echo the configured endpoint verbatim.
+            raise ConfigError(f"cannot work out the S3 endpoint for bucket {self.bucket}: check "
+                              "AWS_ENDPOINT_URL / the endpoint URL and the region") from e
+        except bce.BotoCoreError as e:
+            raise StoreError(f"S3 {op} {self._where(key)} failed: {type(e).__name__}") from e
 
     @contextlib.contextmanager
     def _copy_errors(self, src: str, dst: str, if_match: str | None):
@@ -472,6 +497,9 @@ class S3Store(ObjectStore):
             return ObjectNotFound(f"{where}: no such object")
         if code in _PRECONDITION or status in (409, 412):
             return self._precondition(key or "", "changed by another writer")
+        if code == "InvalidObjectState":
+            return StoreError(f"{where}: object is archived (Glacier / Deep Archive): restore it "
+                              "before reading", errno=_errno.EIO)
         if code in _CREDENTIALS:
             return StoreAccessDenied(f"S3 rejected the AWS credentials ({code}): check "
                                      "AWS_PROFILE / AWS_ACCESS_KEY_ID or refresh the session")
@@ -497,9 +525,6 @@ class S3Store(ObjectStore):
         if code == "KeyTooLongError":
             return StoreError(f"{where}: key too long for S3 (1024 bytes): shorten the path",
                               errno=_errno.ENAMETOOLONG)
-        if code == "InvalidObjectState":
-            return StoreError(f"{where}: object is archived (Glacier / Deep Archive): restore it "
-                              "before reading", errno=_errno.EIO)
         if code in _THROTTLED or (isinstance(status, int) and status >= 500):
             return StoreUnavailable(f"S3 is throttling or unavailable for {where} ({code or status})"
                                     f" after {self.max_attempts} attempts: retry later")
