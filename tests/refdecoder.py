@@ -30,12 +30,12 @@ class NotDssefs(RefError):
     """No dsse-* metadata (section 9.1)."""
 
 
-class Unsupported(RefError):
-    """Unknown version, suite, flags or provider (section 11.3)."""
-
-
 class Integrity(RefError):
     """Anything malformed, tampered, truncated, extended or mis-keyed."""
+
+
+class Unsupported(Integrity):
+    """Unknown version, suite, flags or provider (section 11.3: a kind of integrity error)."""
 
 
 # ---- constants (sections 4-9) ---------------------------------------------------------------------

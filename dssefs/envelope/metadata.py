@@ -30,6 +30,7 @@ KNOWN = frozenset(REQUIRED + (KEY_ATTRS,))
 METADATA_LIMIT = 2048  # S3: user metadata keys + values, UTF-8 bytes
 PROVIDERS = frozenset({"kms", "local"})
 MAX_WRAPPED_BYTES = 1024
+MIN_ATTRS_BYTES = 12 + 2 * 16  # nonce + inner tag + outer tag
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9:/_.+=@-]{1,256}$")
 _B64_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 
@@ -122,5 +123,7 @@ def parse(meta: dict[str, str]) -> Envelope:
         if not 1 <= len(blob) <= MAX_WRAPPED_BYTES:
             raise IntegrityError(f"metadata {name}: wrapped key of {len(blob)} bytes")
     attrs = b64decode(ours[KEY_ATTRS], KEY_ATTRS) if KEY_ATTRS in ours else None
+    if attrs is not None and len(attrs) < MIN_ATTRS_BYTES:
+        raise IntegrityError(f"metadata {KEY_ATTRS}: attribute blob of {len(attrs)} bytes is too short")
     return Envelope(header=header, provider=provider, key_id_inner=kid_in, key_id_outer=kid_out,
                     wrapped_inner=w_in, wrapped_outer=w_out, attrs=attrs)
