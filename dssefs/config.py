@@ -72,6 +72,12 @@ def _chunk_size(text: Any) -> int:
     return value
 
 
+def _list(text: Any) -> tuple[str, ...]:
+    if isinstance(text, (list, tuple)):
+        return tuple(str(t).strip() for t in text if str(t).strip())
+    return tuple(t.strip() for t in str(text).replace(";", ",").split(",") if t.strip())
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(text: Any) -> str:
         t = str(text).strip().lower()
@@ -102,6 +108,8 @@ OPTIONS: tuple[Option, ...] = (
            "with --keyring, the keyring key name (default 'default')", "KEY", groups=("keys",)),
     Option("kms_key_id_outer", str, None, "a second KMS key (or keyring key name) for the outer layer "
            "(split custody); defaults to --kms-key-id", "KEY", groups=("keys",)),
+    Option("kms_allowed_key_ids", _list, (), "further KMS keys trusted when reading (comma-separated), "
+           "e.g. the previous key while re-keying", "KEYS", groups=("keys",)),
     Option("keyring", str, None, "local keyring file to use instead of AWS KMS", "PATH", groups=("keys",)),
     Option("keyring_passphrase_file", str, None, "file holding the keyring passphrase (else "
            "$DSSEFS_KEYRING_PASSPHRASE, else a prompt)", "PATH", groups=("keys",)),

@@ -71,6 +71,7 @@ def key_provider(s: Settings, *, create_default: bool = False) -> KeySetup:
                                      keyring=keyring, keyring_passphrase=passphrase)
     else:
         provider = kms.make_provider(kms_key_id=s.kms_key_id, kms_key_id_outer=s.kms_key_id_outer,
+                                     kms_allowed_key_ids=s.kms_allowed_key_ids,
                                      region=s.region, profile=s.profile, endpoint_url=s.endpoint_url,
                                      retries_mode=s.retry_mode, max_attempts=s.max_attempts)
     return KeySetup(provider, created)

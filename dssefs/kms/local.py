@@ -598,8 +598,9 @@ class LocalKeyringProvider(KeyProvider):
         self._keyring = keyring
         inner = validate_key_name(key_name_inner)
         outer = validate_key_name(key_name_outer) if key_name_outer is not None else inner
-        for name in (inner, outer):
-            keyring.master_key(name)  # KeyNotFound naming the key and the keyring
+        # The configured names are only needed to wrap new data keys: generate() and check()
+        # raise KeyNotFound naming the key and the keyring, while reading works with any key of
+        # the keyring that an object names.
         self._names = {Layer.INNER: inner, Layer.OUTER: outer}
         self._aeads: dict[str, AESGCM] = {}
         self._lock = threading.Lock()
