@@ -663,3 +663,27 @@ def test_reference_decoder_rejects_the_same_tampering(obj):
         refdecoder.decrypt_object(obj.meta, obj.body[:-1], obj.dk_in, obj.dk_out)
     with pytest.raises(refdecoder.Integrity):
         refdecoder.decrypt_object(obj.meta, obj.body, obj.dk_out, obj.dk_in)
+
+
+# ---- key hygiene --------------------------------------------------------------------------------------
+
+def test_key_holding_objects_never_show_or_pickle_keys(obj):
+    import copy
+    import pickle
+
+    from dssefs.envelope.inner import InnerAEAD
+    from dssefs.envelope.outer import OuterAEAD
+
+    key = os.urandom(32)
+    for thing in (InnerAEAD(key), OuterAEAD(key), obj.cipher):
+        text = repr(thing) + str(thing)
+        assert "redacted" in text
+        for secret in (key, obj.dk_in, obj.dk_out):
+            assert secret.hex() not in text and repr(secret) not in text
+        with pytest.raises(TypeError):
+            pickle.dumps(thing)
+        with pytest.raises(TypeError):
+            copy.deepcopy(thing)
+    with pytest.raises(IntegrityError) as err:
+        ObjectCipher.open_version(obj.header, obj.dk_out, obj.dk_in)
+    assert obj.dk_in.hex() not in str(err.value) and obj.dk_out.hex() not in str(err.value)

@@ -74,6 +74,9 @@ class ObjectCipher:
         return (f"ObjectCipher(len={self.header.plaintext_len}, chunks={self.n_chunks}, "
                 f"gen={self.header.generation}, <keys redacted>)")
 
+    def __reduce__(self):  # keys must not end up in a pickle, a file or a child process
+        raise TypeError("ObjectCipher holds keys and cannot be pickled")
+
     # ---- construction ---------------------------------------------------------------------------
 
     @classmethod

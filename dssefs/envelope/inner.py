@@ -33,6 +33,9 @@ class InnerAEAD:
     def __repr__(self) -> str:
         return "InnerAEAD(<key redacted>)"
 
+    def __reduce__(self):  # keys must not end up in a pickle, a file or a child process
+        raise TypeError("InnerAEAD holds a key and cannot be pickled")
+
     def encrypt_into(self, nonce: bytes, plaintext, aad: bytes, out) -> None:
         """Write ``ciphertext || tag`` (len(plaintext) + 16 bytes) into ``out``."""
         if len(nonce) != NONCE_BYTES:

@@ -46,6 +46,9 @@ class OuterAEAD:
     def __repr__(self) -> str:
         return "OuterAEAD(<key redacted>)"
 
+    def __reduce__(self):  # keys must not end up in a pickle, a file or a child process
+        raise TypeError("OuterAEAD holds a key and cannot be pickled")
+
     def _cipher(self, nonce: bytes, aad: bytes):
         if len(nonce) != NONCE_BYTES:
             raise ValueError("nonce must be 12 bytes")
