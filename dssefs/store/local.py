@@ -172,8 +172,13 @@ def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int
         src_off, dst_off, count = src_off + len(chunk), dst_off + len(chunk), count - len(chunk)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _fsync_dir(path: str, *, missing_ok: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:  # removed meanwhile: its removal is recorded in its parent instead
+            return
+        raise
     try:
         os.fsync(fd)
     finally:
@@ -428,7 +433,7 @@ class LocalStore(ObjectStore):
             except FileExistsError:
                 continue
             if self._fsync:
-                _fsync_dir(os.path.dirname(path))
+                _fsync_dir(os.path.dirname(path))  # ENOENT (pruned meanwhile) makes the caller retry
 
     def _current_etag(self, path: str, key: str) -> str | None:
         try:
@@ -448,13 +453,13 @@ class LocalStore(ObjectStore):
         dirpath, path = self._paths(key)
         etag = _new_etag()
         header = _encode_header(etag, size, time.time(), metadata)
-        for attempt in range(16):
-            self._makedirs(dirpath)
+        for _attempt in range(64):
             tmp = os.path.join(dirpath, f".{secrets.token_hex(12)}{TMP_SUFFIX}")
             try:
+                self._makedirs(dirpath)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except FileNotFoundError:
-                continue  # a concurrent delete pruned the empty directory: create it again
+                continue  # a concurrent delete pruned an empty directory: create it again
             break
         else:  # pragma: no cover - needs a pathological delete storm
             raise StoreError(f"{self._where(key)}: directory keeps disappearing", errno=_errno.EIO)
@@ -481,7 +486,7 @@ class LocalStore(ObjectStore):
             if not committed:
                 _unlink_quietly(tmp)
         if self._fsync:
-            _fsync_dir(dirpath)
+            _fsync_dir(dirpath, missing_ok=True)
         return etag
 
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
@@ -538,7 +543,7 @@ class LocalStore(ObjectStore):
                 except (FileNotFoundError, NotADirectoryError):
                     return
             if self._fsync:
-                _fsync_dir(dirpath)
+                _fsync_dir(dirpath, missing_ok=True)
             self._prune(dirpath)
 
     def _prune(self, dirpath: str) -> None:
