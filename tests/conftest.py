@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+pytest_plugins = ["fuse_fixtures"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
