@@ -347,6 +347,48 @@ def test_permission_denied(store, tmp_path):
         objdir.chmod(0o700)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_permission_denied_for_another_user():
+    """A store readable but not writable by the user: reads work, writes are EACCES."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="dssefs-perm-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        s = LocalStore(os.path.join(base, "s"))
+        s.put("d/x", b"readable", {})
+        for dirpath, dirnames, filenames in os.walk(base):
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+        script = textwrap.dedent(f"""
+            import os, sys
+            from dssefs.errors import StoreAccessDenied
+            from dssefs.store import LocalStore
+            os.setgid(65534); os.setuid(65534)  # after imports: the interpreter may be private
+            s = LocalStore({os.path.join(base, 's')!r}, create=False)
+            assert s.get_range("d/x", 0, 100) == (b"readable", 8)
+            try:
+                s.put("d/y", b"", {{}})
+            except StoreAccessDenied as e:
+                print("DENIED", e)
+            try:
+                s.check()
+            except StoreAccessDenied as e:
+                print("CHECK", e)
+        """)
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith("DENIED file://") and "permission denied" in lines[0]
+        assert lines[1].startswith("CHECK ")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_os_error_translation(store):
     full = store._os_error(OSError(errno.ENOSPC, "No space left on device"), "put", "k")
     assert isinstance(full, StoreFull) and full.errno == errno.ENOSPC

@@ -119,7 +119,8 @@ _SSO = tuple(getattr(bce, name) for name in ("SSOTokenLoadError", "UnauthorizedS
              if hasattr(bce, name))
 #: Failures while streaming a response body: the GET is repeated.
 _BODY_ERRORS = (bce.ResponseStreamingError, bce.IncompleteReadError, bce.ReadTimeoutError,
-                bce.ConnectionClosedError)
+                bce.ConnectionClosedError) + tuple(
+    getattr(bce, name) for name in ("FlexibleChecksumError",) if hasattr(bce, name))
 
 
 def _safe_endpoint(url: str | None) -> str:
@@ -166,6 +167,17 @@ class S3Store(ObjectStore):
                  list_page_size: int = 1000,
                  multipart_copy_threshold: int = MAX_COPY_OBJECT_SIZE,
                  copy_part_size: int = DEFAULT_COPY_PART_SIZE, copy_concurrency: int = 8):
+        """Open ``bucket``; no request is made until the first operation (see :meth:`check`).
+
+        ``region`` / ``profile``: passed to ``boto3.Session`` (ignored when ``session`` is given).
+        ``endpoint_url``: overrides ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; must be
+        ``http(s)://HOST[:PORT][/PATH]`` without credentials.  ``path_style``: address buckets as
+        ``ENDPOINT/BUCKET/KEY`` (most S3-compatible services need this).  ``retries_mode`` /
+        ``max_attempts``: botocore retries, counting every attempt.  ``list_page_size``: keys per
+        ListObjectsV2 page.  ``multipart_copy_threshold`` / ``copy_part_size`` /
+        ``copy_concurrency``: copies of larger sources go through UploadPartCopy in parts of that
+        size, that many at a time.
+        """
         if not isinstance(bucket, str) or not bucket or "/" in bucket or bucket != bucket.strip():
             raise ConfigError(f"invalid bucket name {bucket!r}: use s3://BUCKET/KEY")
         if retries_mode not in RETRY_MODES:
@@ -260,6 +272,9 @@ class S3Store(ObjectStore):
                                            f"while reading {self._where(key)}: check network, "
                                            "or retry") from e
                 log.debug("%s: body read failed (attempt %d), retrying", self._where(key), attempt)
+            except bce.BotoCoreError as e:
+                raise StoreError(f"S3 get {self._where(key)} failed while reading the body: "
+                                 f"{type(e).__name__}") from e
             finally:
                 body.close()
         return self._check_range_reply(key, start, length, r, data)
