@@ -70,7 +70,7 @@ def sd_notify(message: str) -> bool:
             s.sendall(message.encode())
         return True
     except OSError as e:
-        log.warning("event=sd_notify_failed reason=%s", e)
+        log.debug("event=sd_notify_failed reason=%s", e)
         return False
 
 
@@ -130,6 +130,11 @@ def runtime_dir() -> str:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         base = os.path.join(xdg, "dssefs") if xdg else f"/tmp/dssefs-{os.geteuid()}"
     return base
+
+
+def log_file(mountpoint: str) -> str:
+    """Where a daemonized mount logs (unless started by systemd, which keeps stderr)."""
+    return pid_file(mountpoint)[:-4] + ".log"
 
 
 def pid_file(mountpoint: str) -> str:
@@ -470,6 +475,9 @@ def _daemonize(req: MountRequest) -> int:
         os.close(r)
         text = data.decode("utf-8", "replace").strip()
         if text == "READY":
+            if not os.environ.get("JOURNAL_STREAM"):
+                print(f"dssefs: mounted {req.source} on {req.mountpoint}; log: {log_file(req.mountpoint)}",
+                      file=sys.stderr, flush=True)
             return 0
         if text.startswith("ERROR "):
             _print_error(text[6:])
@@ -484,12 +492,13 @@ def _daemonize(req: MountRequest) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    if os.isatty(2):
-        logpath = pid_file(req.mountpoint)[:-4] + ".log"
+    if not os.environ.get("JOURNAL_STREAM"):
+        # keep no pipe or terminal of the caller open: $(dssefs mount ...) and mount(8) must not
+        # wait for the daemon; under systemd (JOURNAL_STREAM) stderr already is the journal
+        logpath = log_file(req.mountpoint)
         try:
             os.makedirs(os.path.dirname(logpath), exist_ok=True)
-            fd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            print(f"dssefs: logging to {logpath}", file=sys.stderr, flush=True)
+            fd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             os.dup2(fd, 2)
             os.close(fd)
         except OSError:

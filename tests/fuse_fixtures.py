@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,18 @@ def mounted(path: str | os.PathLike) -> list[str]:
             parts = left.split()
             if len(parts) >= 5 and _unescape(parts[4]) == path:
                 out.append(right.split()[0])
+    return out
+
+
+def mount_ids(path: str | os.PathLike) -> set[str]:
+    """mountinfo ids of the mounts exactly at ``path`` (a new mount gets a new id)."""
+    path = os.path.abspath(path)
+    out = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split(" - ")[0].split()
+            if len(parts) >= 5 and _unescape(parts[4]) == path:
+                out.add(parts[0])
     return out
 
 
@@ -93,30 +107,52 @@ class Mount:
                 "--foreground", *self.args]
 
     def start(self, *extra: str, timeout: float = 30.0) -> "Mount":
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        try:
+            self.mountpoint.mkdir(parents=True)
+        except OSError:
+            pass  # exists (possibly as a dead mount, which the daemon clears)
         self.runs += 1
         self.log_path = self.log_dir / f"{self.mountpoint.name}-daemon-{self.runs}.log"
         env = dict(os.environ)
         env.update(self.env)
-        before = len(mounted(self.mountpoint))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command() + list(extra), stdout=log, stderr=log, env=env,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self.returncode = self.proc.returncode
-                raise RuntimeError(f"dssefs exited with {self.proc.returncode} before mounting:\n{self.log()}")
-            if len(mounted(self.mountpoint)) > before:
-                try:
-                    os.stat(self.mountpoint)
-                    return self
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"dssefs did not mount within {timeout} s:\n{self.log()}")
-            time.sleep(0.02)
+        notify = None
+        if "NOTIFY_SOCKET" not in env:  # readiness exactly as systemd sees it (READY=1)
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            name = f"dssefs-test-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            notify.bind("\0" + name)
+            notify.setblocking(False)
+            env["NOTIFY_SOCKET"] = "@" + name
+        before = mount_ids(self.mountpoint)
+        try:
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(self.command() + list(extra), stdout=log, stderr=log, env=env,
+                                             start_new_session=True)
+            deadline = time.monotonic() + timeout
+            ready = False
+            while True:
+                if self.proc.poll() is not None:
+                    self.returncode = self.proc.returncode
+                    raise RuntimeError(f"dssefs exited with {self.proc.returncode} before mounting:\n{self.log()}")
+                if notify is not None and not ready:
+                    try:
+                        ready = b"READY=1" in notify.recv(4096)
+                    except BlockingIOError:
+                        pass
+                elif notify is None:
+                    ready = bool(mount_ids(self.mountpoint) - before)
+                if ready and mounted(self.mountpoint):
+                    try:
+                        os.stat(self.mountpoint)
+                        return self
+                    except OSError:
+                        pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"dssefs did not mount within {timeout} s:\n{self.log()}")
+                time.sleep(0.02)
+        finally:
+            if notify is not None:
+                notify.close()
 
     def log(self) -> str:
         try:

@@ -1,0 +1,168 @@
+"""Mount lifecycle through the real command: daemonize, readiness, signals, crash recovery, -o form."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fuse_fixtures import Mount, force_unmount, mounted, requires_fuse
+
+pytestmark = [pytest.mark.fuse, requires_fuse]
+
+
+def dssefs(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dssefs", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+
+
+def test_sigterm_flushes_open_dirty_file_and_exits_0(local_mount: Mount):
+    m = local_mount
+    data = os.urandom(3_000_000)
+    fd = os.open(m / "open-at-exit", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, data)  # not closed, not fsynced
+    m.signal(signal.SIGTERM)
+    assert m.wait(60) == 0, m.log()
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    assert not mounted(m.mountpoint)
+    assert "signal=SIGTERM" in m.log()
+    m.start()
+    assert (m / "open-at-exit").read_bytes() == data
+
+
+def test_sigint_also_clean(local_mount: Mount):
+    (local_mount / "f").write_bytes(b"x")
+    local_mount.signal(signal.SIGINT)
+    assert local_mount.wait(60) == 0
+    assert not mounted(local_mount.mountpoint)
+
+
+def test_crash_then_restart_clears_dead_mount(local_mount: Mount):
+    m = local_mount
+    (m / "kept").write_bytes(b"stored before the crash")
+    m.kill()  # SIGKILL: the kernel keeps a dead mount (ENOTCONN)
+    with pytest.raises(OSError):
+        os.listdir(m.mountpoint)
+    assert mounted(m.mountpoint)
+    m.start()
+    assert len(mounted(m.mountpoint)) == 1  # replaced, not stacked
+    assert "event=dead_mount" in m.log()
+    assert (m / "kept").read_bytes() == b"stored before the crash"
+
+
+def test_daemonize_ready_umount(local_source, mnt, tmp_path):
+    source, args = local_source
+    r = dssefs("mount", source, str(mnt), *args, env={"HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stderr
+    assert mounted(mnt)  # live as soon as the command returns
+    (mnt / "hello").write_bytes(b"world")
+    busy = dssefs("mount", source, str(mnt), *args)
+    assert busy.returncode == 1 and "busy" in busy.stderr
+    u = dssefs("umount", str(mnt))
+    assert u.returncode == 0, u.stderr
+    assert not mounted(mnt)
+    r = dssefs("mount", source, str(mnt), *args)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "hello").read_bytes() == b"world"
+    assert dssefs("umount", str(mnt)).returncode == 0
+
+
+@pytest.mark.parametrize("case", ["bad-source", "missing-keyring", "no-mountpoint", "bad-option"])
+def test_daemonize_failures_exit_1_with_one_line(case, local_source, mnt, tmp_path):
+    source, args = local_source
+    if case == "bad-source":
+        argv = ["mount", "ftp://x/y", str(mnt), *args]
+    elif case == "missing-keyring":
+        argv = ["mount", source, str(mnt), "--keyring", str(tmp_path / "nope")]
+    elif case == "no-mountpoint":
+        argv = ["mount", source, str(tmp_path / "absent"), *args]
+    else:
+        argv = [source, str(mnt), "-o", "rw,no_such_option=1"]
+    r = dssefs(*argv)
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert errors, r.stderr
+    assert not mounted(mnt)
+
+
+@pytest.mark.s3
+def test_unreachable_store_fails_fast(mnt, moto_server, kms_key):
+    r = dssefs("mount", "s3://nowhere-bucket", str(mnt), "--kms-key-id", kms_key,
+               "--endpoint-url", "http://127.0.0.1:9", "--max-attempts", "1")
+    assert r.returncode == 1
+    assert "dssefs: error:" in r.stderr
+    assert not mounted(mnt)
+
+
+def test_mount_fuse3_form_without_path(local_source, mnt, tmp_path):
+    """What mount(8) -> mount.fuse3 runs: PATH unset, HOME=/root, generic options appended."""
+    source, args = local_source
+    keyring = args[args.index("--keyring") + 1]
+    env = {k: v for k, v in os.environ.items() if k != "PATH"}
+    env["HOME"] = "/root"
+    r = subprocess.run([sys.executable, "-m", "dssefs", source, str(mnt), "-o",
+                        f"rw,_netdev,keyring={keyring},spill-dir={tmp_path / 'spill'},attr_timeout=2,dev,suid"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert mounted(mnt)
+        (mnt / "via-fstab").write_bytes(b"ok")
+        assert (mnt / "via-fstab").read_bytes() == b"ok"
+    finally:
+        u = dssefs("umount", str(mnt))
+    assert u.returncode == 0, u.stderr
+    assert not mounted(mnt)
+
+
+def test_notify_socket_ready_and_stopping(local_source, mnt, tmp_path, mount_factory):
+    source, args = local_source
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    m = mount_factory(mnt, source, *args, env={"NOTIFY_SOCKET": sock_path})
+    m.start()
+    msg = sock.recv(4096).decode()
+    assert "READY=1" in msg
+    assert mounted(mnt) and os.listdir(mnt) == []
+    m.signal(signal.SIGTERM)
+    assert "STOPPING=1" in sock.recv(4096).decode()
+    assert m.wait(30) == 0
+    assert not mounted(mnt)
+    sock.close()
+
+
+def test_umount_without_daemon_record_falls_back(local_mount: Mount):
+    pidfiles = [f for f in os.listdir("/run/dssefs")] if os.path.isdir("/run/dssefs") else []
+    assert pidfiles
+    u = dssefs("umount", str(local_mount.mountpoint))
+    assert u.returncode == 0, u.stderr
+    assert local_mount.wait(30) == 0
+    assert not mounted(local_mount.mountpoint)
+    assert dssefs("umount", str(local_mount.mountpoint)).returncode == 1  # not mounted any more
+
+
+def test_help_texts():
+    r = dssefs("mount", "--help")
+    assert r.returncode == 0 and "SOURCE" in r.stdout and "--kms-key-id" in r.stdout
+    r = dssefs("umount", "--help")
+    assert r.returncode == 0 and "MOUNTPOINT" in r.stdout
+    _ = time
