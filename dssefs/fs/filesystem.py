@@ -106,10 +106,13 @@ class Handle:
 
 
 class DirHandle:
-    __slots__ = ("fh", "node", "names")
+    __slots__ = ("fh", "node", "names", "probes")
 
     def __init__(self, fh: int, node: Inode, names: list[tuple[str, str]]):
         self.fh, self.node, self.names = fh, node, names
+        # name -> (time, Probe): store answers for entries resolved ahead of the kernel's
+        # requests, so entries not yet handed out need no second round trip
+        self.probes: dict[str, tuple[float, Probe | None]] = {}
 
 
 class Filesystem:
@@ -306,6 +309,10 @@ class Filesystem:
             return node
         keys = node.obj.data_keys if node is not None and node.obj is not None else None
         p = await self._io(self._probe_sync, self.dir_prefix(parent), name, hint, keys)
+        return self._install(parent, name, p)
+
+    def _install(self, parent: Inode, name: str, p: Probe | None) -> Inode | None:
+        """Make the inode table agree with a probe of ``parent/name``."""
         node = self.table.child(parent.ino, name)  # the table may have changed meanwhile
         if node is not None and self._local_authority(node):
             return node
@@ -897,22 +904,45 @@ class Filesystem:
         first = max(0, start - 2)
         batch = d.names[first:first + READDIR_BATCH]
         nodes: dict[str, Inode | None] = {}
+        dirpfx = self.dir_prefix(node)
 
-        async def resolve(name: str, kind: str) -> None:
-            try:
-                nodes[name] = await self._child(node, name, kind)
-            except DssefsError as e:
-                log.warning("op=readdir object=%s%s errno=%s reason=%s", self.store.url.rstrip("/") + "/",
-                            self.dir_prefix(node) + name, errno.errorcode.get(e.errno, e.errno), e)
-                nodes[name] = None
+        def probe_many(group: list[tuple[str, str, object]]) -> list[tuple[str, Probe | None]]:
+            out = []
+            for name, kind, keys in group:
+                try:
+                    out.append((name, self._probe_sync(dirpfx, name, kind, keys)))
+                except DssefsError as e:
+                    log.warning("op=readdir object=%s%s errno=%s reason=%s", self.store.url.rstrip("/") + "/",
+                                dirpfx + name, errno.errorcode.get(e.errno, e.errno), e)
+                    out.append((name, None))
+            return out
 
-        async with trio.open_nursery() as nursery:
-            for name, kind in batch:
-                n = self.table.child(node.ino, name)
-                if n is not None and (self._local_authority(n) or self._fresh(n, self.cfg.entry_timeout)):
-                    nodes[name] = n
-                else:
-                    nursery.start_soon(resolve, name, kind)
+        async def resolve(group: list[tuple[str, str, object]]) -> None:
+            for name, p in await self._io(probe_many, group):
+                d.probes[name] = (self._now(), p)
+
+        now = self._now()
+        todo = []
+        for name, kind in batch:
+            n = self.table.child(node.ino, name)
+            if n is not None and (self._local_authority(n) or self._fresh(n, self.cfg.entry_timeout)):
+                nodes[name] = n
+            elif name in d.probes and now - d.probes[name][0] < self.cfg.entry_timeout:
+                nodes[name] = self._install(node, name, d.probes[name][1])
+            else:
+                todo.append((name, kind))
+        if todo:
+            work = []
+            for name, kind in todo:
+                old = self.table.child(node.ino, name)
+                work.append((name, kind, old.obj.data_keys if old is not None and old.obj is not None else None))
+            # a few entries per worker-thread round trip; groups run in parallel (store latency)
+            size = max(1, min(16, len(work) // max(1, self.io.total_tokens)))
+            async with trio.open_nursery() as nursery:
+                for i in range(0, len(work), size):
+                    nursery.start_soon(resolve, work[i:i + size])
+            for name, _kind in todo:
+                nodes[name] = self._install(node, name, d.probes[name][1])
         for i, (name, _kind) in enumerate(batch):
             n = nodes.get(name)
             if n is not None and n.linked:
