@@ -305,3 +305,37 @@ def test_foreign_objects_denied_then_read_only(local_mount: Mount, mount_factory
     with pytest.raises(PermissionError):
         (ro / "plain.txt").write_bytes(b"x")
     ro.cleanup()
+
+
+def test_store_full_gives_enospc_and_keeps_data(tmp_path, mount_factory):
+    """The local store on a 4 MiB tmpfs: the upload fails with ENOSPC, nothing is dropped, and
+    once there is room again the next fsync stores the kept data."""
+    import subprocess
+
+    from dssefs.kms.local import create_keyring
+
+    store = tmp_path / "small-store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(store)], check=True)
+    try:
+        create_keyring(str(tmp_path / "kr"))
+        m = mount_factory(tmp_path / "mnt", f"file://{store}", "--keyring", str(tmp_path / "kr"))
+        m.start()
+        data = os.urandom(6 << 20)
+        fd = os.open(m / "too-big", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, data)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as e:
+            os.close(fd)  # close reports the failed upload too
+        assert e.value.errno == errno.ENOSPC
+        assert "too-big" in m.log() and "ENOSPC" in m.log()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(store)], check=True)
+        fd = os.open(m / "too-big", os.O_RDONLY)
+        os.fsync(fd)  # retries the kept dirty data
+        os.close(fd)
+        assert m.remount() and (m / "too-big").read_bytes() == data
+        m.cleanup()
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)
