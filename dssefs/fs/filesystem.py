@@ -67,6 +67,11 @@ class FsConfig:
     chunk_size: int = 1 << 20
     io_workers: int = 8
     crypto_workers: int = max(1, os.cpu_count() or 1)
+    # The kernel's writeback cache merges small writes (4 KiB writes: 29 -> 84 MB/s measured) but
+    # is off: in that mode the kernel never takes a regular file's size from the daemon again, so
+    # another client's new version would be read with a stale size, and dirty pages still in the
+    # kernel at SIGTERM are not reachable by the daemon's flush.
+    writeback_cache: bool = False
 
 
 @dataclass
@@ -647,8 +652,8 @@ class Filesystem:
         node = h.node
         async with node.lock:
             content = node.content
-            if h.append:
-                off = content.size
+            if h.append and not self.cfg.writeback_cache:
+                off = content.size  # with the writeback cache the kernel already did this
             n = await self._io(content.write, off, data)
             node.attrs.mtime_ns = node.attrs.ctime_ns = now_ns()
         return n

@@ -77,6 +77,7 @@ class FuseOps(pyfuse3.Operations):
         self.blksize = blksize
         self.attr_timeout = fs.cfg.attr_timeout
         self.entry_timeout = fs.cfg.entry_timeout
+        self.enable_writeback_cache = fs.cfg.writeback_cache
 
     def init(self) -> None:
         if self.on_init is not None:
