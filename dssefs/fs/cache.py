@@ -17,6 +17,8 @@ from ..errors import ObjectNotFound, PreconditionFailed
 from .spill import SpillArea, SpillFile
 
 _ids = itertools.count(1)
+READ_AHEAD = 8 << 20  # bytes fetched with one request once a reader is sequential
+FAST_WRITE_MAX = 256 << 10  # writes up to this size may be done on the event loop (no I/O)
 
 
 class Chunk:
@@ -98,6 +100,7 @@ class FileContent:
         self.chunks: dict[int, Chunk] = {}
         self.modified = False
         self.spill_file: SpillFile | None = None
+        self.seq_end = -1  # where the last read ended (sequential-read detection)
 
     def __repr__(self) -> str:
         return f"FileContent(size={self.size}, chunks={len(self.chunks)}, modified={self.modified})"
@@ -162,71 +165,136 @@ class FileContent:
 
     # ---- file operations (blocking) ---------------------------------------------------------------
 
+    def _assemble(self, off: int, end: int, got: dict[int, bytearray]) -> bytes:
+        """Bytes ``[off, end)`` from cached chunks (lock held); missing chunks are holes."""
+        cs = self.cs
+        end = min(end, self.size)
+        if off >= end:
+            return b""
+        out = bytearray(end - off)
+        vb = self._valid_base()
+        for i in range(off // cs, (end - 1) // cs + 1):
+            ch = self.chunks.get(i)
+            if ch is not None:
+                data = self._mem(i, ch)
+            elif i in got and i * cs < vb:
+                data = got[i][:max(0, vb - i * cs)]  # fetched, then evicted already
+            else:
+                continue  # hole (or truncated away): zeros
+            c0 = i * cs
+            a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
+            piece = data[a:b]
+            out[c0 + a - off:c0 + a - off + len(piece)] = piece
+        return bytes(out)
+
+    def try_read(self, off: int, length: int) -> bytes | None:
+        """The read, if every byte is already in memory (no I/O, never waits for the lock);
+        None otherwise.  Lets the event loop answer cache hits without a thread round trip."""
+        if not self.cache.lock.acquire(blocking=False):
+            return None
+        try:
+            end = min(self.size, off + length)
+            if off >= end:
+                return b""
+            vb = self._valid_base()
+            for i in range(off // self.cs, (end - 1) // self.cs + 1):
+                ch = self.chunks.get(i)
+                if (ch is None and i * self.cs < vb) or (ch is not None and ch.data is None):
+                    return None
+            self.seq_end = end
+            return self._assemble(off, end, {})
+        finally:
+            self.cache.lock.release()
+
     def read(self, off: int, length: int) -> bytes:
         with self.cache.lock:
             end = min(self.size, off + length)
-        if off >= end:
-            return b""
-        cs = self.cs
-        idxs = range(off // cs, (end - 1) // cs + 1)
-        got = self._fetch(list(idxs))
-        out = bytearray(end - off)
+            sequential = off == self.seq_end
+            self.seq_end = end
+            if off >= end:
+                return b""
+            cs = self.cs
+            want = list(range(off // cs, (end - 1) // cs + 1))
+            if sequential and self._missing(want):
+                # sequential reader and a miss: fetch the next chunks with the same request
+                limit = -(-self._valid_base() // cs)
+                want += range(want[-1] + 1, min(limit, want[-1] + 1 + max(1, READ_AHEAD // cs)))
+        got = self._fetch(want)
         with self.cache.lock:
-            end = min(end, self.size)
-            vb = self._valid_base()
-            for i in idxs:
-                ch = self.chunks.get(i)
-                if ch is not None:
-                    data = self._mem(i, ch)
-                elif i in got and i * cs < vb:
-                    data = got[i][:max(0, vb - i * cs)]  # fetched, then evicted already
-                else:
-                    continue  # hole (or truncated away): zeros
-                c0 = i * cs
-                a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
-                piece = data[a:b]
-                out[c0 + a - off:c0 + a - off + len(piece)] = piece
-            del out[max(0, end - off):]
+            data = self._assemble(off, end, got)
             self.cache._enforce()
-        return bytes(out)
+        return data
+
+    def _needs_base(self, off: int, end: int, vb: int) -> set[int]:
+        cs = self.cs
+        first, last = off // cs, (end - 1) // cs
+        # base bytes are needed only where the write leaves some of a chunk's stored bytes
+        return {i for i in (first, last) if i * cs < vb and (off > i * cs or end < min((i + 1) * cs, vb))}
+
+    def _apply_write(self, off: int, data) -> None:
+        """Copy ``data`` into dirty chunks (lock held; base chunks it needs are cached)."""
+        cs, end = self.cs, off + len(data)
+        view = memoryview(data)
+        for i in range(off // cs, (end - 1) // cs + 1):
+            c0 = i * cs
+            a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
+            ch = self.chunks.get(i)
+            if ch is None:
+                ch = self.chunks[i] = Chunk(bytearray(), True)
+                self.cache._touch(self, i)
+            buf = self._mem(i, ch)
+            if len(buf) < b:
+                self.cache.used += b - len(buf)
+                buf.extend(bytes(b - len(buf)))
+            buf[a:b] = view[c0 + a - off:c0 + b - off]
+            ch.dirty = True
+            if ch.spilled:
+                ch.spilled = False
+                self.cache.spilled_chunks -= 1
+        self.size = max(self.size, end)
+        self.modified = True
+
+    def try_write(self, off: int, data) -> bool:
+        """Do a small write in place if it needs no I/O (no base fetch, no spill, lock free)."""
+        n = len(data)
+        if n == 0 or n > FAST_WRITE_MAX:
+            return n == 0
+        if not self.cache.lock.acquire(blocking=False):
+            return False
+        try:
+            cs, end = self.cs, off + n
+            vb = self._valid_base()
+            for i in self._needs_base(off, end, vb):
+                if i not in self.chunks:
+                    return False
+            for i in range(off // cs, (end - 1) // cs + 1):
+                ch = self.chunks.get(i)
+                if ch is not None and ch.data is None:
+                    return False  # spilled: reading it back is I/O
+            if self.cache.used + n > self.cache.budget:
+                return False  # would have to evict/spill
+            self._apply_write(off, data)
+            return True
+        finally:
+            self.cache.lock.release()
 
     def write(self, off: int, data) -> int:
         n = len(data)
         if n == 0:
             return 0
         cs, end = self.cs, off + n
-        first, last = off // cs, (end - 1) // cs
         with self.cache.lock:
             vb = self._valid_base()
-        # base bytes are needed only where the write leaves some of a chunk's stored bytes
-        partial = {i for i in (first, last)
-                   if i * cs < vb and (off > i * cs or end < min((i + 1) * cs, vb))}
+        partial = self._needs_base(off, end, vb)
         got = self._fetch(sorted(partial)) if partial else {}
-        view = memoryview(data)
         with self.cache.lock:
             vb = self._valid_base()
             for i, plain in got.items():
                 if i not in self.chunks and i * cs < vb:  # evicted since the fetch: put it back
                     self.chunks[i] = Chunk(plain[:max(0, vb - i * cs)], False)
                     self.cache.used += len(self.chunks[i].data)
-            for i in range(first, last + 1):
-                c0 = i * cs
-                a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
-                ch = self.chunks.get(i)
-                if ch is None:
-                    ch = self.chunks[i] = Chunk(bytearray(), True)
                     self.cache._touch(self, i)
-                buf = self._mem(i, ch)
-                if len(buf) < b:
-                    self.cache.used += b - len(buf)
-                    buf.extend(bytes(b - len(buf)))
-                buf[a:b] = view[c0 + a - off:c0 + b - off]
-                ch.dirty = True
-                if ch.spilled:
-                    ch.spilled = False
-                    self.cache.spilled_chunks -= 1
-            self.size = max(self.size, end)
-            self.modified = True
+            self._apply_write(off, data)
             self.cache._enforce()
         return n
 
