@@ -342,6 +342,7 @@ def serve(req: MountRequest, ready) -> int:
     try:
         store, keys, prefix = open_backend(req)
         fs = build_filesystem(req, store, keys, prefix)
+        fs.load_root()
     except DssefsError as e:
         ready(str(e))
         return 1
@@ -417,7 +418,8 @@ def serve(req: MountRequest, ready) -> int:
     if result["failures"]:
         log.error("event=unmounted dirty_files_lost=%d (see the errors above)", len(result["failures"]))
     else:
-        log.info("event=unmounted mountpoint=%s", mnt)
+        spill = fs.cache.spill_area
+        log.info("event=unmounted mountpoint=%s spill_bytes=%d ", mnt, spill.bytes_written if spill else 0)
     _status(pidf, code)
     return code
 

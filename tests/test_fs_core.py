@@ -202,3 +202,16 @@ async def test_concurrent_files(backend, tmp_path):
             n.start_soon(write_file, fs, name, data)
     for name, data in blobs.items():
         assert await read_file(fs, name) == data
+
+
+async def test_root_attributes_persist_with_prefix(backend, tmp_path):
+    fs = Filesystem(backend, "team/", FsConfig(chunk_size=1 << 16, attr_timeout=0, entry_timeout=0))
+    await fs.setattr(ROOT, mode=0o700, uid=42, gid=43)
+    await write_file(fs, "inside", b"x")
+    fs2 = Filesystem(backend, "team", FsConfig(chunk_size=1 << 16))
+    fs2.load_root()
+    st = await fs2.getattr(ROOT)
+    assert (stat.S_IMODE(st.mode), st.uid, st.gid) == (0o700, 42, 43)
+    assert await read_file(fs2, "inside") == b"x"
+    keys = sorted(i.key for i in backend.store.list("", delimiter=None))
+    assert keys == ["team/", "team/inside"]

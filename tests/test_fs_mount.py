@@ -339,3 +339,35 @@ def test_store_full_gives_enospc_and_keeps_data(tmp_path, mount_factory):
         m.cleanup()
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def test_concurrent_writers_and_readers(local_mount: Mount):
+    import concurrent.futures as cf
+    blobs = {f"w{i}": os.urandom(1_500_000 + i * 1000) for i in range(8)}
+
+    def write(name):
+        with open(local_mount / name, "wb") as f:
+            for off in range(0, len(blobs[name]), 65536):
+                f.write(blobs[name][off:off + 65536])
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, blobs))
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = dict(zip(blobs, pool.map(lambda n: (local_mount / n).read_bytes(), blobs)))
+    assert results == blobs
+
+
+def test_spill_through_the_mount(tmp_path, mount_factory, local_source):
+    source, args = local_source
+    m = mount_factory(tmp_path / "mnt", source, *args, "-o", "cache_size=3M")
+    m.start()
+    data = os.urandom(24 << 20)
+    with open(m / "large", "wb") as f:
+        f.write(data)
+        f.flush()
+        assert os.listdir(tmp_path / "spill") == []  # spill files are unlinked once created
+    assert (m / "large").read_bytes() == data
+    assert m.stop() == 0
+    assert "spill_bytes=0 " not in m.log() and "spill_bytes=" in m.log()  # dirty data did spill
+    m.start()
+    assert (m / "large").read_bytes() == data

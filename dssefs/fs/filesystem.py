@@ -138,6 +138,19 @@ class Filesystem:
         self._conditional = getattr(self.store, "supports_conditional_writes", True)
         self.chunk_log2 = self.cfg.chunk_size.bit_length() - 1
 
+    def load_root(self) -> None:
+        """Read the root's attributes from the prefix marker, if there is one (blocking; call
+        before serving).  A bucket mounted without prefix keeps root attributes in memory."""
+        if not self.prefix:
+            return
+        try:
+            info = self.store.head(self.prefix)
+        except ObjectNotFound:
+            return
+        p = self._describe_sync(self.prefix, info, "dir")
+        root = self.table.root
+        root.attrs, root.obj, root.etag, root.stored = p.attrs, p.obj, p.etag, p.stored
+
     # ---- plumbing -------------------------------------------------------------------------------
 
     async def _io(self, fn, *args, **kw):
