@@ -16,7 +16,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
     commands = _readme_commands()
     assert len(commands) == 2, commands
-    assert "pip install -e ." in commands[0]
+    assert "pip install -e ." in commands[0] and "dssefs mount" in commands[0]
     assert "pytest" in commands[1] and "'.[test]'" in commands[1]
 
 
