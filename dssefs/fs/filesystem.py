@@ -41,6 +41,7 @@ log = logging.getLogger("dssefs.fs")
 NAME_MAX = 255
 KEY_MAX = 1024  # S3 object keys are at most 1024 UTF-8 bytes
 READDIR_BATCH = 256
+LISTING_CACHE_MAX = 1000  # directories up to one S3 listing page are cached for negative lookups
 XATTR_PREFIX = "user."
 
 
@@ -136,6 +137,7 @@ class Filesystem:
         self.dirs: dict[int, DirHandle] = {}
         self._fh = itertools.count(1)
         self._conditional = getattr(self.store, "supports_conditional_writes", True)
+        self._listings: dict[int, tuple[float, dict[str, str] | None]] = {}
         self.chunk_log2 = self.cfg.chunk_size.bit_length() - 1
 
     def load_root(self) -> None:
@@ -279,9 +281,12 @@ class Filesystem:
             return Probe("dir", self._default_attrs("dir"), False)
         return None
 
-    def _list_sync(self, dirpfx: str) -> list[tuple[str, str]]:
+    def _list_sync(self, dirpfx: str, limit: int | None = None) -> list[tuple[str, str]] | None:
+        """Sorted ``(name, kind)`` of one directory level; None if it has more than ``limit``."""
         names: dict[str, str] = {}
-        for item in self.store.list(dirpfx, delimiter="/"):
+        for n, item in enumerate(self.store.list(dirpfx, delimiter="/")):
+            if limit is not None and n >= limit:
+                return None
             if isinstance(item, str):
                 name, kind = item[len(dirpfx):].rstrip("/"), "dir"
             else:
@@ -325,9 +330,46 @@ class Filesystem:
         node = self.table.child(parent.ino, name)
         if node is not None and (self._local_authority(node) or self._fresh(node, self.cfg.entry_timeout)):
             return node
+        if hint is None:
+            names = await self._dir_names(parent)
+            if names is not None:
+                hint = names.get(name)
+                if hint is None:  # answered by a fresh listing: no such name
+                    if node is not None:
+                        self.table.detach(node)
+                    return None
         keys = node.obj.data_keys if node is not None and node.obj is not None else None
         p = await self._io(self._probe_sync, self.dir_prefix(parent), name, hint, keys)
         return self._install(parent, name, p)
+
+    async def _dir_names(self, parent: Inode) -> dict[str, str] | None:
+        """``name -> kind`` of a small directory from one listing request, cached for the entry
+        TTL and kept up to date with this mount's own changes.  Negative lookups (every create
+        starts with one) are answered from it.  None for directories of more than one page."""
+        cached = self._listings.get(parent.ino)
+        if cached is not None and self._now() - cached[0] < self.cfg.entry_timeout:
+            return cached[1]
+        started = self._now()
+        if len(self._listings) > 4096:  # drop expired listings
+            self._listings = {k: v for k, v in self._listings.items()
+                              if started - v[0] < self.cfg.entry_timeout}
+        names = await self._io(self._list_sync, self.dir_prefix(parent), LISTING_CACHE_MAX)
+        merged = None if names is None else dict(names)
+        if merged is not None:
+            for child in self.table.children(parent.ino):  # created here, not stored yet
+                if child.dirty or (not child.stored and not child.is_dir()):
+                    merged[child.name] = "dir" if child.is_dir() else "file"
+        self._listings[parent.ino] = (started, merged)
+        return merged
+
+    def _listed(self, parent: Inode, name: str, kind: str | None) -> None:
+        """Keep a cached listing in step with a change made through this mount."""
+        cached = self._listings.get(parent.ino)
+        if cached is not None and cached[1] is not None:
+            if kind is None:
+                cached[1].pop(name, None)
+            else:
+                cached[1][name] = kind
 
     def _install(self, parent: Inode, name: str, p: Probe | None) -> Inode | None:
         """Make the inode table agree with a probe of ``parent/name``."""
@@ -617,6 +659,7 @@ class Filesystem:
         node.validated = self._now()
         node.nlookup += 1
         self._touch_dir(parent)
+        self._listed(parent, name, "file")
         h = self._new_handle(node, flags)
         return h.fh, self.stat(node)
 
@@ -724,6 +767,7 @@ class Filesystem:
         self._stored(node, obj)
         node.nlookup += 1
         self._touch_dir(parent)
+        self._listed(parent, name, kind)
         return node
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Stat:
@@ -775,6 +819,7 @@ class Filesystem:
         async with node.lock:
             await self._drop_object(node)
         self._touch_dir(parent)
+        self._listed(parent, name, None)
 
     async def _drop_object(self, node: Inode) -> None:
         """Delete the stored object of a file (lock held); open handles keep working."""
@@ -805,6 +850,8 @@ class Filesystem:
         node.stored = False
         self.table.detach(node)
         self._touch_dir(parent)
+        self._listed(parent, name, None)
+        self._listings.pop(node.ino, None)
 
     async def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int = 0) -> None:
         self._writable_fs()
@@ -856,6 +903,8 @@ class Filesystem:
                 dst.stored = False
                 self.table.detach(dst)
             self.table.move(src, dp.ino, new)
+            self._listed(sp, old, None)
+            self._listed(dp, new, "dir" if src.is_dir() else "file")
             if src.is_dir():
                 await self._reopen_tree(src)
         self._touch_dir(sp)
@@ -907,6 +956,8 @@ class Filesystem:
             if child.name not in listed and (child.dirty or not child.stored and not child.is_dir()):
                 names.append((child.name, "dir" if child.is_dir() else "file"))
         names.sort()
+        if len(names) <= LISTING_CACHE_MAX:
+            self._listings[node.ino] = (self._now(), dict(names))
         fh = next(self._fh)
         self.dirs[fh] = DirHandle(fh, node, names)
         return fh
