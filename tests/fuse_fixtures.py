@@ -8,7 +8,10 @@ Fixtures:
 * ``local_mount`` - a local store + keyring in tmp_path, mounted at tmp_path/mnt;
 * ``s3_mount``    - a fresh moto bucket + KMS key, mounted at tmp_path/mnt.
 Both yield a started :class:`Mount`; call ``.remount()`` or start a second ``Mount`` on the same
-source (``Mount.like(other, name)``) for cross-mount tests.
+source (``Mount.like(other, name)``) for cross-mount tests.  ``mount_factory(mnt, source, *args,
+env=...)`` makes more (cleaned up at teardown); ``local_source`` / ``s3_source`` give the
+``(source, args)`` the two fixtures use.  A bare ``Mount().start(source, mnt, *opts, env=...)``
+works too; call ``.cleanup()`` in a ``finally``.
 """
 
 from __future__ import annotations
@@ -78,13 +81,14 @@ def force_unmount(path: str | os.PathLike) -> None:
 class Mount:
     """One dssefs mount served by a foreground daemon subprocess."""
 
-    def __init__(self, mountpoint: str | os.PathLike, source: str, args: list[str] | tuple = (),
-                 env: dict[str, str] | None = None, log_dir: str | os.PathLike | None = None):
-        self.mountpoint = Path(mountpoint)
+    def __init__(self, mountpoint: str | os.PathLike | None = None, source: str | None = None,
+                 args: list[str] | tuple = (), env: dict[str, str] | None = None,
+                 log_dir: str | os.PathLike | None = None):
+        self.mountpoint = Path(mountpoint) if mountpoint is not None else None
         self.source = source
         self.args = list(args)
         self.env = dict(env or {})
-        self.log_dir = Path(log_dir or self.mountpoint.parent)
+        self._log_dir = Path(log_dir) if log_dir is not None else None
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.runs = 0
@@ -94,7 +98,7 @@ class Mount:
     def like(cls, other: "Mount", name: str, *extra: str) -> "Mount":
         """Another mount of the same source and options at a sibling directory ``name``."""
         mnt = other.mountpoint.parent / name
-        return cls(mnt, other.source, other.args + list(extra), other.env, other.log_dir)
+        return cls(mnt, other.source, other.args + list(extra), other.env, other._log_dir)
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)
@@ -106,7 +110,23 @@ class Mount:
         return [sys.executable, "-m", "dssefs", "mount", self.source, str(self.mountpoint),
                 "--foreground", *self.args]
 
-    def start(self, *extra: str, timeout: float = 30.0) -> "Mount":
+    @property
+    def log_dir(self) -> Path:
+        return self._log_dir or self.mountpoint.parent
+
+    def start(self, source: str | None = None, mnt: str | os.PathLike | None = None, *opts: str,
+              env: dict[str, str] | None = None, timeout: float = 30.0) -> "Mount":
+        """Mount ``source`` on ``mnt`` with command-line ``opts`` (each defaults to what this
+        Mount was created or last started with) and wait until it answers; returns self."""
+        if source is not None:
+            self.source = source
+        if mnt is not None:
+            self.mountpoint = Path(mnt)
+        if opts:
+            self.args = list(opts)
+        if env is not None:
+            self.env.update(env)
+        extra: tuple[str, ...] = ()
         try:
             self.mountpoint.mkdir(parents=True)
         except OSError:
@@ -192,12 +212,15 @@ class Mount:
             self.proc.kill()
             self.proc.wait(10)
 
-    def remount(self, *extra: str) -> "Mount":
+    def remount(self, *opts: str) -> "Mount":
+        """Clean stop (asserts exit status 0), then start again (optionally with new options)."""
         rc = self.stop()
         assert rc == 0, f"dssefs exited with {rc}:\n{self.log()}"
-        return self.start(*extra)
+        return self.start(None, None, *opts)
 
     def cleanup(self) -> None:
+        if self.mountpoint is None:
+            return
         try:
             self.stop(timeout=30)
         finally:

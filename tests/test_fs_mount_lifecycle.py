@@ -166,3 +166,25 @@ def test_help_texts():
     r = dssefs("umount", "--help")
     assert r.returncode == 0 and "MOUNTPOINT" in r.stdout
     _ = time
+
+
+def test_default_source_creates_local_store_and_keyring(mnt, tmp_path):
+    env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "data"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    r = dssefs("mount", str(mnt), env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert str(tmp_path / "data" / "dssefs" / "store") in r.stderr
+        keyring = tmp_path / "config" / "dssefs" / "keyring"
+        assert str(keyring) in r.stderr
+        assert (os.stat(keyring).st_mode & 0o777) == 0o600
+        p = mnt / "note.txt"
+        p.write_bytes(b"kept locally, encrypted")
+        before = os.stat(p).st_mtime_ns
+        time.sleep(0.02)
+        os.utime(p)  # UTIME_NOW
+        assert os.stat(p).st_mtime_ns > before
+    finally:
+        assert dssefs("umount", str(mnt)).returncode == 0
+    objects = list((tmp_path / "data" / "dssefs" / "store").rglob("note.txt*"))
+    assert objects and b"kept locally" not in objects[0].read_bytes()
