@@ -346,6 +346,10 @@ def serve(req: MountRequest, ready) -> int:
     except DssefsError as e:
         ready(str(e))
         return 1
+    except Exception as e:  # noqa: BLE001 - an unmapped failure still gets one clear line
+        log.exception("event=start_failed")
+        ready(f"cannot start: {type(e).__name__}: {e}")
+        return 1
     mnt = req.mountpoint
     state = {"ready": False}
 
@@ -392,7 +396,7 @@ def serve(req: MountRequest, ready) -> int:
             nursery.start_soon(when_ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
-        result["failures"] = await fs.flush_all()
+        result["failures"] = await fs.flush_all(final=True)
         result["clean"] = True
 
     try:

@@ -70,6 +70,12 @@ def test_conflicting_writer_gets_eio_and_newer_version_survives(s3_mount: Mount,
     time.sleep(1.2)
     assert (a / "doc").read_bytes() == b"written by A"
     assert "changed by another client" in b.log()
+    # at unmount, B saves its losing version under a conflict name instead of dropping it
+    assert b.stop() == 0, b.log()
+    assert "event=conflict_copy" in b.log()
+    copies = [n for n in os.listdir(a.mountpoint) if n.startswith("doc.dssefs-conflict-")]
+    assert len(copies) == 1 and (a / copies[0]).read_bytes() == b"B" * 8
+    b.start()
     # a partial overwrite needs the old version's bytes, which are gone: EIO at write time
     fd_b = os.open(b / "doc", os.O_WRONLY)
     (a / "doc").write_bytes(b"written by A again")

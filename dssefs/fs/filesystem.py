@@ -49,6 +49,10 @@ class FsError(DssefsError):
     """A POSIX error decided by the file system itself (ENOENT, ENOTEMPTY...)."""
 
 
+class ConflictError(FsError):
+    """A conditional write lost: another client stored a newer version (or created the name)."""
+
+
 def fail(code: int, message: str | None = None) -> FsError:
     return FsError(message or os.strerror(code), errno=code)
 
@@ -606,8 +610,8 @@ class Filesystem:
         try:
             new = await self._io(self._flush_sync, key, content, node.attrs.encode(), prev, node.stored)
         except PreconditionFailed:
-            raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: changed by another client since it "
-                                  "was opened; local changes kept, not stored (conflict)") from None
+            raise ConflictError(f"{self.store.url.rstrip('/')}/{key}: changed by another client since it "
+                                "was opened; local changes kept, not stored (conflict)", errno=errno.EIO) from None
         node.obj, node.etag, node.stored = new, new.etag, True
         node.validated = self._now()
         node.meta_dirty = False
@@ -1098,14 +1102,22 @@ class Filesystem:
     def dirty_inodes(self) -> list[Inode]:
         return [n for n in self.table.by_ino.values() if n.dirty and n.linked]
 
-    async def flush_all(self) -> list[tuple[str, DssefsError]]:
-        """Store every dirty file; returns the failures (object, error) without raising."""
+    async def flush_all(self, final: bool = False) -> list[tuple[str, DssefsError]]:
+        """Store every dirty file; returns the failures (object, error) without raising.
+
+        ``final`` (unmount): a file whose upload lost a conflict is saved next to it as
+        ``NAME.dssefs-conflict-<UTC time>`` (a new object), so the local changes survive."""
         failures: list[tuple[str, DssefsError]] = []
 
         async def one(node: Inode) -> None:
             try:
                 async with node.lock:
-                    await self._flush_locked(node)
+                    try:
+                        await self._flush_locked(node)
+                    except ConflictError:
+                        if not final or node.content is None:
+                            raise
+                        await self._save_conflict_copy(node)
             except DssefsError as e:
                 failures.append((self.describe(node.ino), e))
                 log.error("op=flush object=%s errno=%s reason=%s", self.describe(node.ino),
@@ -1115,6 +1127,21 @@ class Filesystem:
             for node in self.dirty_inodes():
                 nursery.start_soon(one, node)
         return failures
+
+    async def _save_conflict_copy(self, node: Inode) -> None:
+        parent = self.node(node.parent)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{node.name}.dssefs-conflict-{stamp}"
+        key = self.dir_prefix(parent) + name
+        content = node.content
+        new = await self._io(self._flush_sync, key, content, node.attrs.encode(), None, False)
+        log.warning("event=conflict_copy object=%s saved_as=%s/%s reason='another client stored a newer "
+                    "version; the local changes were saved under a new name'", self.describe(node.ino),
+                    self.store.url.rstrip("/"), key)
+        node.meta_dirty = False
+        # the content now belongs to the copy: nothing left to store under the original name
+        content.rebase(new)
+        self._listed(parent, name, "file")
 
     def close(self) -> None:
         for node in list(self.table.by_ino.values()):
