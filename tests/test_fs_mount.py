@@ -371,3 +371,51 @@ def test_spill_through_the_mount(tmp_path, mount_factory, local_source):
     assert "spill_bytes=0 " not in m.log() and "spill_bytes=" in m.log()  # dirty data did spill
     m.start()
     assert (m / "large").read_bytes() == data
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_random_ops_match_a_model(tmp_path, mount_factory, local_source, seed):
+    """fsx-style: random pwrite/ftruncate/pread/fsync/close+reopen on three files against an
+    in-memory model, with 4 KiB chunks and a 64 KiB cache so eviction, spill and the kernel's
+    async readahead race with every operation."""
+    import random
+    source, args = local_source
+    m = mount_factory(tmp_path / "mnt", source, *args, "--chunk-size", "4K", "--cache-size", "64K")
+    m.start()
+    rnd = random.Random(seed)
+    paths = [m / f"f{i}" for i in range(3)]
+    model = {p: bytearray() for p in paths}
+    fds: dict = {}
+    for step in range(2500):
+        p = rnd.choice(paths)
+        if p not in fds:
+            fds[p] = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+        fd, mdl, op = fds[p], model[p], rnd.random()
+        if op < 0.4:
+            off, n = rnd.randrange(0, 60000), rnd.randrange(1, 9000)
+            data = rnd.randbytes(n)
+            os.pwrite(fd, data, off)
+            if len(mdl) < off:
+                mdl.extend(bytes(off - len(mdl)))
+            mdl[off:off + n] = data
+        elif op < 0.55:
+            size = rnd.randrange(0, 70000)
+            os.ftruncate(fd, size)
+            if size < len(mdl):
+                del mdl[size:]
+            else:
+                mdl.extend(bytes(size - len(mdl)))
+        elif op < 0.8:
+            off, n = rnd.randrange(0, 70000), rnd.randrange(1, 20000)
+            assert os.pread(fd, n, off) == bytes(mdl[off:off + n]), (step, "pread")
+        elif op < 0.9:
+            os.fsync(fd)
+        else:
+            os.close(fd)
+            del fds[p]
+            assert p.read_bytes() == bytes(mdl), (step, "reopen")
+    for fd in fds.values():
+        os.close(fd)
+    m.remount()
+    for p in paths:
+        assert p.read_bytes() == bytes(model[p])

@@ -163,6 +163,28 @@ class FileContent:
             return got
         raise PreconditionFailed("the object kept changing while being read")
 
+    def _fetch_and_lock(self, want: list[int], need) -> dict[int, bytearray]:
+        """Fetch ``want`` and return with the cache lock HELD and every chunk in ``need``
+        available (cached, just fetched, or beyond the base).  A clean chunk that was cached at
+        fetch time may be evicted by another thread before the lock is taken again: then fetch
+        again; the last attempt fetches with the lock held, which cannot be raced."""
+        for attempt in range(4):
+            if attempt == 3:
+                self.cache.lock.acquire()
+                try:
+                    got = self._fetch(want)  # re-entrant lock: nothing can evict meanwhile
+                except BaseException:
+                    self.cache.lock.release()
+                    raise
+                return got
+            got = self._fetch(want)
+            self.cache.lock.acquire()
+            vb = self._valid_base()
+            if all(i in self.chunks or i in got or i * self.cs >= vb for i in need):
+                return got
+            self.cache.lock.release()
+        raise AssertionError("unreachable")
+
     # ---- file operations (blocking) ---------------------------------------------------------------
 
     def _assemble(self, off: int, end: int, got: dict[int, bytearray]) -> bytes:
@@ -219,10 +241,12 @@ class FileContent:
                 # sequential reader and a miss: fetch the next chunks with the same request
                 limit = -(-self._valid_base() // cs)
                 want += range(want[-1] + 1, min(limit, want[-1] + 1 + max(1, READ_AHEAD // cs)))
-        got = self._fetch(want)
-        with self.cache.lock:
+        got = self._fetch_and_lock(want, range(off // cs, (end - 1) // cs + 1))
+        try:
             data = self._assemble(off, end, got)
             self.cache._enforce()
+        finally:
+            self.cache.lock.release()
         return data
 
     def _needs_base(self, off: int, end: int, vb: int) -> set[int]:
@@ -285,9 +309,9 @@ class FileContent:
         cs, end = self.cs, off + n
         with self.cache.lock:
             vb = self._valid_base()
-        partial = self._needs_base(off, end, vb)
-        got = self._fetch(sorted(partial)) if partial else {}
-        with self.cache.lock:
+        partial = sorted(self._needs_base(off, end, vb))
+        got = self._fetch_and_lock(partial, partial)
+        try:
             vb = self._valid_base()
             for i, plain in got.items():
                 if i not in self.chunks and i * cs < vb:  # evicted since the fetch: put it back
@@ -296,6 +320,8 @@ class FileContent:
                     self.cache._touch(self, i)
             self._apply_write(off, data)
             self.cache._enforce()
+        finally:
+            self.cache.lock.release()
         return n
 
     def truncate(self, size: int) -> None:
@@ -377,10 +403,24 @@ class FileContent:
         with self.cache.lock:
             n = -(-self._valid_base() // self.cs)
         for start in range(0, n, 8):
-            self._fetch(list(range(start, min(n, start + 8))), dirty=True)
+            idx = list(range(start, min(n, start + 8)))
+            got = self._fetch_and_lock(idx, idx)
+            try:
+                vb = self._valid_base()
+                for i in idx:
+                    if i * self.cs >= vb:
+                        continue
+                    ch = self.chunks.get(i)
+                    if ch is None:
+                        plain = got[i][:max(0, vb - i * self.cs)]
+                        ch = self.chunks[i] = Chunk(plain, True)
+                        self.cache.used += len(plain)
+                        self.cache._touch(self, i)
+                    ch.dirty = True  # dirty chunks are spilled, never dropped
+                self.cache._enforce()
+            finally:
+                self.cache.lock.release()
         with self.cache.lock:
-            for ch in self.chunks.values():
-                ch.dirty = True
             self.base = None
             self.base_limit = 0
 
