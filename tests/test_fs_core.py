@@ -215,3 +215,38 @@ async def test_root_attributes_persist_with_prefix(backend, tmp_path):
     assert await read_file(fs2, "inside") == b"x"
     keys = sorted(i.key for i in backend.store.list("", delimiter=None))
     assert keys == ["team/", "team/inside"]
+
+
+def test_chunk_evicted_between_fetch_and_use_is_fetched_again(tmp_path):
+    """Regression: a clean chunk cached when a read/write looked, but evicted by another thread
+    before the lock was taken again, must not turn into zeros."""
+    from dssefs.fs.cache import ChunkCache, FileContent
+    from dssefs.objects.vault import bytes_source
+
+    create_keyring(str(tmp_path / "kr"))
+    vault = Vault(LocalStore(str(tmp_path / "store")), LocalKeyringProvider(str(tmp_path / "kr")), chunk_log2=12)
+    data = os.urandom(3 * 4096 + 100)
+    vault.write("f", bytes_source(data), len(data))
+    obj = vault.open("f")
+    cache = ChunkCache(1 << 20, None)
+    content = FileContent(cache, obj, 4096, obj.size)
+    assert content.read(0, len(data)) == data  # everything cached now
+    original = content._fetch
+    raced = []
+
+    def racing_fetch(want, dirty=False):
+        got = original(want, dirty)
+        if not raced:  # another thread evicts every clean chunk right after the check
+            raced.append(True)
+            with cache.lock:
+                for i in list(content.chunks):
+                    cache._forget(content, i)
+        return got
+
+    content._fetch = racing_fetch
+    assert content.read(0, len(data)) == data
+    raced.clear()
+    content.read(0, len(data))
+    raced.clear()
+    content.write(5, b"XY")  # a partial write needs chunk 0's stored bytes
+    assert content.read(0, len(data)) == data[:5] + b"XY" + data[7:]
