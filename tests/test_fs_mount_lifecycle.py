@@ -188,3 +188,22 @@ def test_default_source_creates_local_store_and_keyring(mnt, tmp_path):
         assert dssefs("umount", str(mnt)).returncode == 0
     objects = list((tmp_path / "data" / "dssefs" / "store").rglob("note.txt*"))
     assert objects and b"kept locally" not in objects[0].read_bytes()
+
+
+def test_config_file(local_source, mnt, tmp_path):
+    source, args = local_source
+    keyring = args[args.index("--keyring") + 1]
+    cfg = tmp_path / "dssefs.toml"
+    cfg.write_text(f'source = "{source}"\nkeyring = "{keyring}"\nspill_dir = "{tmp_path / "sp"}"\n'
+                   'attr_timeout = 3\nfile_mode = "0600"\n')
+    r = dssefs("mount", str(mnt), "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    try:
+        (mnt / "from-config").write_bytes(b"1")
+        assert (mnt / "from-config").read_bytes() == b"1"
+    finally:
+        assert dssefs("umount", str(mnt)).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_key = 1\n")
+    r = dssefs("mount", source, str(mnt), "--config", str(bad), *args)
+    assert r.returncode == 1 and "no_such_key" in r.stderr
