@@ -78,12 +78,12 @@ def snapshot(root: Path) -> dict[str, tuple]:
             rel = str(p.relative_to(root))
             kind = stat.S_IFMT(st_.st_mode)
             if stat.S_ISLNK(st_.st_mode):
-                entry = (kind, None, None, os.readlink(p), None)
+                entry = (kind, None, None, os.readlink(p), (st_.st_uid, st_.st_gid), None)
             elif stat.S_ISREG(st_.st_mode):
                 with open(p, "rb") as f:
-                    entry = (kind, stat.S_IMODE(st_.st_mode), st_.st_size, f.read(), st_.st_mtime_ns)
+                    entry = (kind, stat.S_IMODE(st_.st_mode), st_.st_size, f.read(), (st_.st_uid, st_.st_gid), st_.st_mtime_ns)
             else:
-                entry = (kind, stat.S_IMODE(st_.st_mode), None, None, st_.st_mtime_ns)
+                entry = (kind, stat.S_IMODE(st_.st_mode), None, None, (st_.st_uid, st_.st_gid), st_.st_mtime_ns)
             out[rel] = entry
     return out
 
@@ -94,9 +94,9 @@ def compare(model: Path, mount: Path, when: str) -> None:
     for k in a:
         ma, mb = a[k], b[k]
         # mtimes must agree only where the model holds a time set by utime (others are 'now')
-        if ma[4] is not None and ma[4] < EXPLICIT_TIME_LIMIT_NS:
-            assert ma[4] == mb[4], f"{when}: {k}: mtime {mb[4]} != {ma[4]}"
-        assert ma[:4] == mb[:4], f"{when}: {k}: model {ma[:3]} mount {mb[:3]}" + (
+        if ma[5] is not None and ma[5] < EXPLICIT_TIME_LIMIT_NS:
+            assert ma[5] == mb[5], f"{when}: {k}: mtime {mb[5]} != {ma[5]}"
+        assert ma[:5] == mb[:5], f"{when}: {k}: model {ma[:3] + ma[4:5]} mount {mb[:3] + mb[4:5]}" + (
             "" if ma[3] == mb[3] else f" (contents differ: {len(ma[3] or b'')} vs {len(mb[3] or b'')} bytes)")
 
 
@@ -158,7 +158,7 @@ class FsModel(RuleBasedStateMachine):
         return r_model, r_mount
 
     # ---- namespace --------------------------------------------------------------------------------
-    @rule(path=paths, mode=st.sampled_from([0o755, 0o700, 0o750]))
+    @rule(path=paths, mode=st.sampled_from([0o755, 0o700, 0o750, 0o2775]))
     def mkdir(self, path, mode):
         self.both(os.mkdir, path, mode)
 
@@ -187,6 +187,10 @@ class FsModel(RuleBasedStateMachine):
     def chmod(self, path, mode):
         # follows symlinks on both sides (lchmod does not exist on Linux)
         self.both(os.chmod, path, mode)
+
+    @rule(path=paths, uid=st.sampled_from([-1, 0, 1000]), gid=st.sampled_from([-1, 0, 1234]))
+    def chown(self, path, uid, gid):
+        self.both(os.chown, path, uid, gid)
 
     @rule(path=paths, atime=st.integers(0, 10 ** 18), mtime=st.integers(0, 10 ** 18 - 1))
     def utime(self, path, atime, mtime):
@@ -376,5 +380,29 @@ def test_random_operation_sequences_on_s3(s3_mount: Mount, model_root: Path):
     old = os.umask(0o022)
     try:
         run_model(s3_mount, model_root, max_examples=max(8, EXAMPLES // 8), steps=30)
+    finally:
+        os.umask(old)
+
+
+def test_setgid_directory_inheritance(model_mount: Mount, model_root: Path):
+    """BSD group semantics in a set-group-ID directory, as on local file systems: new entries take
+    the directory's group, new subdirectories also inherit the set-group-ID bit.  Shared project
+    directories rely on this to keep files owned by the project group."""
+    old = os.umask(0o022)
+    try:
+        for root in (model_root, model_mount.mountpoint):
+            os.mkdir(root / "shared", 0o755)
+            os.chown(root / "shared", -1, 1234)
+            os.chmod(root / "shared", 0o2775)
+            (root / "shared" / "file").write_bytes(b"x")
+            os.mkdir(root / "shared" / "sub")
+            (root / "shared" / "sub" / "deeper").write_bytes(b"y")
+            os.symlink("file", root / "shared" / "link")
+            os.mkfifo(root / "shared" / "fifo")
+            os.chmod(root / "shared", 0o775)  # no longer set-group-ID: back to the creator's group
+            (root / "shared" / "after").write_bytes(b"z")
+        compare(model_root, model_mount.mountpoint, "setgid directory")
+        model_mount.remount()
+        compare(model_root, model_mount.mountpoint, "setgid directory after remount")
     finally:
         os.umask(old)

@@ -404,6 +404,16 @@ class Filesystem:
             raise fail(errno.ENOTDIR)
         return node
 
+    @staticmethod
+    def _new_attrs(parent: Inode, mode: int, uid: int, gid: int, rdev: int = 0) -> Attrs:
+        """Attributes of a new entry; in a set-group-ID directory it takes the directory's group
+        and a new subdirectory inherits the bit (what local file systems do; FUSE leaves it to us)."""
+        if parent.attrs.mode & stat.S_ISGID:
+            gid = parent.attrs.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return Attrs.new(mode, uid, gid, rdev)
+
     async def _refresh(self, node: Inode) -> None:
         if (node.ino == ROOT_INODE or self._local_authority(node)
                 or self._fresh(node, self.cfg.attr_timeout)):
@@ -657,7 +667,8 @@ class Filesystem:
             fh, _keep = await self.open(existing.ino, flags & ~os.O_CREAT)
             existing.nlookup += 1
             return fh, self.stat(existing)
-        node = self.table.add(parent.ino, name, Attrs.new(stat.S_IFREG | (mode & 0o7777), uid, gid))
+        attrs = self._new_attrs(parent, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        node = self.table.add(parent.ino, name, attrs)
         node.content = FileContent(self.cache, None, self.cfg.chunk_size, 0)
         node.content.modified = True  # close stores the (possibly empty) new file
         node.validated = self._now()
@@ -776,8 +787,8 @@ class Filesystem:
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Stat:
         parent = self._dir(parent_ino)
-        node = await self._create_object(parent, name, Attrs.new(stat.S_IFDIR | (mode & 0o7777), uid, gid),
-                                         kind="dir")
+        attrs = self._new_attrs(parent, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        node = await self._create_object(parent, name, attrs, kind="dir")
         return self.stat(node)
 
     async def mknod(self, parent_ino: int, name: str, mode: int, rdev: int, uid: int, gid: int) -> Stat:
@@ -786,14 +797,15 @@ class Filesystem:
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise fail(errno.EINVAL)
-        node = await self._create_object(parent, name, Attrs.new(mode & 0o177777, uid, gid, rdev))
+        node = await self._create_object(parent, name, self._new_attrs(parent, mode & 0o177777, uid, gid, rdev))
         return self.stat(node)
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Stat:
         parent = self._dir(parent_ino)
         if len(target) >= 4096:
             raise fail(errno.ENAMETOOLONG)
-        node = await self._create_object(parent, name, Attrs.new(stat.S_IFLNK | 0o777, uid, gid), body=target)
+        attrs = self._new_attrs(parent, stat.S_IFLNK | 0o777, uid, gid)
+        node = await self._create_object(parent, name, attrs, body=target)
         node.symlink_target = bytes(target)
         return self.stat(node)
 
