@@ -250,3 +250,30 @@ def test_chunk_evicted_between_fetch_and_use_is_fetched_again(tmp_path):
     raced.clear()
     content.write(5, b"XY")  # a partial write needs chunk 0's stored bytes
     assert content.read(0, len(data)) == data[:5] + b"XY" + data[7:]
+
+
+async def test_rename_errors(backend, tmp_path):
+    fs = make_fs(backend, tmp_path)
+    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    await fs.mkdir(ROOT, "full", 0o755, 0, 0)
+    full = await fs.lookup(ROOT, "full")
+    await write_file(fs, "inside", b"1", parent=full.ino)
+    await write_file(fs, "f", b"f")
+    await write_file(fs, "g", b"g")
+    cases = [
+        (("f", ROOT, "g", 1), errno.EEXIST),  # RENAME_NOREPLACE
+        (("f", ROOT, "g", 2), errno.EINVAL),  # RENAME_EXCHANGE
+        (("d", d.ino, "sub", 0), errno.EINVAL),  # into itself
+        (("d", ROOT, "f", 0), errno.ENOTDIR),  # directory over a file
+        (("f", ROOT, "d", 0), errno.EISDIR),  # file over a directory
+        (("d", ROOT, "full", 0), errno.ENOTEMPTY),  # directory over a non-empty one
+        (("missing", ROOT, "x", 0), errno.ENOENT),
+    ]
+    for (old, new_parent, new, flags), code in cases:
+        with pytest.raises(DssefsError) as e:
+            await fs.rename(ROOT, old, new_parent, new, flags)
+        assert e.value.errno == code, (old, new, flags)
+    await fs.mkdir(ROOT, "empty", 0o755, 0, 0)
+    await fs.rename(ROOT, "d", ROOT, "empty")  # over an empty directory is fine
+    assert stat.S_ISDIR((await fs.lookup(ROOT, "empty")).mode)
+    assert await read_file(fs, "g") == b"g"
