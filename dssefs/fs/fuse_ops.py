@@ -30,7 +30,11 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _op(fn):
+def _op(fn=None, *, by_fh: bool = False):
+    """Wrap a handler: DssefsError/OSError -> FUSEError(errno) plus one log line.  ``by_fh``:
+    the first argument is a file handle (else an inode number)."""
+    if fn is None:
+        return functools.partial(_op, by_fh=by_fh)
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -50,7 +54,7 @@ def _op(fn):
             else:
                 code, reason = errno.EIO, f"internal error {type(exc).__name__}"
                 log.exception("op=%s unexpected error", name)
-            target = self._target(args)
+            target = self._target(args, by_fh)
             level = logging.DEBUG if code in QUIET else logging.WARNING
             log.log(level, "op=%s object=%s errno=%s reason=%s", name, target,
                     errno.errorcode.get(code, code), reason.replace("\n", " "))
@@ -83,19 +87,19 @@ class FuseOps(pyfuse3.Operations):
         if self.on_init is not None:
             self.on_init()
 
-    def _target(self, args) -> str:
-        if args and isinstance(args[0], int):
-            first = args[0]
-            h = self.fs.handles.get(first)
-            if h is not None and len(args) >= 2 and not isinstance(args[1], bytes):
+    def _target(self, args, by_fh: bool) -> str:
+        if not args or not isinstance(args[0], int):
+            return "-"
+        if by_fh:
+            h = self.fs.handles.get(args[0])
+            if h is not None:
                 return self.fs.describe(h.node.ino)
-            if len(args) >= 2 and isinstance(args[1], bytes):
-                try:
-                    return self.fs.describe(first).rstrip("/") + "/" + args[1].decode("utf-8", "replace")
-                except Exception:  # noqa: BLE001
-                    pass
-            return self.fs.describe(first)
-        return "-"
+            d = self.fs.dirs.get(args[0])
+            return self.fs.describe(d.node.ino) if d is not None else f"fh {args[0]}"
+        where = self.fs.describe(args[0])
+        if len(args) >= 2 and isinstance(args[1], bytes):
+            where = where.rstrip("/") + "/" + args[1].decode("utf-8", "replace")
+        return where
 
     def _attrs(self, st: Stat) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -205,23 +209,23 @@ class FuseOps(pyfuse3.Operations):
         fh, st = await self.fs.create(parent_inode, _name(name), mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(st)
 
-    @_op
+    @_op(by_fh=True)
     async def read(self, fh, off, size):
         return await self.fs.read(fh, off, size)
 
-    @_op
+    @_op(by_fh=True)
     async def write(self, fh, off, buf):
         return await self.fs.write(fh, off, buf)
 
-    @_op
+    @_op(by_fh=True)
     async def flush(self, fh):
         await self.fs.flush(fh)
 
-    @_op
+    @_op(by_fh=True)
     async def fsync(self, fh, datasync):
         await self.fs.fsync(fh)
 
-    @_op
+    @_op(by_fh=True)
     async def release(self, fh):
         await self.fs.release(fh)
 
@@ -231,30 +235,28 @@ class FuseOps(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         return await self.fs.opendir(inode)
 
-    @_op
+    @_op(by_fh=True)
     async def readdir(self, fh, start_id, token):
         offset = start_id
         while True:
             entries = await self.fs.readdir(fh, offset)
             if not entries:
                 return
-            given = []
             try:
                 for name, st, nxt in entries:
                     if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attrs(st), nxt):
                         return
                     if name not in (".", ".."):
                         self.fs.incref(st.ino)
-                    given.append(st.ino)
                     offset = nxt
             finally:
                 self.fs.trim([st.ino for _n, st, _o in entries])
 
-    @_op
+    @_op(by_fh=True)
     async def releasedir(self, fh):
         await self.fs.releasedir(fh)
 
-    @_op
+    @_op(by_fh=True)
     async def fsyncdir(self, fh, datasync):
         return None
 
