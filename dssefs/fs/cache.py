@@ -9,6 +9,7 @@ file system calls it from worker threads.  No store I/O happens while the lock i
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import threading
 from collections import OrderedDict
@@ -18,7 +19,8 @@ from .spill import SpillArea, SpillFile
 
 _ids = itertools.count(1)
 READ_AHEAD = 8 << 20  # bytes fetched with one request once a reader is sequential
-FAST_WRITE_MAX = 256 << 10  # writes up to this size may be done on the event loop (no I/O)
+FAST_WRITE_MAX = 256 << 10
+PREFETCH_WORKERS = 2  # writes up to this size may be done on the event loop (no I/O)
 
 
 class Chunk:
@@ -36,6 +38,19 @@ class ChunkCache:
         self.lru: OrderedDict[tuple[int, int], "FileContent"] = OrderedDict()
         self.used = 0
         self.spilled_chunks = 0
+        self._prefetcher: cf.ThreadPoolExecutor | None = None
+
+    def prefetcher(self) -> cf.ThreadPoolExecutor:
+        """Worker threads that read ahead for sequential readers."""
+        with self.lock:
+            if self._prefetcher is None:
+                self._prefetcher = cf.ThreadPoolExecutor(max_workers=PREFETCH_WORKERS,
+                                                         thread_name_prefix="dssefs-prefetch")
+            return self._prefetcher
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict:
         with self.lock:
@@ -101,6 +116,7 @@ class FileContent:
         self.modified = False
         self.spill_file: SpillFile | None = None
         self.seq_end = -1  # where the last read ended (sequential-read detection)
+        self.inflight: dict[int, cf.Future] = {}  # chunks being read ahead
 
     def __repr__(self) -> str:
         return f"FileContent(size={self.size}, chunks={len(self.chunks)}, modified={self.modified})"
@@ -223,8 +239,12 @@ class FileContent:
                 ch = self.chunks.get(i)
                 if (ch is None and i * self.cs < vb) or (ch is not None and ch.data is None):
                     return None
+            sequential = off == self.seq_end
             self.seq_end = end
-            return self._assemble(off, end, {})
+            data = self._assemble(off, end, {})
+            if sequential:
+                self._maybe_prefetch((end - 1) // self.cs)
+            return data
         finally:
             self.cache.lock.release()
 
@@ -237,6 +257,10 @@ class FileContent:
                 return b""
             cs = self.cs
             want = list(range(off // cs, (end - 1) // cs + 1))
+            waiting = {self.inflight[i] for i in want if i in self.inflight}
+        if waiting:  # already being read ahead: wait for that instead of a second request
+            cf.wait(waiting)
+        with self.cache.lock:
             if sequential and self._missing(want):
                 # sequential reader and a miss: fetch the next chunks with the same request
                 limit = -(-self._valid_base() // cs)
@@ -245,9 +269,46 @@ class FileContent:
         try:
             data = self._assemble(off, end, got)
             self.cache._enforce()
+            if sequential:
+                self._maybe_prefetch((end - 1) // cs)
         finally:
             self.cache.lock.release()
         return data
+
+    def _maybe_prefetch(self, last: int) -> None:
+        """Sequential reader at chunk ``last`` (lock held): when fewer than half a read-ahead
+        window is cached or on its way beyond it, start reading the next window in the
+        background so the reader does not wait for the store."""
+        if self.base is None:
+            return
+        ra = max(2, READ_AHEAD // self.cs)
+        limit = -(-self._valid_base() // self.cs)
+        j = last + 1
+        while j < limit and j <= last + ra // 2 and (j in self.chunks or j in self.inflight):
+            j += 1
+        if j >= limit or j > last + ra // 2:
+            return
+        todo = [i for i in range(j, min(limit, j + ra)) if i not in self.chunks and i not in self.inflight]
+        if not todo:
+            return
+        fut = self.cache.prefetcher().submit(self._prefetch_run, todo)
+        for i in todo:
+            self.inflight[i] = fut
+
+        def done(f: cf.Future, todo=todo) -> None:
+            with self.cache.lock:
+                for i in todo:
+                    if self.inflight.get(i) is f:
+                        del self.inflight[i]
+        fut.add_done_callback(done)
+
+    def _prefetch_run(self, todo: list[int]) -> None:
+        try:
+            self._fetch(todo)
+            with self.cache.lock:
+                self.cache._enforce()
+        except Exception:  # noqa: BLE001 - a failed read-ahead is retried by the real read
+            pass
 
     def _needs_base(self, off: int, end: int, vb: int) -> set[int]:
         cs = self.cs
@@ -426,6 +487,7 @@ class FileContent:
 
     def discard(self) -> None:
         with self.cache.lock:
+            self.base = None  # read-ahead still in flight has nowhere to put its chunks
             for i in list(self.chunks):
                 self.cache._forget(self, i)
             self.modified = False

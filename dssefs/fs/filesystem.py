@@ -1156,6 +1156,7 @@ class Filesystem:
         self._listed(parent, name, "file")
 
     def close(self) -> None:
+        self.cache.close()
         for node in list(self.table.by_ino.values()):
             if node.content is not None:
                 node.content.discard()
