@@ -277,3 +277,40 @@ async def test_rename_errors(backend, tmp_path):
     await fs.rename(ROOT, "d", ROOT, "empty")  # over an empty directory is fine
     assert stat.S_ISDIR((await fs.lookup(ROOT, "empty")).mode)
     assert await read_file(fs, "g") == b"g"
+
+
+def test_inode_table_lookup_counts_and_deferred_deletion():
+    from dssefs.fs.attributes import Attrs
+    from dssefs.fs.inodes import InodeTable
+
+    t = InodeTable(Attrs.new(stat.S_IFDIR | 0o755, 0, 0))
+    d = t.add(ROOT, "d", Attrs.new(stat.S_IFDIR | 0o755, 0, 0))
+    f = t.add(d.ino, "f", Attrs.new(stat.S_IFREG | 0o644, 0, 0))
+    d.nlookup, f.nlookup = 1, 2
+    t.forget(d.ino, 1)
+    assert t.get(d.ino) is d  # kept: it still has a known child (keys are computed through it)
+    f.open_count = 1
+    t.detach(f)  # unlinked while open
+    assert t.child(d.ino, "f") is None and t.get(f.ino) is f
+    assert t.get(d.ino) is None  # no references, no children left: dropped
+    t.forget(f.ino, 2)
+    assert t.get(f.ino) is f  # still open
+    f.open_count = 0
+    t.maybe_drop(f)
+    assert t.get(f.ino) is None
+    g = t.add(ROOT, "g", Attrs.new(stat.S_IFREG | 0o644, 0, 0))
+    h = t.add(ROOT, "g", Attrs.new(stat.S_IFREG | 0o644, 0, 0))  # replaced name
+    assert g.ino != h.ino and t.child(ROOT, "g") is h and not g.linked
+    assert len(t) == 2  # root and h; inode numbers are never reused
+
+
+def test_attrs_codec_roundtrip_and_rejects_garbage():
+    from dssefs.errors import IntegrityError
+    from dssefs.fs.attributes import Attrs
+
+    a = Attrs(stat.S_IFCHR | 0o600, 1000, 100, 1, 2, 3, os.makedev(1, 3), {"user.k": b"\x00\xff"})
+    blob = a.encode()
+    assert len(blob) < 200 and Attrs.decode(blob) == a
+    for bad in (b"", b"{}", b"[1]", b'{"m":"x","u":0,"g":0,"a":0,"t":0,"c":0}', b"\xff"):
+        with pytest.raises(IntegrityError):
+            Attrs.decode(bad)
