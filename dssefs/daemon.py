@@ -39,10 +39,14 @@ SOURCE is s3://BUCKET[/PREFIX] or file:///DIR.  Without SOURCE, a local store un
 $XDG_DATA_HOME/dssefs/store and a keyring at $XDG_CONFIG_HOME/dssefs/keyring are used (both
 created on first use).  A file:// SOURCE without --keyring/--kms-key-id uses that keyring too.
 
-By default the command returns once the mount is live, leaving a daemon behind; stop it with
-'dssefs umount MOUNTPOINT' (or SIGTERM), which stores every unsaved file first.  The mount.fuse3
-form 'dssefs SOURCE MOUNTPOINT -o key=value,...' (fstab type fuse.dssefs) takes the same options
-as -o keys (dashes or underscores); generic options such as rw, dev, suid, _netdev are ignored.
+By default the command returns once the mount is live, leaving a daemon behind (it logs to
+/run/dssefs/*.log, or $XDG_RUNTIME_DIR/dssefs/ for non-root users); stop it with
+'dssefs umount MOUNTPOINT' (or SIGTERM), which stores every unsaved file first.  Under systemd
+use Type=notify with --foreground: READY=1 is sent to $NOTIFY_SOCKET once the mount answers.
+
+The mount.fuse3 form 'dssefs SOURCE MOUNTPOINT -o key=value,...' (fstab type fuse.dssefs) takes
+the same options as -o keys (dashes or underscores); generic options such as rw, dev, suid,
+_netdev are ignored.  The semantics (errnos, durability, conflicts) are in docs/semantics.md.
 """
 
 MOUNT_EPILOG = """\
@@ -283,7 +287,9 @@ def open_backend(req: MountRequest):
                          keyring_passphrase=passphrase, region=s.region, profile=s.profile,
                          endpoint_url=s.endpoint_url,
                          **({} if keyring else {"retries_mode": s.retry_mode,
-                                                "max_attempts": max(1, s.max_attempts)}))
+                                                "max_attempts": max(1, s.max_attempts),
+                                                "kms_allowed_key_ids": tuple(getattr(s, "kms_allowed_key_ids", ())
+                                                                             or ())}))
     # reachability: one listing request now gives a clear error instead of a broken mount
     for _ in store.list(prefix, delimiter="/"):
         break
