@@ -55,7 +55,8 @@ def _op(fn=None, *, by_fh: bool = False):
                 code, reason = errno.EIO, f"internal error {type(exc).__name__}"
                 log.exception("op=%s unexpected error", name)
             target = self._target(args, by_fh)
-            level = logging.DEBUG if code in QUIET else logging.WARNING
+            quiet = code in QUIET or (name == "link" and code == errno.EPERM)  # by design; git falls back
+            level = logging.DEBUG if quiet else logging.WARNING
             log.log(level, "op=%s object=%s errno=%s reason=%s", name, target,
                     errno.errorcode.get(code, code), reason.replace("\n", " "))
             raise pyfuse3.FUSEError(code) from None
