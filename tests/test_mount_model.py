@@ -101,13 +101,15 @@ def compare(model: Path, mount: Path, when: str) -> None:
 
 
 def empty(root: Path) -> None:
+    """Remove everything under ``root`` (directories may have been chmod'ed to 000)."""
     for entry in os.scandir(root):
         p = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            for dirpath, dirnames, _ in os.walk(p):
-                for d in dirnames:
-                    os.chmod(Path(dirpath) / d, 0o700, follow_symlinks=False)
             os.chmod(p, 0o700)
+            for dirpath, dirnames, _ in os.walk(p):  # symlinks to directories show up in dirnames
+                for d in dirnames:
+                    if not os.path.islink(os.path.join(dirpath, d)):
+                        os.chmod(os.path.join(dirpath, d), 0o700)
             shutil.rmtree(p)
         else:
             os.unlink(p)
