@@ -107,3 +107,20 @@ def test_upload_error_reaches_application_and_data_is_kept(s3_mount: Mount, moto
     os.close(fd)
     m.remount()
     assert (m / "precious").read_bytes() == data
+
+
+def test_prefix_mount_keeps_to_its_prefix(mount_factory, s3_source, moto_server, bucket, tmp_path):
+    source, args = s3_source
+    s3 = moto_server.client("s3")
+    s3.put_object(Bucket=bucket, Key="outside.txt", Body=b"not ours")
+    m = mount_factory(tmp_path / "team", f"{source}/team", *args)
+    m.start()
+    (m / "a.txt").write_bytes(b"inside")
+    (m / "sub").mkdir()
+    os.chmod(m.mountpoint, 0o710)
+    assert sorted(os.listdir(m.mountpoint)) == ["a.txt", "sub"]
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["outside.txt", "team/", "team/a.txt", "team/sub/"]
+    m.remount()
+    assert os.stat(m.mountpoint).st_mode & 0o7777 == 0o710  # root attributes live in team/
+    assert (m / "a.txt").read_bytes() == b"inside"
