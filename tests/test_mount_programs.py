@@ -22,9 +22,6 @@ from fuse_fixtures import Mount, requires_fuse
 
 pytestmark = [pytest.mark.fuse, requires_fuse, pytest.mark.timeout(300)]
 
-SITE_PACKAGES = Path(os.__file__).parent / "site-packages"
-
-
 def need(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
@@ -194,6 +191,7 @@ def _sqlite_workload(m: Mount, journal: str) -> None:
     count, total, neg, plen2 = out[0].split("|")
     assert (int(count), int(total), int(neg)) == (9000, 9000 * 9001 // 2, 9000 // 7)
     assert out[1] == "row-4242" and out[2] == "ok"
+    assert 0 < int(plen2) < int(plen)
     sqlite(db, "VACUUM;")
     assert sqlite(db, "PRAGMA integrity_check;").strip() == "ok"
 
