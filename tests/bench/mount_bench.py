@@ -118,7 +118,7 @@ class Dssefs(Target):
             self.m.cleanup()
 
     def describe(self) -> str:
-        return "dssefs local store " + " ".join(self.mount_args)
+        return "dssefs local store, " + (" ".join(self.mount_args) or "default flags")
 
 
 class ProfiledMount(Mount):
