@@ -23,6 +23,8 @@ import time
 
 from . import config
 from .errors import ConfigError, DssefsError
+from .session import (default_keyring_path, default_source, default_store_dir, key_provider, vault_for,
+                      store_options, xdg_dir)
 
 log = logging.getLogger("dssefs.daemon")
 
@@ -148,27 +150,11 @@ def pid_file(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), f"{safe}-{digest}.pid")
 
 
-def _xdg(var: str, fallback: str) -> str:
-    value = os.environ.get(var)
-    if value and os.path.isabs(value):
-        return value
-    home = os.environ.get("HOME") or os.path.expanduser("~")
-    return os.path.join(home, fallback)
-
-
-def default_store_dir() -> str:
-    return os.path.join(_xdg("XDG_DATA_HOME", ".local/share"), "dssefs", "store")
-
-
-def default_keyring() -> str:
-    return os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "dssefs", "keyring")
-
-
 def default_spill_dir(mountpoint: str) -> str:
     if os.geteuid() == 0:
         base = "/var/cache/dssefs"
     else:
-        base = os.path.join(_xdg("XDG_CACHE_HOME", ".cache"), "dssefs")
+        base = xdg_dir("XDG_CACHE_HOME", ".cache")
     return os.path.join(base, "spill-" + hashlib.sha256(mountpoint.encode()).hexdigest()[:16])
 
 
@@ -260,36 +246,19 @@ def check_mountpoint(mnt: str) -> None:
 
 def open_backend(req: MountRequest):
     """Store, key provider and prefix for the request (may talk to S3/KMS)."""
-    from .kms import make_provider
-    from .kms.local import create_keyring, passphrase_from_env_or_file
     from .store import open_store
 
     s = req.settings
-    source = req.source
-    if source is None:
-        store_dir = default_store_dir()
-        os.makedirs(store_dir, mode=0o700, exist_ok=True)
-        source = "file://" + store_dir
-        req.source = source
-    keyring = s.keyring
-    if keyring is None and s.kms_key_id is None and source.startswith("file://"):
-        keyring = default_keyring()
-        if not os.path.exists(keyring):
-            os.makedirs(os.path.dirname(keyring), mode=0o700, exist_ok=True)
-            create_keyring(keyring)
-            log.info("event=keyring_created path=%s", keyring)
-        req.default_keyring_used = True
-    store_opts = {"region": s.region, "profile": s.profile, "endpoint_url": s.endpoint_url,
-                  "path_style": s.path_style, "retries_mode": s.retry_mode, "max_attempts": s.max_attempts}
-    store, prefix = open_store(source, **{k: v for k, v in store_opts.items() if v is not None})
-    passphrase = passphrase_from_env_or_file(s.keyring_passphrase_file) if keyring else None
-    keys = make_provider(kms_key_id=s.kms_key_id, kms_key_id_outer=s.kms_key_id_outer, keyring=keyring,
-                         keyring_passphrase=passphrase, region=s.region, profile=s.profile,
-                         endpoint_url=s.endpoint_url,
-                         **({} if keyring else {"retries_mode": s.retry_mode,
-                                                "max_attempts": max(1, s.max_attempts),
-                                                "kms_allowed_key_ids": tuple(getattr(s, "kms_allowed_key_ids", ())
-                                                                             or ())}))
+    if req.source is None:
+        req.source = default_source()
+    if req.source == default_source():
+        os.makedirs(default_store_dir(), mode=0o700, exist_ok=True)
+    store, prefix = open_store(req.source, **store_options(s))
+    setup = key_provider(s, create_default=True)
+    if setup.created_keyring:
+        log.info("event=keyring_created path=%s", setup.created_keyring)
+    req.default_keyring_used = s.keyring is None and s.kms_key_id is None
+    keys = setup.provider
     # reachability: one listing request now gives a clear error instead of a broken mount
     for _ in store.list(prefix, delimiter="/"):
         break
@@ -298,10 +267,9 @@ def open_backend(req: MountRequest):
 
 def build_filesystem(req: MountRequest, store, keys, prefix):
     from .fs import Filesystem, FsConfig
-    from .objects.vault import Vault
 
     s = req.settings
-    vault = Vault(store, keys, chunk_log2=s.chunk_size.bit_length() - 1, workers=max(1, s.workers))
+    vault = vault_for(s, store, keys)
     cfg = FsConfig(attr_timeout=s.attr_timeout, entry_timeout=s.entry_timeout,
                    uid=s.uid if s.uid is not None else os.getuid(),
                    gid=s.gid if s.gid is not None else os.getgid(),
@@ -459,8 +427,9 @@ def mount_command(argv: list[str]) -> int:
         _print_error(str(e))
         return 1
     if req.source is None:
+        req.source = default_source()
         print(f"dssefs: no SOURCE given: using the local store {default_store_dir()} and the keyring "
-              f"{default_keyring()}", file=sys.stderr, flush=True)
+              f"{default_keyring_path()}", file=sys.stderr, flush=True)
     if req.settings.foreground:
         def ready(msg):
             if msg is not None:

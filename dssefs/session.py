@@ -22,19 +22,20 @@ from .errors import ConfigError
 from .objects import Vault
 
 
-def _xdg(var: str, fallback: str) -> str:
+def xdg_dir(var: str, fallback: str) -> str:
+    """``$VAR/dssefs``, or ``$HOME/FALLBACK/dssefs`` when VAR is unset or relative (XDG rules)."""
     base = os.environ.get(var)
     if not base or not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), fallback)
+        base = os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), fallback)
     return os.path.join(base, "dssefs")
 
 
 def default_keyring_path() -> str:
-    return os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "keyring")
+    return os.path.join(xdg_dir("XDG_CONFIG_HOME", ".config"), "keyring")
 
 
 def default_store_dir() -> str:
-    return os.path.join(_xdg("XDG_DATA_HOME", ".local/share"), "store")
+    return os.path.join(xdg_dir("XDG_DATA_HOME", ".local/share"), "store")
 
 
 def default_source() -> str:
@@ -42,8 +43,9 @@ def default_source() -> str:
 
 
 def store_options(s: Settings) -> dict[str, Any]:
-    return {"region": s.region, "profile": s.profile, "endpoint_url": s.endpoint_url,
-            "path_style": s.path_style, "retries_mode": s.retry_mode, "max_attempts": s.max_attempts}
+    opts = {"region": s.region, "profile": s.profile, "endpoint_url": s.endpoint_url,
+            "path_style": s.path_style, "retries_mode": s.retry_mode, "max_attempts": max(1, s.max_attempts)}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 @dataclass
@@ -63,7 +65,10 @@ def key_provider(s: Settings, *, create_default: bool = False) -> KeySetup:
                 raise ConfigError(f"no key configured and no default keyring at {keyring}: give "
                                   "--kms-key-id or --keyring, or write something first to create it")
             os.makedirs(os.path.dirname(keyring), mode=0o700, exist_ok=True)
-            kms.create_keyring(keyring, names=("default",))
+            try:
+                kms.create_keyring(keyring, names=("default",))
+            except FileExistsError:
+                pass  # created concurrently by another dssefs process
             created = keyring
     if keyring is not None:
         passphrase = kms.passphrase_from_env_or_file(s.keyring_passphrase_file)
@@ -73,13 +78,13 @@ def key_provider(s: Settings, *, create_default: bool = False) -> KeySetup:
         provider = kms.make_provider(kms_key_id=s.kms_key_id, kms_key_id_outer=s.kms_key_id_outer,
                                      kms_allowed_key_ids=s.kms_allowed_key_ids,
                                      region=s.region, profile=s.profile, endpoint_url=s.endpoint_url,
-                                     retries_mode=s.retry_mode, max_attempts=s.max_attempts)
+                                     retries_mode=s.retry_mode, max_attempts=max(1, s.max_attempts))
     return KeySetup(provider, created)
 
 
 def vault_for(s: Settings, object_store: store.ObjectStore, provider: kms.KeyProvider) -> Vault:
     chunk_log2 = s.chunk_size.bit_length() - 1
-    return Vault(object_store, provider, chunk_log2=chunk_log2, workers=s.workers)
+    return Vault(object_store, provider, chunk_log2=chunk_log2, workers=max(1, s.workers))
 
 
 def announce_keyring(setup: KeySetup) -> None:
