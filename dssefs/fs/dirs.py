@@ -1,0 +1,213 @@
+"""Namespace changes: mkdir, mknod, symlink, readlink, link, unlink, rmdir and rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+
+import trio
+
+from ..errors import NotDssefsObject, ObjectNotFound, PreconditionFailed
+from .attributes import Attrs
+from .common import Stat, _Locks, fail
+from .inodes import ROOT_INODE, Inode
+
+
+class DirOps:
+    """Creating, removing and renaming names."""
+
+    async def _create_object(self, parent: Inode, name: str, attrs: Attrs, body: bytes = b"",
+                             kind: str = "file") -> Inode:
+        self._writable_fs()
+        self._check_name(parent, name)
+        if await self._child(parent, name) is not None:
+            raise fail(errno.EEXIST)
+        key = self.dir_prefix(parent) + name + ("/" if kind == "dir" else "")
+        try:
+            obj = await self._io(self._write_sync, key, body, attrs.encode(), None, True)
+        except PreconditionFailed:
+            raise fail(errno.EEXIST, f"{key} was created by another client") from None
+        node = self.table.add(parent.ino, name, attrs)
+        self._stored(node, obj)
+        node.nlookup += 1
+        self._touch_dir(parent)
+        self._listed(parent, name, kind)
+        return node
+
+    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Stat:
+        parent = self._dir(parent_ino)
+        attrs = self._new_attrs(parent, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        node = await self._create_object(parent, name, attrs, kind="dir")
+        return self.stat(node)
+
+    async def mknod(self, parent_ino: int, name: str, mode: int, rdev: int, uid: int, gid: int) -> Stat:
+        parent = self._dir(parent_ino)
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise fail(errno.EINVAL)
+        node = await self._create_object(parent, name, self._new_attrs(parent, mode & 0o177777, uid, gid, rdev))
+        return self.stat(node)
+
+    async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Stat:
+        parent = self._dir(parent_ino)
+        if len(target) >= 4096:
+            raise fail(errno.ENAMETOOLONG)
+        attrs = self._new_attrs(parent, stat.S_IFLNK | 0o777, uid, gid)
+        node = await self._create_object(parent, name, attrs, body=target)
+        node.symlink_target = bytes(target)
+        return self.stat(node)
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if not node.attrs.is_symlink():
+            raise fail(errno.EINVAL)
+        await self._refresh(node)
+        if node.symlink_target is None:
+            if node.broken is not None:
+                raise node.broken
+            obj = node.obj
+            node.symlink_target = await self._io(obj.read, 0, obj.size) if obj.size else b""
+        return node.symlink_target
+
+    async def link(self, ino: int, parent_ino: int, name: str) -> Stat:
+        raise fail(errno.EPERM, "hard links are not supported")
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable_fs()
+        parent = self._dir(parent_ino)
+        node = await self._existing(parent, name)
+        if node.is_dir():
+            raise fail(errno.EISDIR)
+        if node.foreign or node.broken:
+            raise fail(errno.EACCES, f"{self.describe(node.ino)} is not a dssefs object: not deleted")
+        async with node.lock:
+            await self._drop_object(node)
+        self._touch_dir(parent)
+        self._listed(parent, name, None)
+
+    async def _drop_object(self, node: Inode) -> None:
+        """Delete the stored object of a file (lock held); open handles keep working."""
+        if node.open_count > 0 and node.content is not None:
+            await self._io(node.content.materialize)
+        if node.stored:
+            await self._io(self.store.delete, self.object_key(node))
+        node.stored = False
+        node.meta_dirty = False
+        self.table.detach(node)
+
+    async def _is_empty(self, node: Inode) -> bool:
+        if any(n.dirty or not n.stored and not n.is_dir() for n in self.table.children(node.ino)):
+            return False
+        entries = await self._io(self._list_sync, self.dir_prefix(node))
+        return not entries
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable_fs()
+        parent = self._dir(parent_ino)
+        node = await self._existing(parent, name)
+        if not node.is_dir():
+            raise fail(errno.ENOTDIR)
+        if not await self._is_empty(node):
+            raise fail(errno.ENOTEMPTY)
+        if node.stored:
+            await self._io(self.store.delete, self.object_key(node))
+        node.stored = False
+        self.table.detach(node)
+        self._touch_dir(parent)
+        self._listed(parent, name, None)
+        self._listings.pop(node.ino, None)
+
+    async def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int = 0) -> None:
+        self._writable_fs()
+        RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+        if flags & RENAME_EXCHANGE:
+            raise fail(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        sp, dp = self._dir(old_parent), self._dir(new_parent)
+        self._check_name(dp, new)
+        src = await self._existing(sp, old)
+        dst = await self._child(dp, new)
+        if dst is src:
+            return
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise fail(errno.EEXIST)
+        if src.foreign or src.broken or (dst is not None and (dst.foreign or dst.broken)):
+            raise fail(errno.EACCES, "objects not written by dssefs are read-only")
+        if dst is not None:
+            if src.is_dir() and not dst.is_dir():
+                raise fail(errno.ENOTDIR)
+            if not src.is_dir() and dst.is_dir():
+                raise fail(errno.EISDIR)
+            if dst.is_dir() and not await self._is_empty(dst):
+                raise fail(errno.ENOTEMPTY)
+        if src.is_dir():
+            p = dp
+            while p.ino != ROOT_INODE:
+                if p is src:
+                    raise fail(errno.EINVAL, "cannot move a directory into itself")
+                p = self.node(p.parent)
+        locks = sorted({src.ino: src, **({dst.ino: dst} if dst is not None else {})}.items())
+        async with _Locks([n.lock for _, n in locks]):
+            dst_key = self.dir_prefix(dp) + new
+            if src.is_dir():
+                await self._flush_tree(src)
+                if dst is not None and dst.stored:
+                    await self._io(self.store.delete, self.object_key(dst))
+                await self._rename_tree(self.dir_prefix(src), dst_key + "/")
+            else:
+                if src.dirty:
+                    await self._flush_locked(src, force=not src.stored)
+                if dst is not None and dst.open_count > 0 and dst.content is not None:
+                    await self._io(dst.content.materialize)
+                if src.stored and src.obj is not None:
+                    obj = src.obj
+                    await self._io(self.vault.rename, obj, dst_key)
+                    new_obj = await self._io(self._reopen_sync, dst_key)
+                    self._stored(src, new_obj)
+            if dst is not None:
+                dst.stored = False
+                self.table.detach(dst)
+            self.table.move(src, dp.ino, new)
+            self._listed(sp, old, None)
+            self._listed(dp, new, "dir" if src.is_dir() else "file")
+            if src.is_dir():
+                await self._reopen_tree(src)
+        self._touch_dir(sp)
+        self._touch_dir(dp)
+
+    async def _flush_tree(self, node: Inode) -> None:
+        for n in self.table.descendants(node.ino):
+            if n.dirty and n.linked:
+                async with n.lock:
+                    await self._flush_locked(n, force=not n.stored and not n.is_dir())
+
+    def _rename_one_sync(self, src: str, dst: str) -> None:
+        info = self.store.head(src)
+        try:
+            obj = self.vault.open(src, info)
+        except NotDssefsObject:
+            self.store.copy(src, dst, dict(info.metadata))
+            self.store.delete(src)
+            return
+        self.vault.rename(obj, dst)
+
+    async def _rename_tree(self, src_pfx: str, dst_pfx: str) -> None:
+        """Move every object under ``src_pfx``: metadata-only copies, bodies never re-encrypted."""
+        keys = await self._io(lambda: [i.key for i in self.store.list(src_pfx, delimiter=None)
+                                       if not isinstance(i, str)])
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(self._io, self._rename_one_sync, key, dst_pfx + key[len(src_pfx):])
+
+    async def _reopen_tree(self, node: Inode) -> None:
+        async def one(n: Inode) -> None:
+            key = self.object_key(n)
+            try:
+                self._stored(n, await self._io(self._reopen_sync, key))
+            except ObjectNotFound:
+                n.validated = 0.0
+        async with trio.open_nursery() as nursery:
+            for n in self.table.descendants(node.ino) + [node]:
+                if n.obj is not None and n.stored:
+                    nursery.start_soon(one, n)

@@ -1,0 +1,254 @@
+"""Names: probing the store for one name or one directory level, keeping the inode
+table in step with it (revalidation after the entry/attribute TTL, the small-directory listing
+cache), and the lookup/getattr/forget operations.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+
+from ..errors import DssefsError, NotDssefsObject, ObjectNotFound
+from ..store.base import ObjectInfo
+from .attributes import Attrs, now_ns
+from .cache import ForeignBase
+from .common import LISTING_CACHE_MAX, NAME_MAX, Probe, Stat, fail
+from .inodes import ROOT_INODE, Inode
+
+log = logging.getLogger("dssefs.fs")
+
+
+class NamespaceOps:
+    """Lookups, probes and inode bookkeeping."""
+
+    # ---- probing the store (blocking; worker threads) -------------------------------------------
+
+    def _describe_sync(self, key: str, info: ObjectInfo, kind: str, data_keys=None) -> Probe:
+        try:
+            obj = self.vault.open(key, info, data_keys=data_keys)
+        except NotDssefsObject:
+            a = self._default_attrs(kind)
+            t = int(info.mtime * 1e9)
+            a.atime_ns = a.mtime_ns = a.ctime_ns = t
+            if kind == "file":
+                a.mode = stat.S_IFREG | (self.cfg.file_mode & 0o555 if self.cfg.foreign_objects == "read-only"
+                                         else self.cfg.file_mode)
+            return Probe(kind, a, True, None, info.etag, foreign=True, size=info.size)
+        except DssefsError as e:  # tampered object, key access denied...
+            log.warning("object=%s/%s errno=%s reason=%s", self.store.url.rstrip("/"), key,
+                        errno.errorcode.get(e.errno, e.errno), e)
+            return Probe(kind, self._default_attrs(kind), True, None, info.etag, broken=e, size=0)
+        blob = obj.attrs()
+        if blob is None:
+            a = self._default_attrs(kind)
+            t = int(info.mtime * 1e9)
+            a.atime_ns = a.mtime_ns = a.ctime_ns = t
+        else:
+            a = Attrs.decode(blob)
+        if kind == "dir" and not a.is_dir():
+            a.mode = stat.S_IFDIR | (a.mode & 0o7777)
+        if kind == "file" and a.is_dir():
+            a.mode = stat.S_IFREG | (a.mode & 0o7777)
+        return Probe(kind, a, True, obj, info.etag, size=obj.size)
+
+    def _probe_sync(self, dirpfx: str, name: str, hint: str | None = None, data_keys=None) -> Probe | None:
+        key = dirpfx + name
+        if hint != "dir":
+            try:
+                return self._describe_sync(key, self.store.head(key), "file", data_keys)
+            except ObjectNotFound:
+                if hint == "file":
+                    return None
+        try:
+            return self._describe_sync(key + "/", self.store.head(key + "/"), "dir", data_keys)
+        except ObjectNotFound:
+            pass
+        for _item in self.store.list(key + "/", delimiter="/"):
+            return Probe("dir", self._default_attrs("dir"), False)
+        return None
+
+    def _list_sync(self, dirpfx: str, limit: int | None = None) -> list[tuple[str, str]] | None:
+        """Sorted ``(name, kind)`` of one directory level; None if it has more than ``limit``."""
+        names: dict[str, str] = {}
+        for n, item in enumerate(self.store.list(dirpfx, delimiter="/")):
+            if limit is not None and n >= limit:
+                return None
+            if isinstance(item, str):
+                name, kind = item[len(dirpfx):].rstrip("/"), "dir"
+            else:
+                name, kind = item.key[len(dirpfx):], "file"
+            if not name or "/" in name or name in (".", "..") or len(name.encode()) > NAME_MAX:
+                continue
+            if names.get(name) != "file":  # a file and a directory of one name: the file wins
+                names[name] = kind
+        return sorted(names.items())
+
+    # ---- inode bookkeeping ------------------------------------------------------------------------
+
+    def _apply(self, node: Inode, p: Probe) -> None:
+        changed = p.etag != node.etag
+        node.attrs = p.attrs
+        node.stored = p.stored
+        node.obj = p.obj
+        node.etag = p.etag
+        node.foreign = p.foreign
+        node.foreign_size = p.size if p.foreign else 0
+        node.broken = p.broken
+        node.validated = self._now()
+        if changed:
+            node.symlink_target = None
+            if node.content is not None and not node.content.modified:
+                if node.foreign:
+                    base = ForeignBase(self.store, self.object_key(node), p.size, p.etag, self.cfg.chunk_size)
+                else:
+                    base = p.obj
+                node.content.reset(base, p.size if base is not None else 0)
+
+    def _fresh(self, node: Inode, ttl: float) -> bool:
+        return self._now() - node.validated < ttl
+
+    def _local_authority(self, node: Inode) -> bool:
+        """True when local state must not be replaced by what the store says."""
+        return node.dirty or node.writers > 0 or not node.linked
+
+    async def _child(self, parent: Inode, name: str, hint: str | None = None) -> Inode | None:
+        """The linked child ``name`` of ``parent``, revalidated against the store if stale."""
+        node = self.table.child(parent.ino, name)
+        if node is not None and (self._local_authority(node) or self._fresh(node, self.cfg.entry_timeout)):
+            return node
+        if hint is None:
+            names = await self._dir_names(parent)
+            if names is not None:
+                hint = names.get(name)
+                if hint is None:  # answered by a fresh listing: no such name
+                    if node is not None:
+                        self.table.detach(node)
+                    return None
+        keys = node.obj.data_keys if node is not None and node.obj is not None else None
+        p = await self._io(self._probe_sync, self.dir_prefix(parent), name, hint, keys)
+        return self._install(parent, name, p)
+
+    async def _dir_names(self, parent: Inode) -> dict[str, str] | None:
+        """``name -> kind`` of a small directory from one listing request, cached for the entry
+        TTL and kept up to date with this mount's own changes.  Negative lookups (every create
+        starts with one) are answered from it.  None for directories of more than one page."""
+        cached = self._listings.get(parent.ino)
+        if cached is not None and self._now() - cached[0] < self.cfg.entry_timeout:
+            return cached[1]
+        started = self._now()
+        if len(self._listings) > 4096:  # drop expired listings
+            self._listings = {k: v for k, v in self._listings.items()
+                              if started - v[0] < self.cfg.entry_timeout}
+        names = await self._io(self._list_sync, self.dir_prefix(parent), LISTING_CACHE_MAX)
+        merged = None if names is None else dict(names)
+        if merged is not None:
+            for child in self.table.children(parent.ino):  # created here, not stored yet
+                if child.dirty or (not child.stored and not child.is_dir()):
+                    merged[child.name] = "dir" if child.is_dir() else "file"
+        self._listings[parent.ino] = (started, merged)
+        return merged
+
+    def _listed(self, parent: Inode, name: str, kind: str | None) -> None:
+        """Keep a cached listing in step with a change made through this mount."""
+        cached = self._listings.get(parent.ino)
+        if cached is not None and cached[1] is not None:
+            if kind is None:
+                cached[1].pop(name, None)
+            else:
+                cached[1][name] = kind
+
+    def _install(self, parent: Inode, name: str, p: Probe | None) -> Inode | None:
+        """Make the inode table agree with a probe of ``parent/name``."""
+        node = self.table.child(parent.ino, name)  # the table may have changed meanwhile
+        if node is not None and self._local_authority(node):
+            return node
+        if p is None:
+            if node is not None:
+                self.table.detach(node)
+            return None
+        if node is not None and (node.is_dir() != (p.kind == "dir")):
+            self.table.detach(node)
+            node = None
+        if node is None:
+            node = self.table.add(parent.ino, name, p.attrs)
+        self._apply(node, p)
+        return node
+
+    async def _existing(self, parent: Inode, name: str) -> Inode:
+        node = await self._child(parent, name)
+        if node is None:
+            raise fail(errno.ENOENT)
+        return node
+
+    def _dir(self, ino: int) -> Inode:
+        node = self.node(ino)
+        if not node.is_dir():
+            raise fail(errno.ENOTDIR)
+        return node
+
+    @staticmethod
+    def _new_attrs(parent: Inode, mode: int, uid: int, gid: int, rdev: int = 0) -> Attrs:
+        """Attributes of a new entry; in a set-group-ID directory it takes the directory's group
+        and a new subdirectory inherits the bit (what local file systems do; FUSE leaves it to us)."""
+        if parent.attrs.mode & stat.S_ISGID:
+            gid = parent.attrs.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return Attrs.new(mode, uid, gid, rdev)
+
+    async def _refresh(self, node: Inode) -> None:
+        if (node.ino == ROOT_INODE or self._local_authority(node)
+                or self._fresh(node, self.cfg.attr_timeout)):
+            return
+        parent = self.table.get(node.parent)
+        if parent is None:
+            return
+        keys = node.obj.data_keys if node.obj is not None else None
+        p = await self._io(self._probe_sync, self.dir_prefix(parent), node.name,
+                           "dir" if node.is_dir() else "file", keys)
+        if p is None:
+            if node.open_count == 0:
+                self.table.detach(node)
+                raise fail(errno.ENOENT, "deleted by another client")
+            node.validated = self._now()
+            return
+        if self._local_authority(node):
+            return
+        self._apply(node, p)
+
+    def _touch_dir(self, parent: Inode) -> None:
+        t = now_ns()
+        parent.attrs.mtime_ns = parent.attrs.ctime_ns = t
+
+    async def lookup(self, parent_ino: int, name: str) -> Stat:
+        parent = self._dir(parent_ino)
+        if name == ".":
+            node = parent
+        elif name == "..":
+            node = self.node(parent.parent)
+        else:
+            self._check_name(parent, name)
+            node = await self._existing(parent, name)
+        node.nlookup += 1
+        return self.stat(node)
+
+    def incref(self, ino: int) -> None:
+        node = self.table.get(ino)
+        if node is not None:
+            node.nlookup += 1
+
+    def forget(self, items) -> None:
+        for ino, n in items:
+            self.table.forget(ino, n)
+
+    def trim(self, inos) -> None:
+        for ino in inos:
+            node = self.table.get(ino)
+            if node is not None:
+                self.table.maybe_drop(node)
+
+    async def getattr(self, ino: int) -> Stat:
+        node = self.node(ino)
+        await self._refresh(node)
+        return self.stat(node)
