@@ -222,12 +222,6 @@ def test_refused_upload_is_eacces_and_the_data_is_stored_once_allowed(iam_store,
     assert os.stat(m / "new.txt").st_mode & 0o777 == 0o640
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "a denied KMS call arrives as EIO, not EACCES: moto answers KMS (a JSON-protocol API) with an "
-    "IAM-style XML AccessDenied body, so botocore reports Error.Code '403'; "
-    "AwsKmsProvider._map_error (dssefs/kms/aws.py) maps only AccessDeniedException and the credential "
-    "codes to KeyAccessDenied and has no HTTP 403 fallback (S3Store maps code '403' to "
-    "StoreAccessDenied), so the refusal becomes KeyProviderError(errno=EIO)"))
 def test_new_file_refused_a_data_key_is_eacces(iam_store, mount_factory, tmp_path, monkeypatch):
     """A new file needs fresh data keys from KMS: a denied GenerateDataKey is EACCES from close."""
     server, bucket, kms_key, admin, reader = iam_store

@@ -504,7 +504,10 @@ class AwsKmsProvider(KeyProvider):
             code = str(err.get("Code", "Unknown"))
             aws_msg = one_line(err.get("Message") or "", 160)
             attempts = (exc.response.get("ResponseMetadata", {}) or {}).get("RetryAttempts", 0)
-            if code == "AccessDeniedException":
+            status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+            if code in ("AccessDeniedException", "AccessDenied", "403") or (
+                    status == 403 and code not in _CREDENTIAL_CODES):
+                # some endpoints (proxies, emulators) answer a refusal with a bare 403
                 return KeyAccessDenied(f"KMS denied {action}: grant it in the key policy or IAM")
             if code in _CREDENTIAL_CODES:
                 return KeyAccessDenied(f"KMS rejected the AWS credentials ({code}): refresh them "
