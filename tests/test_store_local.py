@@ -304,6 +304,72 @@ def test_upload_staging_is_cleaned(store, tmp_path):
     assert os.listdir(tmp_path / "store" / "uploads") == []
 
 
+def test_multipart_parts_are_written_in_place(store, tmp_path, monkeypatch):
+    """Equal parts land at their final offsets: complete() copies nothing, the header is padded
+    into its reserved area, and the object reads back exactly."""
+    import dssefs.store.local as local
+    copies = []
+    monkeypatch.setattr(local, "_copy_range", lambda *a: copies.append(a))
+    s = LocalStore(tmp_path / "s", min_part_size=4)
+    parts = [bytes([n]) * 8 for n in range(1, 6)] + [b"tail"]
+    up = s.begin_upload("k/obj", {"m": "v"})
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda n: up.put_part(n, parts[n - 1]), [2, 1, 4, 3, 5, 6]))
+    assert [n for n in os.listdir(up._dir) if n.endswith(".part")] == []
+    etag = up.complete()
+    assert copies == []
+    whole = b"".join(parts)
+    info = s.head("k/obj")
+    assert (info.size, info.etag, info.metadata) == (len(whole), etag, {"m": "v"})
+    assert s.get_range("k/obj", 0, 100) == (whole, len(whole))
+    raw = (tmp_path / "s" / "objects" / "k.d" / "obj.o").read_bytes()
+    assert raw.startswith(MAGIC) and raw.endswith(whole)
+    n = int.from_bytes(raw[8:12], "big")
+    assert json.loads(raw[12:12 + n])["etag"] == etag and raw[12:12 + n].endswith(b" ")
+    assert os.listdir(tmp_path / "s" / "uploads") == []
+
+
+def test_multipart_out_of_layout_parts_are_copied(tmp_path):
+    """The short last part arriving first, or a re-sent part of another size: still exact."""
+    s = LocalStore(tmp_path / "s", min_part_size=4)
+    up = s.begin_upload("a", {})
+    up.put_part(3, b"xy")
+    up.put_part(1, b"1" * 8)
+    up.put_part(2, b"2" * 8)
+    up.complete()
+    assert s.get_range("a", 0, 100) == (b"1" * 8 + b"2" * 8 + b"xy", 18)
+    up = s.begin_upload("b", {})
+    up.put_part(1, b"1" * 8)
+    up.put_part(2, b"2" * 8)
+    up.put_part(1, b"3" * 12)  # larger than the stride: its own file
+    up.put_part(2, b"45")  # now the last part, smaller: in place, then the layout is checked
+    up.complete()
+    assert s.get_range("b", 0, 100) == (b"3" * 12 + b"45", 14)
+    up = s.begin_upload("c", {})
+    up.put_part(1, b"1" * 8)
+    up.put_part(2, b"2" * 8)
+    up.put_part(2, b"9" * 5)  # re-sent smaller last part in place: the body is cut to size
+    up.complete()
+    assert s.get_range("c", 0, 100) == (b"1" * 8 + b"9" * 5, 13)
+
+
+def test_multipart_in_place_conditions_and_sweep(store):
+    up = store.begin_upload("mp", {}, if_none_match=True)
+    up.put_part(1, b"x" * MIN_PART_SIZE)
+    up.put_part(2, b"y")
+    store.put("mp", b"other", {})
+    with pytest.raises(PreconditionFailed):
+        up.complete()
+    assert store.get_range("mp", 0, 10)[0] == b"other"
+    up = store.begin_upload("mp2", {})
+    up.put_part(1, b"x" * MIN_PART_SIZE)
+    store.sweep(older_than=-1)
+    with pytest.raises(StoreError):
+        up.complete()
+    with pytest.raises(ObjectNotFound):
+        store.head("mp2")
+
+
 def test_abandoned_uploads_are_swept(store, tmp_path):
     up = store.begin_upload("m", {})
     up.put_part(1, b"x")
