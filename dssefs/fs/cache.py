@@ -24,9 +24,13 @@ PREFETCH_WORKERS = 2  # writes up to this size may be done on the event loop (no
 
 
 class Chunk:
+    """``data``: the chunk's bytes in memory (a bytearray, or the immutable ``bytes`` of the
+    write request that replaced the whole chunk; copied on the first partial write), None when
+    spilled."""
+
     __slots__ = ("data", "dirty", "spilled")
 
-    def __init__(self, data: bytearray | None, dirty: bool):
+    def __init__(self, data: bytearray | bytes | None, dirty: bool):
         self.data, self.dirty, self.spilled = data, dirty, False
 
 
@@ -324,13 +328,35 @@ class FileContent:
             c0 = i * cs
             a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
             ch = self.chunks.get(i)
+            if a == 0 and (ch is None or b == cs or (ch.data is not None and len(ch.data) <= b)):
+                # the write replaces the whole chunk: keep its bytes (the FUSE request's own
+                # buffer when it is exactly this chunk), never read a spilled copy back
+                piece = view[c0 - off:c0 + b - off]
+                new = data if isinstance(data, bytes) and len(piece) == len(data) else bytearray(piece)
+                if ch is None:
+                    ch = self.chunks[i] = Chunk(None, True)
+                if ch.data is not None:
+                    self.cache.used -= len(ch.data)
+                ch.data = new
+                self.cache.used += len(new)
+                self.cache._touch(self, i)
+                ch.dirty = True
+                if ch.spilled:
+                    ch.spilled = False
+                    self.cache.spilled_chunks -= 1
+                continue
             if ch is None:
                 ch = self.chunks[i] = Chunk(bytearray(), True)
                 self.cache._touch(self, i)
             buf = self._mem(i, ch)
+            if not isinstance(buf, bytearray):  # a write's own buffer (immutable): copy first
+                buf = ch.data = bytearray(buf)
             if len(buf) < b:
                 self.cache.used += b - len(buf)
-                buf.extend(bytes(b - len(buf)))
+                try:
+                    buf.extend(bytes(b - len(buf)))
+                except BufferError:  # still exported (a view handed out earlier): resize a copy
+                    buf = ch.data = buf + bytes(b - len(buf))
             buf[a:b] = view[c0 + a - off:c0 + b - off]
             ch.dirty = True
             if ch.spilled:
@@ -398,7 +424,10 @@ class FileContent:
                     keep = size - i * cs
                     if len(buf) > keep:
                         self.cache.used -= len(buf) - keep
-                        del buf[keep:]
+                        try:
+                            del buf[keep:]
+                        except (BufferError, TypeError):  # exported, or immutable: cut a copy
+                            ch.data = buf[:keep]
                         ch.dirty = True
                         if ch.spilled:
                             ch.spilled = False
@@ -408,22 +437,43 @@ class FileContent:
                 self.size = size
             self.modified = True
 
-    def source(self, offset: int, length: int) -> bytes:
-        """Plaintext ``[offset, offset+length)`` for the flush (called from the Vault's threads);
-        ``offset`` is chunk aligned."""
+    def source(self, offset: int, length: int):
+        """Plaintext ``[offset, offset+length)`` for the flush (called from the Vault's threads,
+        while the file's writes are held off); ``offset`` is chunk aligned.
+
+        The cache lock is held only to look the chunk up: a chunk in memory is returned as a view
+        of its buffer (no copy when it is complete), a spilled one is read back and decrypted
+        without the lock and not cached again (the flush needs it once; caching it would only
+        push other dirty chunks out to the spill), a base chunk is fetched without the lock."""
         i = offset // self.cs
+        spill = None
         with self.cache.lock:
             ch = self.chunks.get(i)
             if ch is not None:
-                data = bytes(self._mem(i, ch)[:length])
-                self.cache._enforce()
-                return data + bytes(length - len(data))
-            base, vb = self.base, self._valid_base()
+                data = ch.data
+                if data is not None:
+                    if len(data) >= length:
+                        return memoryview(data)[:length]
+                    out = bytearray(length)
+                    out[:len(data)] = data
+                    return out
+                spill = self.spill_file
+                if not spill.use():
+                    raise OSError(5, "file content was discarded during the flush")
+            else:
+                base, vb = self.base, self._valid_base()
+        if spill is not None:
+            try:
+                plain = spill.read(i)
+            finally:
+                spill.unuse()
+            return _fit(plain, length)
         if i * self.cs >= vb:
-            return bytes(length)
+            return bytearray(length)
         plain = base.read_chunks(range(i, i + 1))[0]
         keep = max(0, min(len(plain), vb - i * self.cs, length))
-        return bytes(plain[:keep]) + bytes(length - keep)
+        del plain[keep:]
+        return _fit(plain, length)
 
     def committed(self, new_base) -> None:
         """The flush stored everything: local chunks become clean copies of ``new_base``."""
@@ -508,6 +558,15 @@ class ForeignBase:
         data, _total = self.store.get_range(self.key, start, length, if_match=self.etag)
         buf = bytearray(data)
         return [buf[j:j + self.chunk_size] for j in range(0, len(buf), self.chunk_size)]
+
+
+def _fit(buf: bytearray, length: int) -> bytearray:
+    """``buf`` cut or zero-padded to ``length`` bytes, in place."""
+    if len(buf) > length:
+        del buf[length:]
+    elif len(buf) < length:
+        buf.extend(bytes(length - len(buf)))
+    return buf
 
 
 def _runs(indexes: list[int]) -> list[range]:

@@ -55,6 +55,9 @@ class SpillFile:
         path = os.path.join(area.directory, f"spill-{self.ident.hex()}")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.unlink(path)  # unreachable by name from now on; the space is freed on close
+        self._lock = threading.Lock()
+        self._users = 0  # readers working without the cache lock (see ``use``)
+        self._closing = False
         with area._lock:
             area.files += 1
 
@@ -62,11 +65,16 @@ class SpillFile:
         return self.ident + struct.pack(">QI", index, length)
 
     def write(self, index: int, data) -> None:
+        """Encrypt ``data`` (any bytes-like object, not copied) into chunk slot ``index``."""
+        n = len(data)
+        record = bytearray(NONCE + _LEN.size + n + TAG)
         nonce = os.urandom(NONCE)
-        ct = self.area._aead.encrypt(nonce, bytes(data), self._aad(index, len(data)))
-        record = nonce + _LEN.pack(len(data)) + ct
-        n = os.pwrite(self.fd, record, index * self.slot)
-        if n != len(record):
+        record[:NONCE] = nonce
+        _LEN.pack_into(record, NONCE, n)
+        self.area._aead.encrypt_into(nonce, data, self._aad(index, n),
+                                     memoryview(record)[NONCE + _LEN.size:])
+        written = os.pwrite(self.fd, record, index * self.slot)
+        if written != len(record):
             raise OSError(28, "short write to the spill directory")
         with self.area._lock:
             self.area.bytes_written += len(record)
@@ -77,10 +85,43 @@ class SpillFile:
         if len(head) != NONCE + _LEN.size:
             raise OSError(5, "spill record missing")
         (length,) = _LEN.unpack(head[NONCE:])
-        ct = os.pread(self.fd, length + TAG, off + len(head))
-        return bytearray(self.area._aead.decrypt(head[:NONCE], ct, self._aad(index, length)))
+        ct = bytearray(length + TAG)
+        if os.preadv(self.fd, [ct], off + len(head)) != len(ct):
+            raise OSError(5, "spill record truncated")
+        out = bytearray(length)
+        try:
+            self.area._aead.decrypt_into(head[:NONCE], ct, self._aad(index, length), out)
+        except Exception:
+            out[:] = bytes(length)  # nothing unverified stays around
+            raise
+        return out
+
+    def use(self) -> bool:
+        """Pin the file open for a read done without the cache lock (False: already closed);
+        pair with ``unuse``.  ``close`` meanwhile is deferred to the last ``unuse``."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._users += 1
+            return True
+
+    def unuse(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        if last:
+            self._close_fd()
 
     def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            if self._users:
+                return
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
