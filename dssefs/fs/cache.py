@@ -18,9 +18,10 @@ from ..errors import ObjectNotFound, PreconditionFailed
 from .spill import SpillArea, SpillFile
 
 _ids = itertools.count(1)
-READ_AHEAD = 8 << 20  # bytes fetched with one request once a reader is sequential
-FAST_WRITE_MAX = 256 << 10
-PREFETCH_WORKERS = 2  # writes up to this size may be done on the event loop (no I/O)
+READ_AHEAD = 16 << 20  # bytes kept cached or on their way ahead of a sequential reader
+PREFETCH_JOBS = 4  # the read-ahead window is fetched in this many requests, decrypted in parallel
+FAST_WRITE_MAX = 256 << 10  # writes up to this size may be done on the event loop (no I/O)
+PREFETCH_WORKERS = 2
 
 
 class Chunk:
@@ -208,26 +209,29 @@ class FileContent:
     # ---- file operations (blocking) ---------------------------------------------------------------
 
     def _assemble(self, off: int, end: int, got: dict[int, bytearray]) -> bytes:
-        """Bytes ``[off, end)`` from cached chunks (lock held); missing chunks are holes."""
+        """Bytes ``[off, end)`` from cached chunks (lock held); missing chunks are holes.  The
+        bytes are copied once (straight from the chunk buffers into the result)."""
         cs = self.cs
         end = min(end, self.size)
         if off >= end:
             return b""
-        out = bytearray(end - off)
+        pieces = []
         vb = self._valid_base()
         for i in range(off // cs, (end - 1) // cs + 1):
+            c0 = i * cs
+            a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
             ch = self.chunks.get(i)
             if ch is not None:
                 data = self._mem(i, ch)
             elif i in got and i * cs < vb:
                 data = got[i][:max(0, vb - i * cs)]  # fetched, then evicted already
             else:
-                continue  # hole (or truncated away): zeros
-            c0 = i * cs
-            a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
-            piece = data[a:b]
-            out[c0 + a - off:c0 + a - off + len(piece)] = piece
-        return bytes(out)
+                data = b""  # hole (or truncated away): zeros
+            piece = memoryview(data)[a:b]
+            pieces.append(piece)
+            if len(piece) < b - a:
+                pieces.append(bytes(b - a - len(piece)))
+        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
     def try_read(self, off: int, length: int) -> bytes | None:
         """The read, if every byte is already in memory (no I/O, never waits for the lock);
@@ -255,56 +259,56 @@ class FileContent:
     def read(self, off: int, length: int) -> bytes:
         with self.cache.lock:
             end = min(self.size, off + length)
-            sequential = off == self.seq_end
+            sequential = off == self.seq_end or off == 0
             self.seq_end = end
             if off >= end:
                 return b""
             cs = self.cs
             want = list(range(off // cs, (end - 1) // cs + 1))
+            if sequential:  # start the chunks after these before waiting for these
+                self._maybe_prefetch(want[-1])
             waiting = {self.inflight[i] for i in want if i in self.inflight}
         if waiting:  # already being read ahead: wait for that instead of a second request
             cf.wait(waiting)
-        with self.cache.lock:
-            if sequential and self._missing(want):
-                # sequential reader and a miss: fetch the next chunks with the same request
-                limit = -(-self._valid_base() // cs)
-                want += range(want[-1] + 1, min(limit, want[-1] + 1 + max(1, READ_AHEAD // cs)))
-        got = self._fetch_and_lock(want, range(off // cs, (end - 1) // cs + 1))
+        got = self._fetch_and_lock(want, want)
         try:
             data = self._assemble(off, end, got)
             self.cache._enforce()
             if sequential:
-                self._maybe_prefetch((end - 1) // cs)
+                self._maybe_prefetch(want[-1])
         finally:
             self.cache.lock.release()
         return data
 
     def _maybe_prefetch(self, last: int) -> None:
-        """Sequential reader at chunk ``last`` (lock held): when fewer than half a read-ahead
-        window is cached or on its way beyond it, start reading the next window in the
-        background so the reader does not wait for the store."""
+        """Sequential reader at chunk ``last`` (lock held): keep the read-ahead window after it
+        cached or on its way, fetched in several requests that the prefetch workers fetch and
+        decrypt in parallel, so the reader neither waits for the store nor for decryption."""
         if self.base is None:
             return
-        ra = max(2, READ_AHEAD // self.cs)
-        limit = -(-self._valid_base() // self.cs)
-        j = last + 1
-        while j < limit and j <= last + ra // 2 and (j in self.chunks or j in self.inflight):
-            j += 1
-        if j >= limit or j > last + ra // 2:
-            return
-        todo = [i for i in range(j, min(limit, j + ra)) if i not in self.chunks and i not in self.inflight]
-        if not todo:
-            return
-        fut = self.cache.prefetcher().submit(self._prefetch_run, todo)
-        for i in todo:
-            self.inflight[i] = fut
+        cs = self.cs
+        depth = max(2, min(READ_AHEAD, self.cache.budget // 4) // cs)
+        job = max(1, depth // PREFETCH_JOBS)
+        limit = -(-self._valid_base() // cs)
+        stop = min(limit, last + 1 + depth)
+        todo = [i for i in range(last + 1, stop) if i not in self.chunks and i not in self.inflight]
+        runs = []
+        for run in _runs(todo):
+            for s in range(run.start, run.stop, job):
+                r = range(s, min(s + job, run.stop))
+                if len(r) == job or r.stop == limit:  # whole jobs only (the last may be short)
+                    runs.append(r)
+        for r in runs:
+            fut = self.cache.prefetcher().submit(self._prefetch_run, list(r))
+            for i in r:
+                self.inflight[i] = fut
 
-        def done(f: cf.Future, todo=todo) -> None:
-            with self.cache.lock:
-                for i in todo:
-                    if self.inflight.get(i) is f:
-                        del self.inflight[i]
-        fut.add_done_callback(done)
+            def done(f: cf.Future, todo=r) -> None:
+                with self.cache.lock:
+                    for i in todo:
+                        if self.inflight.get(i) is f:
+                            del self.inflight[i]
+            fut.add_done_callback(done)
 
     def _prefetch_run(self, todo: list[int]) -> None:
         try:

@@ -132,21 +132,17 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         pos += os.pwrite(fd, data[pos:pos + _IO_CHUNK], offset + pos)
 
 
-def _pread_exact(fd: int, n: int, offset: int) -> bytes:
-    if n <= _IO_CHUNK:
-        data = os.pread(fd, n, offset)
-        if len(data) == n:
-            return data
-        chunks, got = [data], len(data)
-    else:
-        chunks, got = [], 0
+def _pread_exact(fd: int, n: int, offset: int) -> bytearray:
+    """Exactly ``n`` bytes at ``offset``, read straight into a (writable) bytearray."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
     while got < n:
-        chunk = os.pread(fd, min(n - got, _IO_CHUNK), offset + got)
-        if not chunk:
+        k = os.preadv(fd, [view[got:got + min(n - got, _IO_CHUNK)]], offset + got)
+        if k == 0:
             raise EOFError
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+        got += k
+    return buf
 
 
 def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
