@@ -729,7 +729,8 @@ class LocalUpload(Upload):
         os.mkdir(self._dir, 0o700)
         with open(os.path.join(self._dir, "upload.json"), "w") as f:
             json.dump({"key": key, "started": time.time()}, f)
-        self._fd = os.open(self._body, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # becomes the object file: same mode as the temporary files of single puts
+        self._fd = os.open(self._body, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
 
     def _part_path(self, number: int) -> str:
         return os.path.join(self._dir, f"{number:05d}.part")
@@ -767,7 +768,8 @@ class LocalUpload(Upload):
                     _start_writeback(self._fd, offset, len(view))
                 with self._lock:
                     self._check_open()
-                    _unlink_quietly(self._part_path(number))  # an earlier copy in its own file
+                    if number in self._where_part and self._where_part[number] is None:
+                        _unlink_quietly(self._part_path(number))  # an earlier copy in its own file
                     self._sizes[number] = len(view)
                     self._where_part[number] = offset
             finally:
