@@ -20,7 +20,7 @@ from .spill import SpillArea, SpillFile
 _ids = itertools.count(1)
 READ_AHEAD = 16 << 20  # bytes kept cached or on their way ahead of a sequential reader
 PREFETCH_JOBS = 4  # the read-ahead window is fetched in this many requests, decrypted in parallel
-FAST_WRITE_MAX = 256 << 10  # writes up to this size may be done on the event loop (no I/O)
+FAST_WRITE_MAX = 1 << 20  # writes up to this size may be done on the event loop (no I/O)
 PREFETCH_WORKERS = 2
 
 
