@@ -398,6 +398,7 @@ def test_single_bit_change_of_a_data_key_fails(obj):
 
 def test_commitment_mismatch_fires_before_any_decryption(obj, monkeypatch):
     """With a wrong key, open_version must fail before a single AEAD object is even built."""
+    sealed_attrs = obj.cipher.seal_attrs(obj.attrs)
     built = []
 
     def spy(real):
@@ -414,7 +415,12 @@ def test_commitment_mismatch_fires_before_any_decryption(obj, monkeypatch):
     with pytest.raises(IntegrityError, match="commitment"):
         ObjectCipher.open_version(obj.header, obj.dk_in, os.urandom(32))
     assert built == []
-    ObjectCipher.open_version(obj.header, obj.dk_in, obj.dk_out)
+    cipher = ObjectCipher.open_version(obj.header, obj.dk_in, obj.dk_out)
+    assert built == []  # content and attribute keys are derived on first use, after the check
+    n = cipher.chunk_plain_len(0) + 32
+    assert bytes(cipher.open_chunk(0, obj.body[:n])) == obj.plaintext[:cipher.chunk_plain_len(0)]
+    assert sorted(built) == ["InnerAEAD", "OuterAEAD"]
+    assert cipher.open_attrs(sealed_attrs) == obj.attrs
     assert sorted(built) == ["InnerAEAD", "InnerAEAD", "OuterAEAD", "OuterAEAD"]
 
 

@@ -4,6 +4,11 @@ An :class:`ObjectCipher` holds the two derived per-version keys of one object ve
 created either for a *new* version (fresh random message id, commitments computed) or for an
 *existing* one (commitments verified in constant time before any key is used).  All methods are
 pure computations and safe to call from several threads at once.
+
+Only the commitments are derived up front.  The content keys and the attribute keys are derived
+on first use (an object probed for its attributes never needs its content keys, one that is only
+read never needs its attribute keys), always from data keys whose commitments have been checked:
+the derived values are exactly those of the format, only their timing changes.
 """
 
 from __future__ import annotations
@@ -25,20 +30,33 @@ LABEL_COMMIT = b"COMMITKEY"
 LABEL_ATTRS = b"ATTRSKEY"
 
 
+def _key_inner(dk: bytes, msg_id: bytes, suite: int, label: bytes) -> bytes:
+    return inner_hkdf(dk, msg_id, fmt.kdf_info(suite, fmt.LAYER_INNER, label))
+
+
+def _key_outer(dk: bytes, msg_id: bytes, suite: int, label: bytes) -> bytes:
+    return outer_hkdf(dk, msg_id, fmt.kdf_info(suite, fmt.LAYER_OUTER, label))
+
+
+def _commit_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> bytes:
+    """``bound`` is the header's first 69 bytes: the commitment covers them, so a verified
+    commitment authenticates the header."""
+    return inner_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound))
+
+
+def _commit_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> bytes:
+    return outer_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound))
+
+
 def _derive_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
-    """(content key, commitment, attribute key) of the inner layer.  ``bound`` is the header's
-    first 69 bytes: the commitment covers them, so a verified commitment authenticates the header."""
-    info = lambda label: fmt.kdf_info(suite, fmt.LAYER_INNER, label)  # noqa: E731
-    return (inner_hkdf(dk, msg_id, info(LABEL_DERIVE)),
-            inner_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound)),
-            inner_hkdf(dk, msg_id, info(LABEL_ATTRS)))
+    """(content key, commitment, attribute key) of the inner layer, all at once."""
+    return (_key_inner(dk, msg_id, suite, LABEL_DERIVE), _commit_inner(dk, msg_id, suite, bound),
+            _key_inner(dk, msg_id, suite, LABEL_ATTRS))
 
 
 def _derive_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
-    info = lambda label: fmt.kdf_info(suite, fmt.LAYER_OUTER, label)  # noqa: E731
-    return (outer_hkdf(dk, msg_id, info(LABEL_DERIVE)),
-            outer_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound)),
-            outer_hkdf(dk, msg_id, info(LABEL_ATTRS)))
+    return (_key_outer(dk, msg_id, suite, LABEL_DERIVE), _commit_outer(dk, msg_id, suite, bound),
+            _key_outer(dk, msg_id, suite, LABEL_ATTRS))
 
 
 def _check_dk(dk: bytes, name: str) -> bytes:
@@ -53,22 +71,47 @@ def _wipe(buf) -> None:
 
 
 class ObjectCipher:
-    __slots__ = ("header", "header_bytes", "digest", "chunk_size", "n_chunks", "_inner", "_outer",
-                 "_inner_attrs", "_outer_attrs", "_aad_in", "_aad_out")
+    __slots__ = ("header", "header_bytes", "digest", "chunk_size", "n_chunks", "_dk_inner", "_dk_outer",
+                 "_inner", "_outer", "_inner_attrs", "_outer_attrs", "_aad_in", "_aad_out")
 
-    def __init__(self, header: Header, keys_inner: tuple[bytes, bytes], keys_outer: tuple[bytes, bytes]):
-        # private: use new_version() or open_version()
+    def __init__(self, header: Header, keys_inner: tuple[bytes, bytes] | None = None,
+                 keys_outer: tuple[bytes, bytes] | None = None, *,
+                 data_keys: tuple[bytes, bytes] | None = None):
+        # private: use new_version() or open_version().  Either the derived (content, attribute)
+        # keys of both layers are given, or the checked data keys they are derived from on use.
         self.header = header
         self.header_bytes = header.pack()
         self.digest = header.digest()
         self.chunk_size = header.chunk_size
         self.n_chunks = fmt.chunk_count(header.plaintext_len, self.chunk_size)
-        self._inner = InnerAEAD(keys_inner[0])
-        self._outer = OuterAEAD(keys_outer[0])
-        self._inner_attrs = InnerAEAD(keys_inner[1])
-        self._outer_attrs = OuterAEAD(keys_outer[1])
+        self._dk_inner, self._dk_outer = data_keys if data_keys is not None else (None, None)
+        self._inner = self._inner_attrs = self._outer = self._outer_attrs = None
+        if keys_inner is not None:
+            self._inner, self._inner_attrs = InnerAEAD(keys_inner[0]), InnerAEAD(keys_inner[1])
+        if keys_outer is not None:
+            self._outer, self._outer_attrs = OuterAEAD(keys_outer[0]), OuterAEAD(keys_outer[1])
+        if data_keys is None and (keys_inner is None or keys_outer is None):
+            raise ValueError("derived keys or data keys are required")
         self._aad_in = fmt.aad_prefix(header.suite, fmt.LAYER_INNER, self.digest)
         self._aad_out = fmt.aad_prefix(header.suite, fmt.LAYER_OUTER, self.digest)
+
+    def _content(self) -> tuple[InnerAEAD, OuterAEAD]:
+        inner, outer = self._inner, self._outer
+        if inner is None or outer is None:  # two threads may both derive: same keys, either wins
+            h = self.header
+            inner = InnerAEAD(_key_inner(self._dk_inner, h.msg_id, h.suite, LABEL_DERIVE))
+            outer = OuterAEAD(_key_outer(self._dk_outer, h.msg_id, h.suite, LABEL_DERIVE))
+            self._inner, self._outer = inner, outer
+        return inner, outer
+
+    def _attrs(self) -> tuple[InnerAEAD, OuterAEAD]:
+        inner, outer = self._inner_attrs, self._outer_attrs
+        if inner is None or outer is None:
+            h = self.header
+            inner = InnerAEAD(_key_inner(self._dk_inner, h.msg_id, h.suite, LABEL_ATTRS))
+            outer = OuterAEAD(_key_outer(self._dk_outer, h.msg_id, h.suite, LABEL_ATTRS))
+            self._inner_attrs, self._outer_attrs = inner, outer
+        return inner, outer
 
     def __repr__(self) -> str:
         return (f"ObjectCipher(len={self.header.plaintext_len}, chunks={self.n_chunks}, "
@@ -97,10 +140,10 @@ class ObjectCipher:
                        file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=bytes(fmt.COMMIT_BYTES),
                        commit_outer=bytes(fmt.COMMIT_BYTES), suite=suite)
         bound = draft.bound_fields()
-        k_in, c_in, a_in = _derive_inner(dk_inner, draft.msg_id, suite, bound)
-        k_out, c_out, a_out = _derive_outer(dk_outer, draft.msg_id, suite, bound)
+        c_in = _commit_inner(dk_inner, draft.msg_id, suite, bound)
+        c_out = _commit_outer(dk_outer, draft.msg_id, suite, bound)
         header = dataclasses.replace(draft, commit_inner=c_in, commit_outer=c_out)
-        return cls(header, (k_in, a_in), (k_out, a_out))
+        return cls(header, data_keys=(dk_inner, dk_outer))
 
     @classmethod
     def open_version(cls, header: Header, dk_inner: bytes, dk_outer: bytes) -> "ObjectCipher":
@@ -112,15 +155,16 @@ class ObjectCipher:
         dk_inner = _check_dk(dk_inner, "inner")
         dk_outer = _check_dk(dk_outer, "outer")
         bound = header.bound_fields()
-        k_in, c_in, a_in = _derive_inner(dk_inner, header.msg_id, header.suite, bound)
-        k_out, c_out, a_out = _derive_outer(dk_outer, header.msg_id, header.suite, bound)
+        c_in = _commit_inner(dk_inner, header.msg_id, header.suite, bound)
+        c_out = _commit_outer(dk_outer, header.msg_id, header.suite, bound)
         ok_in = hmac.compare_digest(c_in, header.commit_inner)
         ok_out = hmac.compare_digest(c_out, header.commit_outer)
         if not (ok_in and ok_out):
             which = " and ".join(n for n, ok in (("inner", ok_in), ("outer", ok_out)) if not ok)
             raise IntegrityError(f"commitment mismatch ({which} layer): wrong or substituted data key, "
                                  "or an altered header")
-        return cls(header, (k_in, a_in), (k_out, a_out))
+        # the content and attribute keys are derived on first use, from these checked data keys
+        return cls(header, data_keys=(dk_inner, dk_outer))
 
     # ---- layout ---------------------------------------------------------------------------------
 
@@ -157,8 +201,9 @@ class ObjectCipher:
         nonce = fmt.chunk_nonce(index)
         final = index == self.n_chunks - 1
         mid = out[:n + fmt.TAG_BYTES]
-        self._inner.encrypt_into(nonce, plaintext, fmt.chunk_aad(self._aad_in, index, final), mid)
-        self._outer.encrypt_into(nonce, mid, fmt.chunk_aad(self._aad_out, index, final), out)
+        inner, outer = self._content()
+        inner.encrypt_into(nonce, plaintext, fmt.chunk_aad(self._aad_in, index, final), mid)
+        outer.encrypt_into(nonce, mid, fmt.chunk_aad(self._aad_out, index, final), out)
 
     def seal_chunk(self, index: int, plaintext) -> bytearray:
         out = bytearray(len(plaintext) + fmt.CHUNK_OVERHEAD)
@@ -185,10 +230,11 @@ class ObjectCipher:
         scratch = view[:n + fmt.TAG_BYTES] if not view.readonly else memoryview(bytearray(n + fmt.TAG_BYTES))
         nonce = fmt.chunk_nonce(index)
         final = index == self.n_chunks - 1
-        if not self._outer.decrypt_into(nonce, view, fmt.chunk_aad(self._aad_out, index, final), scratch):
+        inner, outer = self._content()
+        if not outer.decrypt_into(nonce, view, fmt.chunk_aad(self._aad_out, index, final), scratch):
             _wipe(out)
             raise IntegrityError(f"chunk {index} failed authentication (outer layer)")
-        if not self._inner.decrypt_into(nonce, scratch, fmt.chunk_aad(self._aad_in, index, final), out):
+        if not inner.decrypt_into(nonce, scratch, fmt.chunk_aad(self._aad_in, index, final), out):
             _wipe(out)
             _wipe(scratch)
             raise IntegrityError(f"chunk {index} failed authentication (inner layer)")
@@ -212,8 +258,9 @@ class ObjectCipher:
         out = bytearray(fmt.NONCE_BYTES + n + fmt.CHUNK_OVERHEAD)
         out[:fmt.NONCE_BYTES] = nonce
         body = memoryview(out)[fmt.NONCE_BYTES:]
-        self._inner_attrs.encrypt_into(nonce, data, fmt.attrs_aad(self._aad_in), body[:n + fmt.TAG_BYTES])
-        self._outer_attrs.encrypt_into(nonce, body[:n + fmt.TAG_BYTES], fmt.attrs_aad(self._aad_out), body)
+        inner, outer = self._attrs()
+        inner.encrypt_into(nonce, data, fmt.attrs_aad(self._aad_in), body[:n + fmt.TAG_BYTES])
+        outer.encrypt_into(nonce, body[:n + fmt.TAG_BYTES], fmt.attrs_aad(self._aad_out), body)
         return bytes(out)
 
     def open_attrs(self, blob: bytes) -> bytes:
@@ -223,10 +270,11 @@ class ObjectCipher:
         body = bytearray(blob[fmt.NONCE_BYTES:])
         n = len(body) - fmt.CHUNK_OVERHEAD
         mid = memoryview(body)[:n + fmt.TAG_BYTES]
-        if not self._outer_attrs.decrypt_into(nonce, body, fmt.attrs_aad(self._aad_out), mid):
+        inner, outer = self._attrs()
+        if not outer.decrypt_into(nonce, body, fmt.attrs_aad(self._aad_out), mid):
             raise IntegrityError("attributes failed authentication (outer layer)")
         out = bytearray(n)
-        if not self._inner_attrs.decrypt_into(nonce, mid, fmt.attrs_aad(self._aad_in), out):
+        if not inner.decrypt_into(nonce, mid, fmt.attrs_aad(self._aad_in), out):
             _wipe(out)
             raise IntegrityError("attributes failed authentication (inner layer)")
         return bytes(out)

@@ -83,8 +83,7 @@ class MetadataOps:
         if node.stored and node.obj is not None:
             obj = node.obj
             try:
-                await self._io(self.vault.set_attrs, obj, blob)
-                new = await self._io(self._reopen_sync, key, obj.data_keys)
+                new = await self._io(self.vault.update_attrs, obj, blob)
             except PreconditionFailed:
                 raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: changed by another client; "
                                       "attributes not stored") from None

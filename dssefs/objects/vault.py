@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import itertools
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -34,6 +35,7 @@ Source = Callable[[int, int], "bytes | bytearray | memoryview"]
 Progress = Callable[[int], None]
 
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
+OPEN_CACHE_ENTRIES = 4096  # unwrapped data keys and verified ciphers kept in memory (LRU each)
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 READ_WINDOW = 8 * 1024 * 1024
 
@@ -183,6 +185,12 @@ class Vault:
         self.multipart_threshold = max(multipart_threshold, part_size)
         self._pool: cf.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # memory only, never written anywhere: unwrapped data keys per (object key, wrapped blobs)
+        # and verified ciphers per (header, data keys), so that probing, opening and reading one
+        # version unwraps (a KMS call) and derives its keys once
+        self._open_lock = threading.Lock()
+        self._keys_cache: collections.OrderedDict[tuple, DataKeys] = collections.OrderedDict()
+        self._cipher_cache: collections.OrderedDict[tuple, envelope.ObjectCipher] = collections.OrderedDict()
 
     @property
     def pool(self) -> cf.ThreadPoolExecutor:
@@ -216,7 +224,44 @@ class Vault:
             f"{self.store.url}/{key}: data keys are wrapped by '{kind}' but this command uses "
             f"'{self.keys.kind}': pass the matching --kms-key-id or --keyring")
 
+    def _cached(self, cache: collections.OrderedDict, k: tuple):
+        with self._open_lock:
+            v = cache.get(k)
+            if v is not None:
+                cache.move_to_end(k)
+            return v
+
+    def _remember(self, cache: collections.OrderedDict, k: tuple, v) -> None:
+        with self._open_lock:
+            cache[k] = v
+            cache.move_to_end(k)
+            while len(cache) > OPEN_CACHE_ENTRIES:
+                cache.popitem(last=False)
+
+    @staticmethod
+    def _wrapped_id(key: str, env: Envelope) -> tuple:
+        return (key, env.provider, env.key_id_inner, env.key_id_outer, bytes(env.wrapped_inner),
+                bytes(env.wrapped_outer))
+
+    def _remember_keys(self, keys: DataKeys) -> None:
+        self._remember(self._keys_cache, (keys.object_key, keys.provider, keys.wrapped_inner.key_id,
+                                          keys.wrapped_outer.key_id, bytes(keys.wrapped_inner.blob),
+                                          bytes(keys.wrapped_outer.blob)), keys)
+
+    def _remember_cipher(self, cipher: envelope.ObjectCipher, keys: DataKeys) -> None:
+        """A cipher whose commitments are known to match ``keys`` (verified, or just computed)."""
+        self._remember(self._cipher_cache, (cipher.header_bytes, bytes(keys.inner), bytes(keys.outer)), cipher)
+
     def _unwrap(self, key: str, env: Envelope) -> DataKeys:
+        wid = self._wrapped_id(key, env)
+        keys = self._cached(self._keys_cache, wid)
+        if keys is not None:
+            return keys
+        keys = self._unwrap_now(key, env)
+        self._remember(self._keys_cache, wid, keys)
+        return keys
+
+    def _unwrap_now(self, key: str, env: Envelope) -> DataKeys:
         provider = self._provider_for(key, env.provider)
         w_in = WrappedKey(env.wrapped_inner, env.key_id_inner)
         w_out = WrappedKey(env.wrapped_outer, env.key_id_outer)
@@ -232,7 +277,8 @@ class Vault:
 
         ``data_keys`` may be passed to skip unwrapping when the caller already holds the keys for
         these exact wrapped blobs (the file system's key cache); they are still checked against
-        both commitments.
+        both commitments.  Unwrapped keys and verified ciphers are cached in memory: a version
+        whose header and data keys were already checked is not derived and checked again.
         """
         if info is None:
             info = self.store.head(key)
@@ -248,10 +294,14 @@ class Vault:
                 or data_keys.wrapped_inner.blob != env.wrapped_inner
                 or data_keys.wrapped_outer.blob != env.wrapped_outer):
             data_keys = self._unwrap(key, env)
-        try:
-            cipher = envelope.ObjectCipher.open_version(env.header, data_keys.inner, data_keys.outer)
-        except IntegrityError as e:
-            raise IntegrityError(f"{self.store.url}/{key}: {e}") from None
+        cid = (env.header.pack(), bytes(data_keys.inner), bytes(data_keys.outer))
+        cipher = self._cached(self._cipher_cache, cid)
+        if cipher is None:
+            try:
+                cipher = envelope.ObjectCipher.open_version(env.header, data_keys.inner, data_keys.outer)
+            except IntegrityError as e:
+                raise IntegrityError(f"{self.store.url}/{key}: {e}") from None
+            self._remember(self._cipher_cache, cid, cipher)
         return OpenObject(self, info, env, cipher, data_keys)
 
     # ---- writing --------------------------------------------------------------------------------
@@ -269,6 +319,8 @@ class Vault:
             data_keys.inner, data_keys.outer, plaintext_len=size,
             file_id=file_id if file_id is not None else os.urandom(fmt.FILE_ID_BYTES),
             generation=generation, chunk_log2=chunk_log2 or self.chunk_log2)
+        self._remember_keys(data_keys)
+        self._remember_cipher(cipher, data_keys)
         env = self._envelope(cipher, data_keys, attrs)
         meta = env.to_metadata()
         if cipher.body_size <= self.multipart_threshold:
@@ -338,11 +390,19 @@ class Vault:
 
     def set_attrs(self, obj: OpenObject, attrs: bytes | None) -> str:
         """Replace the attribute blob (fresh nonce) with a self-copy pinned to the opened ETag."""
+        return self.update_attrs(obj, attrs).etag
+
+    def update_attrs(self, obj: OpenObject, attrs: bytes | None) -> OpenObject:
+        """:meth:`set_attrs`, returning the new version opened (header, keys and cipher are those
+        of ``obj``: no HEAD, no unwrap, no derivation)."""
         env = Envelope(header=obj.envelope.header, provider=obj.envelope.provider,
                        key_id_inner=obj.envelope.key_id_inner, key_id_outer=obj.envelope.key_id_outer,
                        wrapped_inner=obj.envelope.wrapped_inner, wrapped_outer=obj.envelope.wrapped_outer,
                        attrs=None if attrs is None else obj.cipher.seal_attrs(attrs))
-        return self.store.copy(obj.key, obj.key, env.to_metadata(), if_match=obj.etag)
+        meta = env.to_metadata()
+        etag = self.store.copy(obj.key, obj.key, meta, if_match=obj.etag)
+        info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
+        return OpenObject(self, info, env, obj.cipher, obj.data_keys)
 
     def _rewrapped(self, obj: OpenObject, dst: str, key_id_inner: str | None = None,
                    key_id_outer: str | None = None) -> Envelope:
