@@ -852,7 +852,8 @@ class LocalUpload(Upload):
         header = _PREFIX.pack(MAGIC, len(blob)) + blob
         fd = self._fd
         _pwrite_all(fd, memoryview(header), 0)
-        os.ftruncate(fd, self._reserve + size)  # drop anything a re-sent larger part left beyond
+        if os.fstat(fd).st_size != self._reserve + size:  # ftruncate waits for writeback: only if needed
+            os.ftruncate(fd, self._reserve + size)  # drop what a re-sent larger part left beyond
         if store._fsync:
             os.fsync(fd)
         dirpath, path = store._paths(self.key)
