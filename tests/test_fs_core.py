@@ -35,7 +35,10 @@ def backend(request, tmp_path):
 
 
 def make_fs(vault, tmp_path, **kw) -> Filesystem:
-    cfg = dict(chunk_size=1 << 16, spill_dir=str(tmp_path / "spill"), attr_timeout=0, entry_timeout=0)
+    # attr_delay=0: attribute changes are stored before the call returns (the deferred stores
+    # have their own tests below)
+    cfg = dict(chunk_size=1 << 16, spill_dir=str(tmp_path / "spill"), attr_timeout=0, entry_timeout=0,
+               attr_delay=0)
     cfg.update(kw)
     return Filesystem(vault, "", FsConfig(**cfg))
 
@@ -178,6 +181,92 @@ async def test_symlink_special_xattr_chmod(backend, tmp_path):
     assert e.value.errno == errno.EPERM
 
 
+def count_copies(vault) -> list:
+    calls = []
+    real = vault.store.copy
+
+    def copy(*a, **kw):
+        calls.append(a[:2])
+        return real(*a, **kw)
+    vault.store.copy = copy
+    return calls
+
+
+async def mode_seen_by_another_mount(vault, tmp_path, name, parent_name=None) -> int:
+    other = make_fs(vault, tmp_path)
+    parent = ROOT if parent_name is None else (await other.lookup(ROOT, parent_name)).ino
+    return (await other.lookup(parent, name)).mode & 0o7777
+
+
+async def test_attribute_changes_are_stored_together_after_a_delay(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_delay=0.3)
+    ino = await write_file(fs, "f", b"data")
+    d = await fs.mkdir(ROOT, "d", 0o700, 0, 0)
+    copies = count_copies(backend)
+    for i in (ino, d.ino):  # what tar does at the end of a directory: utimens, chown, chmod
+        await fs.setattr(i, atime_ns=1_000_000_000, mtime_ns=2_000_000_000)
+        await fs.setattr(i, uid=1000, gid=1000)
+        await fs.setattr(i, mode=0o751)
+    assert (await fs.getattr(ino)).mode & 0o7777 == 0o751  # seen at once through this mount
+    assert copies == []  # nothing stored yet
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o1", "f") == 0o644
+    await trio.sleep(0.6)
+    assert sorted(copies) == [("d/", "d/"), ("f", "f")]  # one metadata-only copy per inode
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "f") == 0o751
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o3", "d") == 0o751
+    other = make_fs(backend, tmp_path / "o4")
+    f = await other.lookup(ROOT, "f")
+    assert (f.uid, f.gid, f.atime_ns, f.mtime_ns) == (1000, 1000, 1_000_000_000, 2_000_000_000)
+
+
+async def test_fsync_fsyncdir_close_and_unmount_store_pending_attributes(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_delay=60)
+    ino = await write_file(fs, "f", b"data")
+    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    await fs.setattr(ino, mode=0o600)
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    await fs.fsync(fh)  # fsync of a read-only descriptor
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o1", "f") == 0o600
+    await fs.setattr(ino, mode=0o640)
+    await fs.flush(fh)  # close
+    await fs.release(fh)
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "f") == 0o640
+    await fs.setattr(d.ino, mode=0o700)
+    dh = await fs.opendir(d.ino)
+    await fs.fsyncdir(dh)
+    await fs.releasedir(dh)
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o3", "d") == 0o700
+    await fs.setattr(ino, mode=0o604)
+    await fs.setxattr(d.ino, "user.k", b"v")
+    assert await fs.flush_all(final=True) == []  # unmount / SIGTERM
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o4", "f") == 0o604
+    other = make_fs(backend, tmp_path / "o5")
+    assert await other.getxattr((await other.lookup(ROOT, "d")).ino, "user.k") == b"v"
+    # pending changes of a removed name are dropped, not stored under another name
+    await fs.setattr(ino, mode=0o666)
+    await fs.unlink(ROOT, "f")
+    await fs.setattr(d.ino, mode=0o711)
+    await fs.rmdir(ROOT, "d")
+    assert fs.dirty_inodes() == []
+
+
+async def test_failed_deferred_attribute_store_is_reported_by_the_next_fsync(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_delay=0.2)
+    ino = await write_file(fs, "f", b"data")
+    await fs.setattr(ino, mode=0o600)
+    await write_file(make_fs(backend, tmp_path / "o"), "f", b"newer")  # another client wins
+    await trio.sleep(0.5)  # the deferred store fails (conflict), is logged and kept
+    assert fs.node(ino).meta_error is not None and fs.node(ino).meta_dirty
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    with pytest.raises(DssefsError) as e:
+        await fs.fsync(fh)
+    assert e.value.errno == errno.EIO
+    await fs.release(fh)
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "f") == 0o644
+    failures = await fs.flush_all(final=True)
+    assert [f[1].errno for f in failures] == [errno.EIO]
+
+
 async def test_conflict_is_not_overwritten(backend, tmp_path):
     fs1 = make_fs(backend, tmp_path)
     fs2 = make_fs(backend, tmp_path / "2")
@@ -205,7 +294,7 @@ async def test_concurrent_files(backend, tmp_path):
 
 
 async def test_root_attributes_persist_with_prefix(backend, tmp_path):
-    fs = Filesystem(backend, "team/", FsConfig(chunk_size=1 << 16, attr_timeout=0, entry_timeout=0))
+    fs = Filesystem(backend, "team/", FsConfig(chunk_size=1 << 16, attr_timeout=0, entry_timeout=0, attr_delay=0))
     await fs.setattr(ROOT, mode=0o700, uid=42, gid=43)
     await write_file(fs, "inside", b"x")
     fs2 = Filesystem(backend, "team", FsConfig(chunk_size=1 << 16))

@@ -51,6 +51,10 @@ class FsConfig:
     # another client's new version would be read with a stale size, and dirty pages still in the
     # kernel at SIGTERM are not reachable by the daemon's flush.
     writeback_cache: bool = False
+    # attribute-only changes (chmod, chown, utimens, xattrs) of files without unsaved data are
+    # stored this many seconds after the first one, or at the next fsync/close, fsyncdir, rename
+    # or unmount (0: store each change before the call returns)
+    attr_delay: float = 1.0
 
 
 @dataclass

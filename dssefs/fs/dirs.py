@@ -114,6 +114,7 @@ class DirOps:
         if node.stored:
             await self._io(self.store.delete, self.object_key(node))
         node.stored = False
+        node.meta_dirty = False  # pending attributes die with the directory
         self.table.detach(node)
         self._touch_dir(parent)
         self._listed(parent, name, None)
@@ -167,6 +168,7 @@ class DirOps:
                     self._stored(src, new_obj)
             if dst is not None:
                 dst.stored = False
+                dst.meta_dirty = False  # replaced: its pending attributes die with it
                 self.table.detach(dst)
             self.table.move(src, dp.ino, new)
             self._listed(sp, old, None)

@@ -119,9 +119,11 @@ class FileOps:
         """close(2) of one descriptor: returns once the file is stored."""
         h = self.handle(fh)
         node = h.node
+        self._deferred.pop(node.ino, None)
         if node.dirty and node.linked:
             async with node.lock:
                 await self._flush_locked(node)
+        node.meta_error = None  # stored now: an earlier deferred failure has been retried
 
     fsync = flush
 
@@ -133,7 +135,9 @@ class FileOps:
         node.open_count -= 1
         if h.writable:
             node.writers -= 1
-        if node.writers == 0 and node.dirty and node.linked:
+        if node.writers == 0 and node.dirty and node.linked and self._can_defer(node):
+            self._defer_attrs(node)  # only attributes are pending: the data was stored by FLUSH
+        elif node.writers == 0 and node.dirty and node.linked:
             try:
                 async with node.lock:
                     await self._flush_locked(node)

@@ -66,6 +66,8 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         self._conditional = getattr(self.store, "supports_conditional_writes", True)
         self._listings: dict[int, tuple[float, dict[str, str] | None]] = {}
         self.chunk_log2 = self.cfg.chunk_size.bit_length() - 1
+        self._deferred: dict[int, float] = {}  # inode -> when its pending attributes are stored
+        self._deferring = False
 
     def load_root(self) -> None:
         """Read the root's attributes from the prefix marker, if there is one (blocking; call

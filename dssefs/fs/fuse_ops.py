@@ -259,7 +259,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_op(by_fh=True)
     async def fsyncdir(self, fh, datasync):
-        return None
+        await self.fs.fsyncdir(fh)
 
     # ---- extended attributes ------------------------------------------------------------------------
 

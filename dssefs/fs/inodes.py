@@ -17,7 +17,7 @@ ROOT_INODE = 1
 class Inode:
     __slots__ = ("ino", "parent", "name", "attrs", "nlookup", "open_count", "writers", "linked", "stored",
                  "obj", "etag", "foreign_size", "foreign", "validated", "lock", "content", "symlink_target",
-                 "cached_etag", "meta_dirty", "broken", "__weakref__")
+                 "cached_etag", "meta_dirty", "meta_error", "broken", "__weakref__")
 
     def __init__(self, ino: int, parent: int, name: str, attrs: Attrs):
         self.ino, self.parent, self.name, self.attrs = ino, parent, name, attrs
@@ -36,6 +36,7 @@ class Inode:
         self.symlink_target: bytes | None = None
         self.cached_etag: str | None = None  # the version the kernel page cache holds
         self.meta_dirty = False  # attributes changed locally, not stored yet
+        self.meta_error = None  # DssefsError of a failed deferred attribute store (see metadata.py)
         self.broken = None  # DssefsError: the object exists but cannot be opened (tampered, key denied)
 
     def __repr__(self) -> str:

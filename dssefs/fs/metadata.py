@@ -1,15 +1,24 @@
 """setattr (chmod, chown, truncate, utimens) and storing attribute-only changes.
+
+Attribute-only changes of an inode without unsaved data are stored ``attr_delay`` seconds after
+the first of them (one metadata-only self-copy for a chmod + chown + utimens burst, off the
+caller's path), or earlier by the inode's next fsync/close, a rename, ``fsyncdir`` or unmount.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 
-from ..errors import MetadataBudgetError, PreconditionFailed
+import trio
+
+from ..errors import DssefsError, MetadataBudgetError, PreconditionFailed
 from .attributes import now_ns
 from .common import Stat, fail
 from .inodes import Inode
+
+log = logging.getLogger("dssefs.fs")
 
 
 class MetadataOps:
@@ -55,15 +64,78 @@ class MetadataOps:
             if mtime_ns is not None:
                 a.mtime_ns = mtime_ns
             a.ctime_ns = t
+            was_dirty = node.meta_dirty
             node.meta_dirty = True
-            if node.writers == 0:  # nobody writing: store now (else at the next flush/close)
+            if node.writers == 0:  # nobody writing: store soon (else at the next flush/close)
                 try:
-                    await self._persist_attrs(node)
+                    if size is None and self._can_defer(node):
+                        self._check_budget(node)
+                        self._defer_attrs(node)
+                    else:
+                        await self._persist_attrs(node)
                 except MetadataBudgetError:
                     node.attrs = old
-                    node.meta_dirty = False
+                    node.meta_dirty = was_dirty
                     raise
         return self.stat(node)
+
+    # ---- deferred attribute stores ------------------------------------------------------------
+
+    def _can_defer(self, node: Inode) -> bool:
+        """Attribute-only changes may wait when storing them is a self-copy of a stored object
+        and no file data is unsaved (that is stored at once, with the attributes, by the next
+        flush).  A directory without a marker object gets its marker at once."""
+        return (self.cfg.attr_delay > 0 and node.linked and node.stored and node.obj is not None
+                and not (node.content is not None and node.content.modified))
+
+    def _defer_attrs(self, node: Inode) -> None:
+        """Store ``node``'s attributes within ``attr_delay`` seconds (inode lock held)."""
+        if node.ino not in self._deferred:  # the first change sets the deadline: no starvation
+            self._deferred[node.ino] = self._now() + self.cfg.attr_delay
+        if not self._deferring:
+            self._deferring = True
+            trio.lowlevel.spawn_system_task(self._deferred_attrs_task, name="dssefs-deferred-attrs")
+
+    async def _deferred_attrs_task(self) -> None:
+        try:
+            while self._deferred:
+                now = self._now()
+                due = [ino for ino, t in self._deferred.items() if t <= now]
+                if not due:
+                    await trio.sleep(max(0.0, min(self._deferred.values()) - now))
+                    continue
+                async with trio.open_nursery() as nursery:
+                    for ino in due:
+                        del self._deferred[ino]
+                        node = self.table.get(ino)
+                        if node is not None:
+                            nursery.start_soon(self._store_deferred, node)
+        finally:
+            self._deferring = False
+
+    async def _store_deferred(self, node: Inode) -> None:
+        try:
+            async with node.lock:
+                # open for writing: stored by the writer's next flush/close; unlinked: nothing to do
+                if not node.meta_dirty or not node.linked or node.writers > 0:
+                    return
+                await self._persist_attrs(node)
+        except DssefsError as e:
+            node.meta_error = e
+            log.error("op=store_attributes object=%s errno=%s reason=%s (kept in memory; retried by the "
+                      "next fsync/close of the file or at unmount)", self.describe(node.ino),
+                      errno.errorcode.get(e.errno, e.errno), e)
+        except Exception:  # noqa: BLE001 - a system task must not crash the mount
+            log.exception("op=store_attributes object=%s unexpected error", self.describe(node.ino))
+
+    async def store_attrs_now(self, node: Inode) -> None:
+        """Store pending attribute changes of ``node`` now (fsync, fsyncdir); raises the error of
+        a failed deferred store if storing still fails."""
+        self._deferred.pop(node.ino, None)
+        if node.meta_dirty and node.linked:
+            async with node.lock:
+                await self._persist_attrs(node)
+        node.meta_error = None
 
     async def _persist_attrs(self, node: Inode) -> None:
         """Store changed attributes now (lock held): a metadata-only self-copy when possible."""

@@ -97,3 +97,11 @@ class ReaddirOps:
 
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int) -> None:
+        """fsync(2) of a directory: its pending attribute changes are stored before it returns
+        (names are stored by the operations that change them)."""
+        d = self.dirs.get(fh)
+        if d is None:
+            raise fail(errno.EBADF)
+        await self.store_attrs_now(d.node)

@@ -52,7 +52,10 @@ class XattrOps:
                 self._check_budget(node)
                 node.meta_dirty = True
                 if node.writers == 0:
-                    await self._persist_attrs(node)
+                    if self._can_defer(node):
+                        self._defer_attrs(node)
+                    else:
+                        await self._persist_attrs(node)
             except MetadataBudgetError:
                 node.attrs = old
                 node.meta_dirty = was_dirty
