@@ -57,7 +57,7 @@ class InodeTable:
         root.nlookup = 1
         self.by_ino: dict[int, Inode] = {ROOT_INODE: root}
         self.by_name: dict[tuple[int, str], int] = {}
-        self.kids: dict[int, int] = {}  # linked children known per directory inode
+        self.kids: dict[int, dict[int, None]] = {}  # linked children known per directory inode (ordered)
 
     @property
     def root(self) -> Inode:
@@ -85,17 +85,17 @@ class InodeTable:
 
     def _name(self, node: Inode) -> None:
         self.by_name[(node.parent, node.name)] = node.ino
-        self.kids[node.parent] = self.kids.get(node.parent, 0) + 1
+        self.kids.setdefault(node.parent, {})[node.ino] = None
 
     def _unname(self, node: Inode) -> bool:
         if self.by_name.get((node.parent, node.name)) != node.ino:
             return False
         del self.by_name[(node.parent, node.name)]
-        left = self.kids.get(node.parent, 1) - 1
-        if left:
-            self.kids[node.parent] = left
-        else:
-            self.kids.pop(node.parent, None)
+        kids = self.kids.get(node.parent)
+        if kids is not None:
+            kids.pop(node.ino, None)
+            if not kids:
+                del self.kids[node.parent]
         return True
 
     def detach(self, node: Inode) -> None:
@@ -117,7 +117,12 @@ class InodeTable:
             self.maybe_drop(old_parent)
 
     def children(self, parent: int) -> list[Inode]:
-        return [n for n in self.by_ino.values() if n.parent == parent and n.linked and n.ino != ROOT_INODE]
+        out = []
+        for ino in self.kids.get(parent, ()):
+            n = self.by_ino.get(ino)
+            if n is not None and n.linked and n.parent == parent and ino != ROOT_INODE:
+                out.append(n)
+        return out
 
     def descendants(self, ancestor: int) -> list[Inode]:
         out = []

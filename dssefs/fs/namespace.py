@@ -24,9 +24,17 @@ class NamespaceOps:
 
     # ---- probing the store (blocking; worker threads) -------------------------------------------
 
-    def _describe_sync(self, key: str, info: ObjectInfo, kind: str, data_keys=None) -> Probe:
+    def _describe_sync(self, key: str, info: ObjectInfo, kind: str, prev=None) -> Probe:
+        """``prev``: the OpenObject this inode had; when the store still has that very version
+        (same ETag, size and metadata) it is reused as it is (nothing to parse, unwrap or decrypt)."""
+        if (prev is not None and prev.key == key and prev.etag == info.etag and prev.info.size == info.size
+                and prev.info.metadata == info.metadata):
+            obj = prev
+        else:
+            obj = None
         try:
-            obj = self.vault.open(key, info, data_keys=data_keys)
+            if obj is None:
+                obj = self.vault.open(key, info, data_keys=prev.data_keys if prev is not None else None)
         except NotDssefsObject:
             a = self._default_attrs(kind)
             t = int(info.mtime * 1e9)
@@ -52,16 +60,16 @@ class NamespaceOps:
             a.mode = stat.S_IFREG | (a.mode & 0o7777)
         return Probe(kind, a, True, obj, info.etag, size=obj.size)
 
-    def _probe_sync(self, dirpfx: str, name: str, hint: str | None = None, data_keys=None) -> Probe | None:
+    def _probe_sync(self, dirpfx: str, name: str, hint: str | None = None, prev=None) -> Probe | None:
         key = dirpfx + name
         if hint != "dir":
             try:
-                return self._describe_sync(key, self.store.head(key), "file", data_keys)
+                return self._describe_sync(key, self.store.head(key), "file", prev)
             except ObjectNotFound:
                 if hint == "file":
                     return None
         try:
-            return self._describe_sync(key + "/", self.store.head(key + "/"), "dir", data_keys)
+            return self._describe_sync(key + "/", self.store.head(key + "/"), "dir", prev)
         except ObjectNotFound:
             pass
         for _item in self.store.list(key + "/", delimiter="/"):
@@ -125,8 +133,8 @@ class NamespaceOps:
                     if node is not None:
                         self.table.detach(node)
                     return None
-        keys = node.obj.data_keys if node is not None and node.obj is not None else None
-        p = await self._io(self._probe_sync, self.dir_prefix(parent), name, hint, keys)
+        prev = node.obj if node is not None else None
+        p = await self._io(self._probe_sync, self.dir_prefix(parent), name, hint, prev)
         return self._install(parent, name, p)
 
     async def _dir_names(self, parent: Inode) -> dict[str, str] | None:
@@ -204,9 +212,8 @@ class NamespaceOps:
         parent = self.table.get(node.parent)
         if parent is None:
             return
-        keys = node.obj.data_keys if node.obj is not None else None
         p = await self._io(self._probe_sync, self.dir_prefix(parent), node.name,
-                           "dir" if node.is_dir() else "file", keys)
+                           "dir" if node.is_dir() else "file", node.obj)
         if p is None:
             if node.open_count == 0:
                 self.table.detach(node)

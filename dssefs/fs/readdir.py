@@ -54,9 +54,9 @@ class ReaddirOps:
 
         def probe_many(group: list[tuple[str, str, object]]) -> list[tuple[str, Probe | None]]:
             out = []
-            for name, kind, keys in group:
+            for name, kind, prev in group:
                 try:
-                    out.append((name, self._probe_sync(dirpfx, name, kind, keys)))
+                    out.append((name, self._probe_sync(dirpfx, name, kind, prev)))
                 except DssefsError as e:
                     log.warning("op=readdir object=%s%s errno=%s reason=%s", self.store.url.rstrip("/") + "/",
                                 dirpfx + name, errno.errorcode.get(e.errno, e.errno), e)
@@ -81,7 +81,7 @@ class ReaddirOps:
             work = []
             for name, kind in todo:
                 old = self.table.child(node.ino, name)
-                work.append((name, kind, old.obj.data_keys if old is not None and old.obj is not None else None))
+                work.append((name, kind, old.obj if old is not None else None))
             # a few entries per worker-thread round trip; groups run in parallel (store latency)
             size = max(1, min(16, len(work) // max(1, self.io.total_tokens)))
             async with trio.open_nursery() as nursery:

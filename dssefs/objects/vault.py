@@ -99,8 +99,13 @@ class OpenObject:
     n_chunks = property(lambda self: self.cipher.n_chunks)
 
     def attrs(self) -> bytes | None:
-        """The decrypted attribute blob, or None if the object has none."""
-        return None if self.envelope.attrs is None else self.cipher.open_attrs(self.envelope.attrs)
+        """The decrypted attribute blob, or None if the object has none (decrypted once)."""
+        if self.envelope.attrs is None:
+            return None
+        plain = self.__dict__.get("_attrs_plain")
+        if plain is None:
+            plain = self._attrs_plain = self.cipher.open_attrs(self.envelope.attrs)
+        return plain
 
     def read_chunks(self, chunks: range) -> list[bytearray]:
         """Fetch a contiguous run of chunks with one ranged GET and return their plaintexts."""
