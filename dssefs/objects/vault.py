@@ -342,15 +342,26 @@ class Vault:
                         attrs=None if attrs is None else cipher.seal_attrs(attrs))
 
     def _seal_range(self, cipher: envelope.ObjectCipher, chunks: range, source: Source,
-                    progress: Progress | None, parallel: bool = False) -> bytearray:
+                    progress: Progress | None, parallel: bool = False,
+                    buf: bytearray | None = None) -> bytearray | memoryview:
+        """The sealed body bytes of ``chunks``: a new bytearray, or a view of ``buf`` when it is
+        given and large enough (multipart uploads reuse their part buffers)."""
         start, length = cipher.body_span(chunks) if chunks else (0, 0)
-        out = bytearray(length)
+        if buf is not None and len(buf) >= length:
+            out = memoryview(buf)[:length]
+        else:
+            out = bytearray(length)
         view = memoryview(out)
 
         def seal(i: int) -> None:
             n = cipher.chunk_plain_len(i)
             off = cipher.chunk_body_offset(i) - start
-            cipher.seal_chunk_into(i, source(i * cipher.chunk_size, n), view[off:off + n + fmt.CHUNK_OVERHEAD])
+            plain = source(i * cipher.chunk_size, n)
+            try:
+                cipher.seal_chunk_into(i, plain, view[off:off + n + fmt.CHUNK_OVERHEAD])
+            finally:
+                if isinstance(plain, memoryview):
+                    plain.release()  # the source may hand out views of buffers it resizes later
             if progress:
                 progress(n)
 
@@ -366,10 +377,17 @@ class Vault:
         runs = [range(s, min(s + per_part, cipher.n_chunks)) for s in range(0, cipher.n_chunks, per_part)]
         upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match)
         sem = threading.BoundedSemaphore(self.workers)
+        spare: list[bytearray] = []  # part buffers whose upload returned: sealed into again
 
         def part(number: int, run: range) -> None:
             try:
-                upload.put_part(number, self._seal_range(cipher, run, source, progress))
+                try:
+                    buf = spare.pop()
+                except IndexError:
+                    buf = None
+                body = self._seal_range(cipher, run, source, progress, buf=buf)
+                upload.put_part(number, body)
+                spare.append(body.obj if isinstance(body, memoryview) else body)
             finally:
                 sem.release()
 
