@@ -6,7 +6,8 @@ Layout
 
     ROOT/.dssefs-store          marker: {"format": "dssefs-local-store", "version": 1}
     ROOT/objects/               the objects, one file each
-    ROOT/uploads/<id>/          multipart uploads in progress (<n>.part files)
+    ROOT/uploads/<id>/          multipart uploads in progress (``body``: the object file being
+                                built, parts at their final offsets; <n>.part: parts that did not fit)
     ROOT/locks/<nn>.lock        64 lock files, picked by a hash of the key
 
 An object key is split at ``/``; every segment but the last becomes a directory named
@@ -24,6 +25,9 @@ One file holds the metadata and the body, so both change together with one ``ren
     "DSSEOBJ1" | u32 big-endian n | n bytes of JSON | body
     JSON: {"etag": "\\"<32 hex>\\"", "size": <body bytes>, "mtime": <epoch>, "metadata": {...}}
 
+The JSON may be followed by spaces (counted in n): a multipart upload reserves room for the header
+in front of its parts and pads the header it finally writes to that size.
+
 A reader opens the file once and reads header and body from that descriptor, so it always sees
 one consistent version even while a writer replaces it.  The ETag is a fresh random token on every
 put, copy and completed upload.  A file whose length disagrees with its header is reported as
@@ -31,10 +35,12 @@ corrupt.
 
 Crash safety
 ------------
-Writes go to ``.<random>.tmp`` in the target directory, are ``fsync``-ed, renamed over the object
+Writes go to ``.<random>.tmp`` in the target directory (a multipart upload: to
+``uploads/<id>/body``, on the same file system), are ``fsync``-ed, renamed over the object
 under the key's lock and the directory is ``fsync``-ed; new directories are ``fsync``-ed into
 their parents.  A writer killed at any point leaves either the old or the new object, plus at
-worst a temporary file that listings ignore and :meth:`LocalStore.sweep` removes.
+worst a temporary file or upload directory that listings ignore and :meth:`LocalStore.sweep`
+removes.
 
 Conditional writes
 ------------------
