@@ -68,6 +68,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         self.chunk_log2 = self.cfg.chunk_size.bit_length() - 1
         self._deferred: dict[int, float] = {}  # inode -> when its pending attributes are stored
         self._deferring = False
+        self._probe_seconds = 0.0  # average time of one store probe in readdir (see readdir.py)
 
     def load_root(self) -> None:
         """Read the root's attributes from the prefix marker, if there is one (blocking; call

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
+import time
 
 import trio
 
@@ -14,6 +16,10 @@ from .common import LISTING_CACHE_MAX, READDIR_BATCH, DirHandle, Probe, Stat, fa
 from .inodes import Inode
 
 log = logging.getLogger("dssefs.fs")
+
+# a worker-thread round trip costs ~0.2 ms of CPU: probes that take less than that (a local store)
+# go several to one round trip, slow ones (S3: a HEAD is several ms) one each, in parallel
+PROBE_GROUP_SECONDS = 0.002
 
 
 class ReaddirOps:
@@ -54,6 +60,7 @@ class ReaddirOps:
 
         def probe_many(group: list[tuple[str, str, object]]) -> list[tuple[str, Probe | None]]:
             out = []
+            t0 = time.perf_counter()
             for name, kind, prev in group:
                 try:
                     out.append((name, self._probe_sync(dirpfx, name, kind, prev)))
@@ -61,6 +68,8 @@ class ReaddirOps:
                     log.warning("op=readdir object=%s%s errno=%s reason=%s", self.store.url.rstrip("/") + "/",
                                 dirpfx + name, errno.errorcode.get(e.errno, e.errno), e)
                     out.append((name, None))
+            per = (time.perf_counter() - t0) / len(group)
+            self._probe_seconds += (per - self._probe_seconds) / 8  # moving average (benign race)
             return out
 
         async def resolve(group: list[tuple[str, str, object]]) -> None:
@@ -84,6 +93,8 @@ class ReaddirOps:
                 work.append((name, kind, old.obj if old is not None else None))
             # a few entries per worker-thread round trip; groups run in parallel (store latency)
             size = max(1, min(16, len(work) // max(1, self.io.total_tokens)))
+            if self._probe_seconds > 0:
+                size = max(size, min(16, math.ceil(PROBE_GROUP_SECONDS / self._probe_seconds)))
             async with trio.open_nursery() as nursery:
                 for i in range(0, len(work), size):
                     nursery.start_soon(resolve, work[i:i + size])
