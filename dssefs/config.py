@@ -136,6 +136,9 @@ OPTIONS: tuple[Option, ...] = (
            "SECONDS", groups=("mount",)),
     Option("entry_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache name lookups",
            "SECONDS", groups=("mount",)),
+    Option("attr_delay", _nonneg_float, 1.0, "seconds within which attribute-only changes (chmod, "
+           "chown, utimens, xattrs) of a closed file are coalesced into one store; fsync, close and "
+           "unmount store them at once; 0 stores each change immediately", "SECONDS", groups=("mount",)),
     Option("allow_other", _bool, False, "let other users access the mount (implies default_permissions)",
            flag=True, groups=("mount",)),
     Option("read_only", _bool, False, "mount read-only", flag=True, groups=("mount",)),

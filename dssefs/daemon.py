@@ -270,7 +270,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
 
     s = req.settings
     vault = vault_for(s, store, keys)
-    cfg = FsConfig(attr_timeout=s.attr_timeout, entry_timeout=s.entry_timeout,
+    cfg = FsConfig(attr_timeout=s.attr_timeout, entry_timeout=s.entry_timeout, attr_delay=s.attr_delay,
                    uid=s.uid if s.uid is not None else os.getuid(),
                    gid=s.gid if s.gid is not None else os.getgid(),
                    file_mode=s.file_mode, dir_mode=s.dir_mode, foreign_objects=s.foreign_objects,
