@@ -21,12 +21,13 @@ def _free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=dict(os.environ, **(extra_env or {})),
         )
         deadline = time.monotonic() + 30
         while True:
@@ -37,7 +38,7 @@ class MotoServer:
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    self.proc.kill()
+                    self.stop()
                     raise RuntimeError("moto server did not start within 30 s")
                 time.sleep(0.05)
 
@@ -64,6 +65,7 @@ class MotoServer:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")

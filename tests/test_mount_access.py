@@ -12,9 +12,6 @@ import errno
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import uuid
 
@@ -22,6 +19,7 @@ import boto3
 import botocore.exceptions as bce
 import pytest
 
+from conftest import MotoServer
 from fuse_fixtures import requires_fuse
 
 pytestmark = [pytest.mark.fuse, pytest.mark.s3, requires_fuse]
@@ -29,12 +27,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.s3, requires_fuse]
 # Requests served before enforcement starts: create_user, put_user_policy, create_access_key.
 NO_AUTH_REQUESTS = 3
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _policy(may_write: bool, bucket: str, deny_kms_generate: bool = False) -> str:
@@ -53,40 +45,15 @@ def _policy(may_write: bool, bucket: str, deny_kms_generate: bool = False) -> st
     return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
 
-class IamMoto:
+class IamMoto(MotoServer):
     """A moto server that checks every request against IAM once the set-up requests are spent."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(NO_AUTH_REQUESTS))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("moto server exited during start-up")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("moto server did not start within 30 s")
-                time.sleep(0.05)
+        super().__init__({"INITIAL_NO_AUTH_ACTION_COUNT": str(NO_AUTH_REQUESTS)})
 
-    def client(self, service: str, access: str, secret: str):
+    def client(self, service: str, access: str, secret: str):  # type: ignore[override]
         return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION,
                             aws_access_key_id=access, aws_secret_access_key=secret)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
