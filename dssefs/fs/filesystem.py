@@ -147,6 +147,15 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         if self.cfg.read_only:
             raise fail(errno.EROFS)
 
+    def _changeable(self, ino: int):
+        """The inode of ``ino`` if its attributes may change: EROFS on a read-only mount, EACCES
+        for objects dssefs did not write (or cannot authenticate)."""
+        self._writable_fs()
+        node = self.node(ino)
+        if node.foreign or node.broken:
+            raise fail(errno.EACCES, "not a dssefs object: read-only")
+        return node
+
     def _default_attrs(self, kind: str) -> Attrs:
         if kind == "dir":
             return Attrs(stat.S_IFDIR | self.cfg.dir_mode, self.cfg.uid, self.cfg.gid, 0, 0, 0)

@@ -27,10 +27,7 @@ class MetadataOps:
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, fh: int | None = None, caller_uid: int = 0) -> Stat:
-        self._writable_fs()
-        node = self.node(ino)
-        if node.foreign or node.broken:
-            raise fail(errno.EACCES, "not a dssefs object: read-only")
+        node = self._changeable(ino)
         async with node.lock:
             old = node.attrs.copy()
             a = node.attrs

@@ -39,10 +39,7 @@ class XattrOps:
         await self._change_xattrs(ino, lambda x: x.pop(name, None))
 
     async def _change_xattrs(self, ino: int, change) -> None:
-        self._writable_fs()
-        node = self.node(ino)
-        if node.foreign or node.broken:
-            raise fail(errno.EACCES, "not a dssefs object: read-only")
+        node = self._changeable(ino)
         async with node.lock:
             old = node.attrs.copy()
             was_dirty = node.meta_dirty
