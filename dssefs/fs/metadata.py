@@ -61,20 +61,26 @@ class MetadataOps:
             if mtime_ns is not None:
                 a.mtime_ns = mtime_ns
             a.ctime_ns = t
-            was_dirty = node.meta_dirty
-            node.meta_dirty = True
-            if node.writers == 0:  # nobody writing: store soon (else at the next flush/close)
-                try:
-                    if size is None and self._can_defer(node):
-                        self._check_budget(node)
-                        self._defer_attrs(node)
-                    else:
-                        await self._persist_attrs(node)
-                except MetadataBudgetError:
-                    node.attrs = old
-                    node.meta_dirty = was_dirty
-                    raise
+            await self._attrs_changed(node, old, node.meta_dirty, may_defer=size is None)
         return self.stat(node)
+
+    async def _attrs_changed(self, node: Inode, old, was_dirty: bool, *, may_defer: bool = True) -> None:
+        """Mark ``node``'s attributes changed (inode lock held).  With nobody writing, store them
+        soon (deferred) or now; otherwise the next flush/close stores them.  A change that does
+        not fit the metadata budget is rolled back and raised."""
+        node.meta_dirty = True
+        if node.writers:
+            return
+        try:
+            if may_defer and self._can_defer(node):
+                self._check_budget(node)
+                self._defer_attrs(node)
+            else:
+                await self._persist_attrs(node)
+        except MetadataBudgetError:
+            node.attrs = old
+            node.meta_dirty = was_dirty
+            raise
 
     # ---- deferred attribute stores ------------------------------------------------------------
 

@@ -47,16 +47,10 @@ class XattrOps:
             node.attrs.ctime_ns = now_ns()
             try:
                 self._check_budget(node)
-                node.meta_dirty = True
-                if node.writers == 0:
-                    if self._can_defer(node):
-                        self._defer_attrs(node)
-                    else:
-                        await self._persist_attrs(node)
             except MetadataBudgetError:
                 node.attrs = old
-                node.meta_dirty = was_dirty
                 raise
+            await self._attrs_changed(node, old, was_dirty)
 
     def _check_budget(self, node: Inode) -> None:
         """Refuse attributes that cannot fit next to the envelope in 2 KB of S3 metadata."""
