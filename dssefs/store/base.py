@@ -104,3 +104,9 @@ class ObjectStore(abc.ABC):
 
     def close(self) -> None:  # pragma: no cover - optional
         pass
+
+    def __enter__(self) -> "ObjectStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

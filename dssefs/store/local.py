@@ -691,12 +691,6 @@ class LocalStore(ObjectStore):
                         removed += 1
         return removed
 
-    def __enter__(self) -> "LocalStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 

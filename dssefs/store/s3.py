@@ -379,12 +379,6 @@ class S3Store(ObjectStore):
         if close is not None:
             close()
 
-    def __enter__(self) -> "S3Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"S3Store({self.bucket!r}, endpoint={self.endpoint!r})"
 
