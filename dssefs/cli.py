@@ -185,7 +185,6 @@ def cmd_ls(ns: argparse.Namespace) -> int:
     object_store, prefix = _prefix(s, ns.uri)
     if prefix and not prefix.endswith("/"):
         try:
-            object_store.head(prefix)
             items: list = [object_store.head(prefix)]
         except ObjectNotFound:
             prefix += "/"
