@@ -24,6 +24,7 @@ import cryptography_vectors
 import pytest
 
 from dssefs.envelope import format as fmt
+from dssefs.envelope import inner, outer
 from dssefs.envelope.inner import InnerAEAD
 from dssefs.envelope.inner import hkdf_sha512 as inner_hkdf
 from dssefs.envelope.outer import OuterAEAD
@@ -249,6 +250,25 @@ def test_hkdf_agree_on_other_lengths_and_inputs():
         expected = _hkdf("sha512", ikm, salt, info, length)
         assert inner_hkdf(ikm, salt, info, length) == expected
         assert outer_hkdf(ikm, salt, info, length) == expected
+
+
+def test_outer_hmac_sha512_matches_stdlib_for_every_key_length_class():
+    """The outer layer builds HMAC from pycryptodome's SHA-512 (RFC 2104 padding by hand): keys
+    shorter than, equal to and longer than the 128-byte block, and empty ones."""
+    rng = random.Random(11)
+    for klen in (0, 1, 32, 64, 127, 128, 129, 300):
+        for mlen in (0, 1, 111, 112, 128, 1000):
+            key, msg = rng.randbytes(klen), rng.randbytes(mlen)
+            assert outer.hmac_sha512(key, msg) == hmac.new(key, msg, hashlib.sha512).digest()
+
+
+def test_extract_once_then_expand_equals_one_shot_hkdf():
+    rng = random.Random(12)
+    for _ in range(20):
+        ikm, salt, info = rng.randbytes(32), rng.randbytes(32), rng.randbytes(rng.randrange(0, 100))
+        expected = _hkdf("sha512", ikm, salt, info, 32)
+        assert inner.hkdf_expand(inner.hkdf_extract(ikm, salt), info) == expected
+        assert outer.hkdf_expand(outer.hkdf_extract(ikm, salt), info) == expected
 
 
 # Published known answers of the same HKDF-SHA512 call pattern (salt = message id, info = suite id

@@ -7,8 +7,9 @@ pure computations and safe to call from several threads at once.
 
 Only the commitments are derived up front.  The content keys and the attribute keys are derived
 on first use (an object probed for its attributes never needs its content keys, one that is only
-read never needs its attribute keys), always from data keys whose commitments have been checked:
-the derived values are exactly those of the format, only their timing changes.
+read never needs its attribute keys), expanded from each layer's HKDF-Extract output, computed
+once from data keys whose commitments have been checked: the derived values are exactly those of
+the format, only their timing changes.
 """
 
 from __future__ import annotations
@@ -21,42 +22,58 @@ from ..errors import IntegrityError
 from . import format as fmt
 from .format import Header
 from .inner import InnerAEAD
-from .inner import hkdf_sha512 as inner_hkdf
+from .inner import hkdf_expand as inner_expand
+from .inner import hkdf_extract as inner_extract
 from .outer import OuterAEAD
-from .outer import hkdf_sha512 as outer_hkdf
+from .outer import hkdf_expand as outer_expand
+from .outer import hkdf_extract as outer_extract
 
 LABEL_DERIVE = b"DERIVEKEY"
 LABEL_COMMIT = b"COMMITKEY"
 LABEL_ATTRS = b"ATTRSKEY"
 
 
-def _key_inner(dk: bytes, msg_id: bytes, suite: int, label: bytes) -> bytes:
-    return inner_hkdf(dk, msg_id, fmt.kdf_info(suite, fmt.LAYER_INNER, label))
+# Every derivation of a layer starts from the same HKDF-Extract (salt = msg_id, IKM = data key),
+# so the pseudorandom key is computed once per layer and version and each key or commitment is one
+# HKDF-Expand of it (docs/format.md 4.2).
+
+def _prk_inner(dk: bytes, msg_id: bytes) -> bytes:
+    return inner_extract(dk, msg_id)
 
 
-def _key_outer(dk: bytes, msg_id: bytes, suite: int, label: bytes) -> bytes:
-    return outer_hkdf(dk, msg_id, fmt.kdf_info(suite, fmt.LAYER_OUTER, label))
+def _prk_outer(dk: bytes, msg_id: bytes) -> bytes:
+    return outer_extract(dk, msg_id)
 
 
-def _commit_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> bytes:
+def _key_inner(prk: bytes, suite: int, label: bytes) -> bytes:
+    return inner_expand(prk, fmt.kdf_info(suite, fmt.LAYER_INNER, label))
+
+
+def _key_outer(prk: bytes, suite: int, label: bytes) -> bytes:
+    return outer_expand(prk, fmt.kdf_info(suite, fmt.LAYER_OUTER, label))
+
+
+def _commit_inner(prk: bytes, suite: int, bound: bytes) -> bytes:
     """``bound`` is the header's first 69 bytes: the commitment covers them, so a verified
     commitment authenticates the header."""
-    return inner_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound))
+    return inner_expand(prk, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound))
 
 
-def _commit_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> bytes:
-    return outer_hkdf(dk, msg_id, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound))
+def _commit_outer(prk: bytes, suite: int, bound: bytes) -> bytes:
+    return outer_expand(prk, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound))
 
 
 def _derive_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
     """(content key, commitment, attribute key) of the inner layer, all at once."""
-    return (_key_inner(dk, msg_id, suite, LABEL_DERIVE), _commit_inner(dk, msg_id, suite, bound),
-            _key_inner(dk, msg_id, suite, LABEL_ATTRS))
+    prk = _prk_inner(dk, msg_id)
+    return (_key_inner(prk, suite, LABEL_DERIVE), _commit_inner(prk, suite, bound),
+            _key_inner(prk, suite, LABEL_ATTRS))
 
 
 def _derive_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
-    return (_key_outer(dk, msg_id, suite, LABEL_DERIVE), _commit_outer(dk, msg_id, suite, bound),
-            _key_outer(dk, msg_id, suite, LABEL_ATTRS))
+    prk = _prk_outer(dk, msg_id)
+    return (_key_outer(prk, suite, LABEL_DERIVE), _commit_outer(prk, suite, bound),
+            _key_outer(prk, suite, LABEL_ATTRS))
 
 
 def _check_dk(dk: bytes, name: str) -> bytes:
@@ -71,27 +88,28 @@ def _wipe(buf) -> None:
 
 
 class ObjectCipher:
-    __slots__ = ("header", "header_bytes", "digest", "chunk_size", "n_chunks", "_dk_inner", "_dk_outer",
+    __slots__ = ("header", "header_bytes", "digest", "chunk_size", "n_chunks", "_prk_inner", "_prk_outer",
                  "_inner", "_outer", "_inner_attrs", "_outer_attrs", "_aad_in", "_aad_out")
 
     def __init__(self, header: Header, keys_inner: tuple[bytes, bytes] | None = None,
                  keys_outer: tuple[bytes, bytes] | None = None, *,
-                 data_keys: tuple[bytes, bytes] | None = None):
+                 prks: tuple[bytes, bytes] | None = None):
         # private: use new_version() or open_version().  Either the derived (content, attribute)
-        # keys of both layers are given, or the checked data keys they are derived from on use.
+        # keys of both layers are given, or the pseudorandom keys (HKDF-Extract of the checked data
+        # keys) they are expanded from on first use.
         self.header = header
         self.header_bytes = header.pack()
         self.digest = header.digest()
         self.chunk_size = header.chunk_size
         self.n_chunks = fmt.chunk_count(header.plaintext_len, self.chunk_size)
-        self._dk_inner, self._dk_outer = data_keys if data_keys is not None else (None, None)
+        self._prk_inner, self._prk_outer = prks if prks is not None else (None, None)
         self._inner = self._inner_attrs = self._outer = self._outer_attrs = None
         if keys_inner is not None:
             self._inner, self._inner_attrs = InnerAEAD(keys_inner[0]), InnerAEAD(keys_inner[1])
         if keys_outer is not None:
             self._outer, self._outer_attrs = OuterAEAD(keys_outer[0]), OuterAEAD(keys_outer[1])
-        if data_keys is None and (keys_inner is None or keys_outer is None):
-            raise ValueError("derived keys or data keys are required")
+        if prks is None and (keys_inner is None or keys_outer is None):
+            raise ValueError("derived keys or pseudorandom keys are required")
         self._aad_in = fmt.aad_prefix(header.suite, fmt.LAYER_INNER, self.digest)
         self._aad_out = fmt.aad_prefix(header.suite, fmt.LAYER_OUTER, self.digest)
 
@@ -99,8 +117,8 @@ class ObjectCipher:
         inner, outer = self._inner, self._outer
         if inner is None or outer is None:  # two threads may both derive: same keys, either wins
             h = self.header
-            inner = InnerAEAD(_key_inner(self._dk_inner, h.msg_id, h.suite, LABEL_DERIVE))
-            outer = OuterAEAD(_key_outer(self._dk_outer, h.msg_id, h.suite, LABEL_DERIVE))
+            inner = InnerAEAD(_key_inner(self._prk_inner, h.suite, LABEL_DERIVE))
+            outer = OuterAEAD(_key_outer(self._prk_outer, h.suite, LABEL_DERIVE))
             self._inner, self._outer = inner, outer
         return inner, outer
 
@@ -108,8 +126,8 @@ class ObjectCipher:
         inner, outer = self._inner_attrs, self._outer_attrs
         if inner is None or outer is None:
             h = self.header
-            inner = InnerAEAD(_key_inner(self._dk_inner, h.msg_id, h.suite, LABEL_ATTRS))
-            outer = OuterAEAD(_key_outer(self._dk_outer, h.msg_id, h.suite, LABEL_ATTRS))
+            inner = InnerAEAD(_key_inner(self._prk_inner, h.suite, LABEL_ATTRS))
+            outer = OuterAEAD(_key_outer(self._prk_outer, h.suite, LABEL_ATTRS))
             self._inner_attrs, self._outer_attrs = inner, outer
         return inner, outer
 
@@ -140,10 +158,11 @@ class ObjectCipher:
                        file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=bytes(fmt.COMMIT_BYTES),
                        commit_outer=bytes(fmt.COMMIT_BYTES), suite=suite)
         bound = draft.bound_fields()
-        c_in = _commit_inner(dk_inner, draft.msg_id, suite, bound)
-        c_out = _commit_outer(dk_outer, draft.msg_id, suite, bound)
+        prks = (_prk_inner(dk_inner, draft.msg_id), _prk_outer(dk_outer, draft.msg_id))
+        c_in = _commit_inner(prks[0], suite, bound)
+        c_out = _commit_outer(prks[1], suite, bound)
         header = dataclasses.replace(draft, commit_inner=c_in, commit_outer=c_out)
-        return cls(header, data_keys=(dk_inner, dk_outer))
+        return cls(header, prks=prks)
 
     @classmethod
     def open_version(cls, header: Header, dk_inner: bytes, dk_outer: bytes) -> "ObjectCipher":
@@ -155,16 +174,17 @@ class ObjectCipher:
         dk_inner = _check_dk(dk_inner, "inner")
         dk_outer = _check_dk(dk_outer, "outer")
         bound = header.bound_fields()
-        c_in = _commit_inner(dk_inner, header.msg_id, header.suite, bound)
-        c_out = _commit_outer(dk_outer, header.msg_id, header.suite, bound)
+        prks = (_prk_inner(dk_inner, header.msg_id), _prk_outer(dk_outer, header.msg_id))
+        c_in = _commit_inner(prks[0], header.suite, bound)
+        c_out = _commit_outer(prks[1], header.suite, bound)
         ok_in = hmac.compare_digest(c_in, header.commit_inner)
         ok_out = hmac.compare_digest(c_out, header.commit_outer)
         if not (ok_in and ok_out):
             which = " and ".join(n for n, ok in (("inner", ok_in), ("outer", ok_out)) if not ok)
             raise IntegrityError(f"commitment mismatch ({which} layer): wrong or substituted data key, "
                                  "or an altered header")
-        # the content and attribute keys are derived on first use, from these checked data keys
-        return cls(header, data_keys=(dk_inner, dk_outer))
+        # the content and attribute keys are expanded on first use from these checked keys
+        return cls(header, prks=prks)
 
     # ---- layout ---------------------------------------------------------------------------------
 

@@ -7,17 +7,29 @@ library must not reach this layer's keys.
 from __future__ import annotations
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
 
 
+def hkdf_extract(ikm: bytes, salt: bytes) -> bytes:
+    """HKDF-Extract (RFC 5869 2.2) with SHA-512: the 64-byte pseudorandom key."""
+    h = hmac.HMAC(salt or bytes(64), hashes.SHA512())
+    h.update(ikm)
+    return h.finalize()
+
+
+def hkdf_expand(prk: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-Expand (RFC 5869 2.3) with SHA-512."""
+    return HKDFExpand(algorithm=hashes.SHA512(), length=length, info=info).derive(prk)
+
+
 def hkdf_sha512(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
     """HKDF-SHA512 (RFC 5869) extract-then-expand."""
-    return HKDF(algorithm=hashes.SHA512(), length=length, salt=salt, info=info).derive(ikm)
+    return hkdf_expand(hkdf_extract(ikm, salt), info, length)
 
 
 class InnerAEAD:
