@@ -12,7 +12,6 @@ import trio
 
 from ..errors import DssefsError, PreconditionFailed
 from ..objects.vault import bytes_source
-from ..store.base import ObjectInfo
 from .cache import FileContent, ForeignBase
 from .common import ConflictError
 from .inodes import Inode
@@ -38,11 +37,7 @@ class FlushOps:
                                file_id=prev.file_id if prev is not None else None,
                                generation=prev.generation + 1 if prev is not None else 0,
                                data_keys=prev.data_keys if prev is not None else None, **kw)
-        return self._opened(key, res)
-
-    def _opened(self, key: str, res):
-        info = ObjectInfo(key, res.body_size, res.etag, time.time(), res.envelope.to_metadata())
-        return self.vault.open(key, info, data_keys=res.data_keys)
+        return res.obj
 
     def _stored(self, node: Inode, obj) -> None:
         node.obj = obj
@@ -64,7 +59,7 @@ class FlushOps:
                                generation=prev.generation + 1 if prev is not None else 0,
                                data_keys=prev.data_keys if prev is not None else None,
                                chunk_log2=content.cs.bit_length() - 1, **kw)
-        new = self._opened(key, res)
+        new = res.obj
         content.committed(new)
         return new
 

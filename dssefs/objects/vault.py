@@ -76,6 +76,7 @@ class WriteResult:
     envelope: Envelope
     data_keys: DataKeys
     body_size: int
+    obj: "OpenObject"  # the stored version, opened (no HEAD, parse or key derivation needed)
 
 
 class OpenObject:
@@ -333,7 +334,8 @@ class Vault:
             etag = self.store.put(key, body, meta, if_match=if_match, if_none_match=if_none_match)
         else:
             etag = self._write_multipart(key, cipher, source, meta, if_match, if_none_match, progress)
-        return WriteResult(key, etag, env, data_keys, cipher.body_size)
+        obj = OpenObject(self, ObjectInfo(key, cipher.body_size, etag, time.time(), meta), env, cipher, data_keys)
+        return WriteResult(key, etag, env, data_keys, cipher.body_size, obj)
 
     def _envelope(self, cipher: envelope.ObjectCipher, keys: DataKeys, attrs: bytes | None) -> Envelope:
         return Envelope(header=cipher.header, provider=keys.provider,
