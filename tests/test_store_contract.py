@@ -55,6 +55,25 @@ def test_put_head_roundtrip(store):
     assert before - 5 <= info.mtime <= time.time() + 5
 
 
+@pytest.mark.parametrize("prefix", [1, 5, 11, 12, 4096])
+def test_head_with_prefix_returns_the_first_bytes_in_one_call(store, prefix):
+    etag = store.put("dir/obj", b"hello world", {"dsse-h": "abc"})
+    plain = store.head("dir/obj")
+    assert plain.prefix is None
+    info = store.head("dir/obj", prefix=prefix)
+    assert (info.key, info.size, info.etag, info.metadata) == ("dir/obj", 11, etag, {"dsse-h": "abc"})
+    assert info.prefix == b"hello world"[:prefix]
+    assert info == plain  # the prefix is extra data, not part of the object's identity
+
+
+def test_head_with_prefix_of_empty_and_missing_objects(store):
+    etag = store.put("empty", b"", {"a": "b"})
+    info = store.head("empty", prefix=100)
+    assert (info.size, info.etag, info.metadata, info.prefix) == (0, etag, {"a": "b"}, b"")
+    with pytest.raises(ObjectNotFound):
+        store.head("no/such", prefix=100)
+
+
 def test_metadata_keys_are_lowercased(store):
     store.put("k", b"x", {"DSSE-H": "Value-Keeps-Case", "Mixed-Key": "v"})
     assert store.head("k").metadata == {"dsse-h": "Value-Keeps-Case", "mixed-key": "v"}

@@ -33,6 +33,8 @@ class DirOps:
         node.nlookup += 1
         self._touch_dir(parent)
         self._listed(parent, name, kind)
+        if kind == "dir":  # nothing was under the new name: its listing is known to be empty
+            self._listings[node.ino] = (self._now(), {})
         return node
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Stat:

@@ -26,6 +26,8 @@ class ObjectInfo:
     etag: str
     mtime: float
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the body's first bytes, when ``head(key, prefix=n)`` asked for them (None otherwise)
+    prefix: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,11 @@ class ObjectStore(abc.ABC):
     supports_conditional_writes: bool = True
 
     @abc.abstractmethod
-    def head(self, key: str) -> ObjectInfo:
-        """Size, ETag, mtime and user metadata; raises ObjectNotFound."""
+    def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:
+        """Size, ETag, mtime and user metadata; raises ObjectNotFound.
+
+        ``prefix > 0`` also returns up to that many first bytes of the body in ``info.prefix``,
+        in the same request (a ranged GET on S3): small objects are read whole by their probe."""
 
     @abc.abstractmethod
     def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None

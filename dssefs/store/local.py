@@ -386,15 +386,22 @@ class LocalStore(ObjectStore):
             raise self._corrupt(key, f"{actual - end} body bytes where the header says {size}")
         return _Header(etag, size, float(mtime), metadata, end)
 
-    def head(self, key: str) -> ObjectInfo:
+    def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:
         with self._fs_errors("head", key):
             fd = self._open(key)
             try:
                 h = self._read_header(fd, key)
+                body = None
+                if prefix > 0:
+                    n = min(prefix, h.size)
+                    try:
+                        body = _pread_exact(fd, n, h.offset) if n else b""
+                    except EOFError:
+                        raise self._corrupt(key, "body shorter than its header says") from None
             finally:
                 os.close(fd)
         return ObjectInfo(key=key, size=h.size, etag=h.etag, mtime=h.mtime,
-                          metadata=dict(h.metadata))
+                          metadata=dict(h.metadata), prefix=body)
 
     def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None
                   ) -> tuple[bytes, int]:

@@ -43,6 +43,7 @@ anything else                                          StoreError (code, HTTP st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as _errno
 import logging
 import math
@@ -235,11 +236,19 @@ class S3Store(ObjectStore):
         with self._errors("check", None):
             self._client.head_bucket(Bucket=self.bucket)
 
-    def head(self, key: str) -> ObjectInfo:
+    def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:
         check_key(key)
+        if prefix > 0:
+            # one ranged GET answers both: metadata, ETag, total size and the first bytes
+            data, total, r = self._ranged_get(key, 0, prefix, None)
+            if r is not None:
+                info = self._info(key, r, metadata=True)
+                return dataclasses.replace(info, size=total, prefix=data)
+            # an empty object: nothing to range over
         with self._errors("head", key):
             r = self._client.head_object(Bucket=self.bucket, Key=key)
-        return self._info(key, r, metadata=True)
+        info = self._info(key, r, metadata=True)
+        return dataclasses.replace(info, prefix=b"") if prefix > 0 and info.size == 0 else info
 
     def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None
                   ) -> tuple[bytes, int]:
@@ -247,6 +256,13 @@ class S3Store(ObjectStore):
         check_range(start, length)
         if length == 0:
             return b"", self._head_size(key, if_match)
+        data, total, _r = self._ranged_get(key, start, length, if_match)
+        return data, total
+
+    def _ranged_get(self, key: str, start: int, length: int, if_match: str | None
+                    ) -> tuple[bytes, int, dict | None]:
+        """``(data, total_size, reply)``; the reply is None when the range starts at or after the
+        end of the object (HTTP 416)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
                                   "Range": f"bytes={start}-{start + length - 1}"}
         if if_match is not None:
@@ -260,7 +276,7 @@ class S3Store(ObjectStore):
                     if total is None:
                         raise
                     # The range starts at or after the end (or the object is empty).
-                    return b"", total if total >= 0 else self._head_size(key, if_match)
+                    return b"", total if total >= 0 else self._head_size(key, if_match), None
             body = r["Body"]
             try:
                 data = body.read()
@@ -277,7 +293,8 @@ class S3Store(ObjectStore):
                                  f"{type(e).__name__}") from e
             finally:
                 body.close()
-        return self._check_range_reply(key, start, length, r, data)
+        data, total = self._check_range_reply(key, start, length, r, data)
+        return data, total, r
 
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
             if_match: str | None = None, if_none_match: bool = False) -> str:
