@@ -130,6 +130,9 @@ OPTIONS: tuple[Option, ...] = (
            "parallel crypto/S3 workers", "N", groups=("write",)),
     # mount
     Option("cache_size", _size, 512 << 20, "plaintext chunk cache bound in memory", "SIZE", groups=("mount",)),
+    Option("small_file_prefetch", _size, 64 << 10, "files up to this size are read whole and decrypted "
+           "when first listed or looked up: one store request instead of two (a ranged GET in place of "
+           "a HEAD on S3); 0 fetches metadata only", "SIZE", groups=("mount",)),
     Option("spill_dir", str, None, "staging directory for dirty data beyond --cache-size (encrypted with "
            "an in-memory key; default under $XDG_CACHE_HOME or /var/cache/dssefs)", "DIR", groups=("mount",)),
     Option("attr_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache attributes",

@@ -274,7 +274,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    uid=s.uid if s.uid is not None else os.getuid(),
                    gid=s.gid if s.gid is not None else os.getgid(),
                    file_mode=s.file_mode, dir_mode=s.dir_mode, foreign_objects=s.foreign_objects,
-                   read_only=s.read_only, cache_size=s.cache_size,
+                   read_only=s.read_only, cache_size=s.cache_size, small_file_prefetch=s.small_file_prefetch,
                    spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
                    chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2),
                    crypto_workers=max(1, os.cpu_count() or 1))

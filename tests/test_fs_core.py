@@ -403,3 +403,72 @@ def test_attrs_codec_roundtrip_and_rejects_garbage():
     for bad in (b"", b"{}", b"[1]", b'{"m":"x","u":0,"g":0,"a":0,"t":0,"c":0}', b"\xff"):
         with pytest.raises(IntegrityError):
             Attrs.decode(bad)
+
+
+class CountingReads:
+    """Counts ranged GETs (the requests a read needs once a file is probed)."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, []
+        self._get_range = store.get_range
+        store.get_range = self
+
+    def __call__(self, key, start, length, **kw):
+        self.calls.append(key)
+        return self._get_range(key, start, length, **kw)
+
+    def undo(self):
+        self.store.get_range = self._get_range
+
+
+async def list_dir(fs, ino=ROOT):
+    fh = await fs.opendir(ino)
+    try:
+        return {name: st for name, st, _ in await fs.readdir(fh, 0)}
+    finally:
+        await fs.releasedir(fh)
+
+
+async def test_small_files_are_read_whole_by_their_probe(backend, tmp_path):
+    small, big = os.urandom(60_000), os.urandom(70_000)
+    await write_file(make_fs(backend, tmp_path), "small", small)
+    await write_file(make_fs(backend, tmp_path), "big", big)
+    await make_fs(backend, tmp_path).symlink(ROOT, "link", b"small", 0, 0)
+    spy = CountingReads(backend.store)
+    try:
+        # listed (READDIRPLUS) or looked up: the small file's body came with the probe
+        for probe in ("readdir", "lookup"):
+            fs = make_fs(backend, tmp_path / probe, small_file_prefetch=64 << 10)
+            if probe == "readdir":
+                assert set(await list_dir(fs)) >= {"small", "big", "link"}
+            spy.calls.clear()
+            assert await read_file(fs, "small") == small
+            assert await read_file(fs, "big") == big
+            st = await fs.lookup(ROOT, "link")
+            assert await fs.readlink(st.ino) == b"small"
+            assert spy.calls == ["big"], probe
+        # prefetch off: every read is a request of its own
+        fs = make_fs(backend, tmp_path / "off", small_file_prefetch=0)
+        spy.calls.clear()
+        assert await read_file(fs, "small") == small
+        assert spy.calls == ["small"]
+    finally:
+        spy.undo()
+
+
+async def test_tampered_small_file_fails_on_read_not_on_listing(backend, tmp_path):
+    data = b"secret small file " * 100
+    await write_file(make_fs(backend, tmp_path), "t", data)
+    await write_file(make_fs(backend, tmp_path), "ok", b"fine")
+    store = backend.store
+    info = store.head("t")
+    body = bytearray(store.get_range("t", 0, info.size)[0])
+    body[len(body) // 2] ^= 1
+    store.put("t", bytes(body), info.metadata)  # same header and keys, one body bit flipped
+    fs = make_fs(backend, tmp_path / "2")
+    names = await list_dir(fs)
+    assert names["t"].size == len(data)  # attributes are authentic; the body is not
+    with pytest.raises(DssefsError) as e:
+        await read_file(fs, "t")
+    assert e.value.errno == errno.EIO
+    assert await read_file(fs, "ok") == b"fine"

@@ -479,6 +479,21 @@ class FileContent:
         del plain[keep:]
         return _fit(plain, length)
 
+    def preload(self, base, plains: list[bytearray]) -> None:
+        """Clean chunks of ``base`` that arrived with its probe (a small file read whole): cached
+        unless this content has moved on to another version or been modified meanwhile."""
+        with self.cache.lock:
+            if self.base is not base or self.modified:
+                return
+            vb = self._valid_base()
+            for i, plain in enumerate(plains):
+                if i in self.chunks or i * self.cs >= vb:
+                    continue
+                self.chunks[i] = Chunk(plain, False)
+                self.cache.used += len(plain)
+                self.cache._touch(self, i)
+            self.cache._enforce()
+
     def committed(self, new_base) -> None:
         """The flush stored everything: local chunks become clean copies of ``new_base``."""
         with self.cache.lock:

@@ -55,6 +55,10 @@ class FsConfig:
     # stored this many seconds after the first one, or at the next fsync/close, fsyncdir, rename
     # or unmount (0: store each change before the call returns)
     attr_delay: float = 1.0
+    # files up to this size are read whole (one request: a ranged GET instead of a HEAD on S3) and
+    # decrypted when they are looked up or listed, so opening and reading them needs no further
+    # store request or worker-thread round trip; 0: probes fetch metadata only
+    small_file_prefetch: int = 64 << 10
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Probe:
     foreign: bool = False
     size: int = 0
     broken: DssefsError | None = None
+    body: list | None = None  # plaintext chunks of a small file read whole with the probe
 
 
 class Handle:

@@ -27,6 +27,7 @@ import stat
 
 import trio
 
+from ..envelope import format as fmt
 from ..errors import ObjectNotFound
 from ..objects.vault import Vault
 from .attributes import Attrs, now_ns
@@ -69,6 +70,9 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         self._deferred: dict[int, float] = {}  # inode -> when its pending attributes are stored
         self._deferring = False
         self._probe_seconds = 0.0  # average time of one store probe in readdir (see readdir.py)
+        # body bytes fetched with a file's probe: a small file whole, in chunks as small as 4 KiB
+        small = self.cfg.small_file_prefetch
+        self._probe_prefix = small + fmt.CHUNK_OVERHEAD * -(-small >> fmt.MIN_CHUNK_LOG2) if small > 0 else 0
 
     def load_root(self) -> None:
         """Read the root's attributes from the prefix marker, if there is one (blocking; call

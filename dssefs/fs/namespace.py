@@ -5,6 +5,7 @@ cache), and the lookup/getattr/forget operations.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import stat
@@ -12,7 +13,7 @@ import stat
 from ..errors import DssefsError, NotDssefsObject, ObjectNotFound
 from ..store.base import ObjectInfo
 from .attributes import Attrs, now_ns
-from .cache import ForeignBase
+from .cache import FileContent, ForeignBase
 from .common import LISTING_CACHE_MAX, NAME_MAX, Probe, Stat, fail
 from .inodes import ROOT_INODE, Inode
 
@@ -27,9 +28,13 @@ class NamespaceOps:
     def _describe_sync(self, key: str, info: ObjectInfo, kind: str, prev=None) -> Probe:
         """``prev``: the OpenObject this inode had; when the store still has that very version
         (same ETag, size and metadata) it is reused as it is (nothing to parse, unwrap or decrypt)."""
+        body = info.prefix
+        if body is not None:  # not kept with the object: decrypted below or dropped
+            info = dataclasses.replace(info, prefix=None)
         if (prev is not None and prev.key == key and prev.etag == info.etag and prev.info.size == info.size
                 and prev.info.metadata == info.metadata):
             obj = prev
+            body = None  # same version as before: its chunks are cached or fetched on demand
         else:
             obj = None
         try:
@@ -58,13 +63,20 @@ class NamespaceOps:
             a.mode = stat.S_IFDIR | (a.mode & 0o7777)
         if kind == "file" and a.is_dir():
             a.mode = stat.S_IFREG | (a.mode & 0o7777)
-        return Probe(kind, a, True, obj, info.etag, size=obj.size)
+        plains = None
+        if (body is not None and len(body) == info.size and obj.size <= self.cfg.small_file_prefetch
+                and (a.is_reg() or a.is_symlink())):
+            try:
+                plains = obj.open_body(body)
+            except DssefsError:
+                plains = None  # a read fetches it again and reports the failure then
+        return Probe(kind, a, True, obj, info.etag, size=obj.size, body=plains)
 
     def _probe_sync(self, dirpfx: str, name: str, hint: str | None = None, prev=None) -> Probe | None:
         key = dirpfx + name
         if hint != "dir":
             try:
-                return self._describe_sync(key, self.store.head(key), "file", prev)
+                return self._describe_sync(key, self.store.head(key, prefix=self._probe_prefix), "file", prev)
             except ObjectNotFound:
                 if hint == "file":
                     return None
@@ -112,6 +124,13 @@ class NamespaceOps:
                 else:
                     base = p.obj
                 node.content.reset(base, p.size if base is not None else 0)
+        if p.body is not None and p.obj is not None and not p.foreign:
+            if node.attrs.is_symlink():
+                node.symlink_target = b"".join(p.body)
+            elif node.attrs.is_reg():
+                if node.content is None:
+                    node.content = FileContent(self.cache, p.obj, self.cfg.chunk_size, p.obj.size)
+                node.content.preload(p.obj, p.body)
 
     def _fresh(self, node: Inode, ttl: float) -> bool:
         return self._now() - node.validated < ttl

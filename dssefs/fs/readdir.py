@@ -93,7 +93,12 @@ class ReaddirOps:
                 work.append((name, kind, old.obj if old is not None else None))
             # a few entries per worker-thread round trip; groups run in parallel (store latency)
             size = max(1, min(16, len(work) // max(1, self.io.total_tokens)))
-            if self._probe_seconds > 0:
+            if 0 < self._probe_seconds < PROBE_GROUP_SECONDS / 4:
+                # CPU-bound probes (a local store): parallel groups would only contend for the
+                # GIL, and a thread waiting to take it back after each system call waits for
+                # the other's switch interval; one round trip does them all
+                size = len(work)
+            elif self._probe_seconds > 0:
                 size = max(size, min(16, math.ceil(PROBE_GROUP_SECONDS / self._probe_seconds)))
             async with trio.open_nursery() as nursery:
                 for i in range(0, len(work), size):

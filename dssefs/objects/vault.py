@@ -121,6 +121,17 @@ class OpenObject:
                                  f"says {self.cipher.body_size} (truncated or extended)")
         if len(data) != length:
             raise IntegrityError(f"{self.vault.store.url}/{self.key}: short read ({len(data)} of {length} bytes)")
+        return self._open_run(chunks, data)
+
+    def open_body(self, body: bytes) -> list[bytearray]:
+        """Plaintexts of every chunk from ``body``, the whole body as fetched by a HEAD with a
+        prefix (``ObjectInfo.prefix``): verified exactly like :meth:`read_chunks`."""
+        if len(body) != self.cipher.body_size:
+            raise IntegrityError(f"{self.vault.store.url}/{self.key}: body is {len(body)} bytes, its header "
+                                 f"says {self.cipher.body_size} (truncated or extended)")
+        return self._open_run(range(self.n_chunks), body)
+
+    def _open_run(self, chunks: range, data) -> list[bytearray]:
         buf = data if isinstance(data, bytearray) else bytearray(data)
         view = memoryview(buf)
         out = []
