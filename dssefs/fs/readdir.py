@@ -17,8 +17,10 @@ from .inodes import Inode
 
 log = logging.getLogger("dssefs.fs")
 
-# a worker-thread round trip costs ~0.2 ms of CPU: probes that take less than that (a local store)
-# go several to one round trip, slow ones (S3: a HEAD is several ms) one each, in parallel
+# Probes that mostly wait (S3: a HEAD or small GET takes several ms) run in parallel groups sized to
+# ~2 ms each.  Probes of a store whose requests mostly compute (a local directory: read a file, check
+# commitments, decrypt) run all in one worker-thread round trip: parallel ones would only contend
+# for the GIL, and a thread that gives it up for a system call waits for the other's switch interval.
 PROBE_GROUP_SECONDS = 0.002
 
 
@@ -93,10 +95,7 @@ class ReaddirOps:
                 work.append((name, kind, old.obj if old is not None else None))
             # a few entries per worker-thread round trip; groups run in parallel (store latency)
             size = max(1, min(16, len(work) // max(1, self.io.total_tokens)))
-            if 0 < self._probe_seconds < PROBE_GROUP_SECONDS / 4:
-                # CPU-bound probes (a local store): parallel groups would only contend for the
-                # GIL, and a thread waiting to take it back after each system call waits for
-                # the other's switch interval; one round trip does them all
+            if not self.store.parallel_requests:
                 size = len(work)
             elif self._probe_seconds > 0:
                 size = max(size, min(16, math.ceil(PROBE_GROUP_SECONDS / self._probe_seconds)))

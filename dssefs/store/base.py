@@ -61,6 +61,10 @@ class ObjectStore(abc.ABC):
     url: str
     #: Whether put/copy honour ``if_match`` / ``if_none_match``.
     supports_conditional_writes: bool = True
+    #: Whether concurrent requests finish sooner than the same requests one after another (a
+    #: network store: each request mostly waits).  A local directory's requests mostly compute in
+    #: Python, so concurrent ones would only take turns holding the GIL.
+    parallel_requests: bool = True
 
     @abc.abstractmethod
     def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:

@@ -206,6 +206,7 @@ class LocalStore(ObjectStore):
 
     context_name = "local"
     supports_conditional_writes = True
+    parallel_requests = False  # requests compute (file I/O, JSON) more than they wait
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True,
                  min_part_size: int = MIN_PART_SIZE, fsync: bool = True):
