@@ -4,7 +4,7 @@
 Runs the same workloads on each file system in one run, so the ratios are comparable even on a
 noisy machine:
 
-* seq write   ``dd if=/dev/zero bs=1M count=N conv=fsync`` (MB/s, timed around the whole dd)
+* seq write   ``dd if=/dev/zero bs=1M count=N conv=fsync`` after drop_caches (MB/s, timed around the whole dd)
 * seq read    the same file after ``drop_caches`` (and a remount, so dssefs's own cache is cold)
 * tree        ``tar -xf`` of an installed Python package (~3,400 files), then ``sync``; then,
               cold again, read every file back (MB/s and files/s)
@@ -195,6 +195,7 @@ def timed(cmd: list[str]) -> float:
 
 def bench_seq(t: Target, size_mib: int) -> dict:
     f = t.mnt / "seq.bin"
+    drop_caches()  # every target starts writing with free page cache, not one the last filled up
     w = timed(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={size_mib}", "conv=fsync", "status=none"])
     t.cold()
     r = timed(["dd", f"if={f}", "of=/dev/null", "bs=1M", "status=none"])
@@ -255,6 +256,7 @@ def read_tree(root: Path) -> tuple[int, int]:
 def bench_tree(t: Target, tarball: Path, files: int, nbytes: int) -> dict:
     dest = t.mnt / "tree"
     dest.mkdir()
+    drop_caches()
     x = timed(["tar", "-C", str(dest), "-xf", str(tarball)])
     # durable: sync(2), not syncfs of the mount (FUSE passes syncfs on to few file systems, so a
     # gocryptfs extract would otherwise still sit in the backing file system's page cache)
@@ -268,11 +270,13 @@ def bench_tree(t: Target, tarball: Path, files: int, nbytes: int) -> dict:
     if (got_files, got_bytes) != (files, nbytes):
         raise RuntimeError(f"{t.name}: tree read back {got_files} files / {got_bytes} B, "
                            f"expected {files} / {nbytes}")
+    return {"tree_extract_s": x, "tree_sync_s": s, "tree_read_s": r, "tree_read_files_per_s": files / r}
+
+
+def bench_tree_rm(t: Target) -> dict:
     t0 = time.perf_counter()
-    shutil.rmtree(dest)
-    rm = time.perf_counter() - t0
-    return {"tree_extract_s": x, "tree_sync_s": s, "tree_read_s": r, "tree_read_files_per_s": files / r,
-            "tree_rm_s": rm}
+    shutil.rmtree(t.mnt / "tree")
+    return {"tree_rm_s": time.perf_counter() - t0}
 
 
 # ---- reporting ---------------------------------------------------------------------------------------
@@ -353,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[dict]] = {w: [] for w in wanted}
     described: dict[str, str] = {}
+    live: list[tuple[Target, dict]] = []
+    # Nothing is deleted until every target has run its creating workloads: ext4 skips inodes freed
+    # in the last minutes when it allocates new ones, so a bulk delete (rm -r of a tree, removing a
+    # work directory) would slow down whichever target creates files next in the same block group.
     try:
         for rep in range(ns.repeat):
             for name in wanted:
@@ -360,26 +368,30 @@ def main(argv: list[str] | None = None) -> int:
                 work.mkdir()
                 t = {"dssefs": lambda: Dssefs(work, mount_args, ns.profile), "plain": lambda: Plain(work),
                      "gocryptfs": lambda: Gocryptfs(work)}[name]()
-                try:
-                    t.setup()
-                    described[name] = t.describe()
-                    res: dict = {}
-                    if "seq" not in skip:
-                        log(f"[{rep + 1}/{ns.repeat}] {name}: sequential {ns.size} MiB")
-                        res.update(bench_seq(t, ns.size))
-                    if "tree" not in skip:
-                        log(f"[{rep + 1}/{ns.repeat}] {name}: tree")
-                        res.update(bench_tree(t, tarball, tree_files, tree_bytes))
-                    if "rand" not in skip:
-                        log(f"[{rep + 1}/{ns.repeat}] {name}: random 4 KiB reads")
-                        res.update(bench_rand(t, ns.rand_size, ns.rand_reads))
-                    runs[name].append(res)
-                    log(f"    {json.dumps({k: round(v, 3) for k, v in res.items()})}")
-                finally:
-                    t.teardown()
-                    with contextlib.suppress(OSError):
-                        shutil.rmtree(work)
+                res: dict = {}
+                live.append((t, res))
+                t.setup()
+                described[name] = t.describe()
+                if "seq" not in skip:
+                    log(f"[{rep + 1}/{ns.repeat}] {name}: sequential {ns.size} MiB")
+                    res.update(bench_seq(t, ns.size))
+                if "tree" not in skip:
+                    log(f"[{rep + 1}/{ns.repeat}] {name}: tree")
+                    res.update(bench_tree(t, tarball, tree_files, tree_bytes))
+                if "rand" not in skip:
+                    log(f"[{rep + 1}/{ns.repeat}] {name}: random 4 KiB reads")
+                    res.update(bench_rand(t, ns.rand_size, ns.rand_reads))
+                runs[name].append(res)
+        if "tree" not in skip:
+            for t, res in live:
+                log(f"{t.name}: rm -r tree")
+                res.update(bench_tree_rm(t))
+        for t, res in live:
+            log(f"    {t.name}: {json.dumps({k: round(v, 3) for k, v in res.items()})}")
     finally:
+        for t, _res in live:
+            with contextlib.suppress(Exception):
+                t.teardown()
         leftover = [str(base / d / "mnt") for d in os.listdir(base) if mounted(base / d / "mnt")] \
             if base.exists() else []
         for m in leftover:
