@@ -198,25 +198,84 @@ async def mode_seen_by_another_mount(vault, tmp_path, name, parent_name=None) ->
     return (await other.lookup(parent, name)).mode & 0o7777
 
 
+def count_puts(vault) -> list:
+    calls = []
+    real = vault.store.put
+
+    def put(key, *a, **kw):
+        calls.append(key)
+        return real(key, *a, **kw)
+    vault.store.put = put
+    return calls
+
+
 async def test_attribute_changes_are_stored_together_after_a_delay(backend, tmp_path):
     fs = make_fs(backend, tmp_path, attr_delay=0.3)
     ino = await write_file(fs, "f", b"data")
+    copies, puts = count_copies(backend), count_puts(backend)
     d = await fs.mkdir(ROOT, "d", 0o700, 0, 0)
-    copies = count_copies(backend)
     for i in (ino, d.ino):  # what tar does at the end of a directory: utimens, chown, chmod
         await fs.setattr(i, atime_ns=1_000_000_000, mtime_ns=2_000_000_000)
         await fs.setattr(i, uid=1000, gid=1000)
         await fs.setattr(i, mode=0o751)
     assert (await fs.getattr(ino)).mode & 0o7777 == 0o751  # seen at once through this mount
-    assert copies == []  # nothing stored yet
+    assert copies == [] and puts == []  # nothing stored yet, not even the new directory
     assert await mode_seen_by_another_mount(backend, tmp_path / "o1", "f") == 0o644
     await trio.sleep(0.6)
-    assert sorted(copies) == [("d/", "d/"), ("f", "f")]  # one metadata-only copy per inode
+    # one metadata-only copy for the file; the directory's marker is created once, with its
+    # final attributes
+    assert copies == [("f", "f")] and puts == ["d/"]
     assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "f") == 0o751
     assert await mode_seen_by_another_mount(backend, tmp_path / "o3", "d") == 0o751
     other = make_fs(backend, tmp_path / "o4")
     f = await other.lookup(ROOT, "f")
     assert (f.uid, f.gid, f.atime_ns, f.mtime_ns) == (1000, 1000, 1_000_000_000, 2_000_000_000)
+
+
+async def test_mkdir_marker_is_stored_with_later_attribute_changes(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_delay=60)
+    puts = count_puts(backend)
+    a = await fs.mkdir(ROOT, "a", 0o700, 0, 0)
+    b = await fs.mkdir(a.ino, "b", 0o700, 0, 0)
+    gone = await fs.mkdir(ROOT, "gone", 0o700, 0, 0)
+    assert puts == []
+    # this mount sees the new directories at once, with their attributes and (empty) listings
+    assert set(await list_dir(fs)) >= {"a", "gone"} and set(await list_dir(fs, a.ino)) == {".", "..", "b"}
+    assert (await fs.lookup(ROOT, "a")).mode & 0o7777 == 0o700
+    # another mount does not see an empty one yet (as after a crash before it was stored)
+    with pytest.raises(DssefsError) as e:
+        await make_fs(backend, tmp_path / "o1").lookup(ROOT, "gone")
+    assert e.value.errno == errno.ENOENT
+    await fs.rmdir(ROOT, "gone")  # never stored: nothing to delete
+    assert puts == []
+    await fs.setattr(b.ino, mode=0o750)
+    # fsync of the parent stores the markers of directories made in it (POSIX: mkdir is made
+    # durable by fsync of the parent), each once, with the attributes changed meanwhile
+    fh = await fs.opendir(a.ino)
+    await fs.fsyncdir(fh)
+    await fs.releasedir(fh)
+    assert puts == ["a/", "a/b/"]  # the directory itself and the one made in it
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "b", "a") == 0o750
+    # a file below a pending directory brings it into existence; unmount stores its marker
+    c = await fs.mkdir(ROOT, "c", 0o700, 0, 0)
+    await write_file(fs, "f", b"x", parent=c.ino)
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o3", "c") == 0o755  # implicit
+    errors = await fs.flush_all(final=True)
+    assert errors == []
+    assert puts == ["a/", "a/b/", "c/f", "c/"]
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o4", "c") == 0o700
+    assert "gone" not in await list_dir(make_fs(backend, tmp_path / "o5"))
+
+
+async def test_deferred_mkdir_loses_to_another_clients_marker_without_losing_data(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_delay=60)
+    await fs.mkdir(ROOT, "d", 0o700, 0, 0)
+    other = make_fs(backend, tmp_path / "o")
+    await other.mkdir(ROOT, "d", 0o711, 0, 0)  # stored at once (attr_delay=0)
+    errors = await fs.flush_all(final=True)
+    assert [e.errno for _, e in errors] == [errno.EIO]
+    assert "another client" in str(errors[0][1])
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "d") == 0o711
 
 
 async def test_fsync_fsyncdir_close_and_unmount_store_pending_attributes(backend, tmp_path):

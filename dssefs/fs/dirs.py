@@ -40,8 +40,33 @@ class DirOps:
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Stat:
         parent = self._dir(parent_ino)
         attrs = self._new_attrs(parent, stat.S_IFDIR | (mode & 0o7777), uid, gid)
-        node = await self._create_object(parent, name, attrs, kind="dir")
+        if self.cfg.attr_delay > 0:
+            node = await self._create_dir_deferred(parent, name, attrs)
+        else:
+            node = await self._create_object(parent, name, attrs, kind="dir")
         return self.stat(node)
+
+    async def _create_dir_deferred(self, parent: Inode, name: str, attrs: Attrs) -> Inode:
+        """mkdir without a store request: the directory's marker object (which carries its
+        attributes) is stored like a deferred attribute change, within ``attr_delay`` or at the
+        next fsync of the directory or of its parent, rename or unmount, together with the
+        attribute changes made meanwhile (tar's chmod, chown and utimens of a directory it created
+        cost no request of their own).  As on a local file system, a crash before then may lose
+        the new directory; files stored below it keep it in existence."""
+        self._writable_fs()
+        self._check_name(parent, name)
+        if await self._child(parent, name) is not None:
+            raise fail(errno.EEXIST)
+        node = self.table.add(parent.ino, name, attrs)
+        node.stored = False
+        node.meta_dirty = True
+        node.validated = self._now()
+        node.nlookup += 1
+        self._touch_dir(parent)
+        self._listed(parent, name, "dir")
+        self._listings[node.ino] = (self._now(), {})  # nothing is under the new name
+        self._defer_attrs(node)
+        return node
 
     async def mknod(self, parent_ino: int, name: str, mode: int, rdev: int, uid: int, gid: int) -> Stat:
         parent = self._dir(parent_ino)

@@ -87,9 +87,13 @@ class MetadataOps:
     def _can_defer(self, node: Inode) -> bool:
         """Attribute-only changes may wait when storing them is a self-copy of a stored object
         and no file data is unsaved (that is stored at once, with the attributes, by the next
-        flush).  A directory without a marker object gets its marker at once."""
-        return (self.cfg.attr_delay > 0 and node.linked and node.stored and node.obj is not None
-                and not (node.content is not None and node.content.modified))
+        flush).  A directory without a marker object gets its marker at once, unless the marker
+        of a directory made by mkdir is already waiting (then the two are stored together)."""
+        if self.cfg.attr_delay <= 0 or not node.linked:
+            return False
+        if node.is_dir() and not node.stored:
+            return node.ino in self._deferred
+        return node.stored and node.obj is not None and not (node.content is not None and node.content.modified)
 
     def _defer_attrs(self, node: Inode) -> None:
         """Store ``node``'s attributes within ``attr_delay`` seconds (inode lock held)."""
@@ -168,7 +172,11 @@ class MetadataOps:
                 node.meta_dirty = False
                 return
             if node.is_dir():
-                res = await self._io(self._write_sync, key, b"", blob, None, True)
+                try:
+                    res = await self._io(self._write_sync, key, b"", blob, None, True)
+                except PreconditionFailed:
+                    raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: directory marker created "
+                                          "by another client meanwhile; attributes not stored") from None
                 self._stored(node, res)
             else:
                 await self._flush_locked(node, force=True)

@@ -114,9 +114,13 @@ class ReaddirOps:
         self.dirs.pop(fh, None)
 
     async def fsyncdir(self, fh: int) -> None:
-        """fsync(2) of a directory: its pending attribute changes are stored before it returns
-        (names are stored by the operations that change them)."""
+        """fsync(2) of a directory: its pending attribute changes, and the marker objects of
+        directories made in it whose store is pending, are stored before it returns (the other
+        names are stored by the operations that change them)."""
         d = self.dirs.get(fh)
         if d is None:
             raise fail(errno.EBADF)
         await self.store_attrs_now(d.node)
+        for child in self.table.children(d.node.ino):
+            if child.is_dir() and not child.stored and child.meta_dirty:
+                await self.store_attrs_now(child)
