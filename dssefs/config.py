@@ -16,6 +16,16 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 
+def default_cache_size() -> int:
+    """1/8 of physical memory, at least 256 MiB and at most 2 GiB: a file of that size is written
+    without spilling (a 1 GiB write on a 24 GiB machine spilled half of itself with 512 MiB)."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        ram = 4 << 30
+    return max(256 << 20, min(2 << 30, ram // 8))
+
+
 def _size(text: str) -> int:
     """``123``, ``64k``, ``512M``, ``2G``, ``1GiB`` -> bytes."""
     t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
@@ -129,7 +139,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", _nonneg_int, max(2, min(8, (os.cpu_count() or 2) * 2)),
            "parallel crypto/S3 workers", "N", groups=("write",)),
     # mount
-    Option("cache_size", _size, 512 << 20, "plaintext chunk cache bound in memory", "SIZE", groups=("mount",)),
+    Option("cache_size", _size, default_cache_size(), "plaintext chunk cache bound in memory, 1/8 of RAM "
+           "within 256M..2G unless set; dirty data beyond it spills, encrypted, to --spill-dir", "SIZE",
+           groups=("mount",)),
     Option("small_file_prefetch", _size, 64 << 10, "files up to this size are read whole and decrypted "
            "when first listed or looked up: one store request instead of two (a ranged GET in place of "
            "a HEAD on S3); 0 fetches metadata only", "SIZE", groups=("mount",)),
