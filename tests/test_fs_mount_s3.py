@@ -119,6 +119,9 @@ def test_prefix_mount_keeps_to_its_prefix(mount_factory, s3_source, moto_server,
     (m / "sub").mkdir()
     os.chmod(m.mountpoint, 0o710)
     assert sorted(os.listdir(m.mountpoint)) == ["a.txt", "sub"]
+    fd = os.open(m.mountpoint, os.O_RDONLY)  # fsync of the parent makes the mkdir durable
+    os.fsync(fd)
+    os.close(fd)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
     assert keys == ["outside.txt", "team/", "team/a.txt", "team/sub/"]
     m.remount()

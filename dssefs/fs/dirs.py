@@ -202,6 +202,9 @@ class DirOps:
             self._listed(dp, new, "dir" if src.is_dir() else "file")
             if src.is_dir():
                 await self._reopen_tree(src)
+                if src.meta_dirty and not src.stored:  # a new directory's marker, stored at the new name
+                    self._deferred.pop(src.ino, None)
+                    await self._persist_attrs(src)
         self._touch_dir(sp)
         self._touch_dir(dp)
 
