@@ -725,6 +725,9 @@ class LocalUpload(Upload):
         self._if_none_match = if_none_match
         self._dir = os.path.join(store._uploads, self.upload_id)
         self._lock = threading.Lock()
+        # one writer at a time: buffered writes to one file serialise on its inode lock anyway, and
+        # the waiting writers spin on it, burning the CPU the encrypting threads need
+        self._write_lock = threading.Lock()
         self._sizes: dict[int, int] = {}
         self._where_part: dict[int, int | None] = {}  # number -> offset in body, None: own file
         self._writing: set[int] = set()  # parts being written in place
@@ -771,7 +774,7 @@ class LocalUpload(Upload):
                 self._users += 1
         if offset is not None:
             try:
-                with self.store._fs_errors("upload", self.key):
+                with self.store._fs_errors("upload", self.key), self._write_lock:
                     _pwrite_all(self._fd, view, offset)
                     _start_writeback(self._fd, offset, len(view))
                 with self._lock:
