@@ -329,6 +329,61 @@ def test_multipart_parts_are_written_in_place(store, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "s" / "uploads") == []
 
 
+def _big_parts(seed: int) -> list[bytes]:
+    rnd = __import__("random").Random(seed)
+    size = (3 << 20) + 100  # not a multiple of the page size: part offsets are unaligned
+    return [rnd.randbytes(size) for _ in range(3)] + [rnd.randbytes(1234)]
+
+
+def _roundtrip_big(s: LocalStore, key: str, parts: list[bytes]):
+    up = s.begin_upload(key, {"m": "v"})
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda n: up.put_part(n, parts[n - 1]), [2, 1, 3, 4]))
+    direct = up._direct_ok and len(up._bounces) > 0  # aligned copies were made: direct writes ran
+    up.complete()
+    whole = b"".join(parts)
+    assert s.get_range(key, 0, len(whole) + 10) == (whole, len(whole))
+    assert s.get_range(key, (3 << 20) - 7, 5000)[0] == whole[(3 << 20) - 7:(3 << 20) - 7 + 5000]
+    return up, direct
+
+
+def test_multipart_large_parts_are_written_with_direct_io(tmp_path):
+    """Large parts bypass the page cache (O_DIRECT) for their page-aligned middle; the unaligned
+    head and tail of each part go through it; the object reads back exactly."""
+    s = LocalStore(tmp_path / "s", min_part_size=4)
+    up, direct = _roundtrip_big(s, "big", _big_parts(1))
+    assert direct, "ext4 supports O_DIRECT: the direct path must have been taken"
+    assert up._bounces == [] and up._dfd == -1  # released with the upload
+
+
+def test_multipart_direct_io_refused_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    import dssefs.store.local as local
+    real = local._pwrite_all
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fd == up_fds.get("direct"):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+    monkeypatch.setattr(local, "_pwrite_all", pwrite)
+    up_fds = {}
+    real_open = local._open_direct
+    monkeypatch.setattr(local, "_open_direct", lambda path: up_fds.setdefault("direct", real_open(path)))
+    s = LocalStore(tmp_path / "s", min_part_size=4)
+    up, _ = _roundtrip_big(s, "big", _big_parts(2))
+    assert refused and not up._direct_ok
+
+
+def test_multipart_large_parts_without_direct_io(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT at open: every byte goes through the page cache."""
+    import dssefs.store.local as local
+    monkeypatch.setattr(local, "_open_direct", lambda path: -1)
+    s = LocalStore(tmp_path / "s", min_part_size=4)
+    up, direct = _roundtrip_big(s, "big", _big_parts(3))
+    assert not direct
+
+
 def test_multipart_out_of_layout_parts_are_copied(tmp_path):
     """The short last part arriving first, or a re-sent part of another size: still exact."""
     s = LocalStore(tmp_path / "s", min_part_size=4)

@@ -63,6 +63,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -97,6 +98,11 @@ MAX_HEADER = 64 * 1024
 MAX_SEGMENT_BYTES = 255 - len(FILE_SUFFIX)
 LOCK_STRIPES = 64
 _IO_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+# Multipart bodies are written with O_DIRECT where the file system allows it (ext4, xfs; not
+# tmpfs): buffered writes of a GiB-sized upload cost 2-4 s of kernel time copying into the page
+# cache on the development machine, direct ones 0.05 s.  Writes are aligned to this many bytes.
+_DIRECT_ALIGN = 4096
+_DIRECT_MIN = 1 << 20  # smaller parts are written through the page cache
 _COPY_CHUNK = 8 << 20
 _HEAD_READ = 4096
 
@@ -725,9 +731,7 @@ class LocalUpload(Upload):
         self._if_none_match = if_none_match
         self._dir = os.path.join(store._uploads, self.upload_id)
         self._lock = threading.Lock()
-        # one writer at a time: buffered writes to one file serialise on its inode lock anyway, and
-        # the waiting writers spin on it, burning the CPU the encrypting threads need
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one buffered writer at a time (see _write_at)
         self._sizes: dict[int, int] = {}
         self._where_part: dict[int, int | None] = {}  # number -> offset in body, None: own file
         self._writing: set[int] = set()  # parts being written in place
@@ -742,6 +746,9 @@ class LocalUpload(Upload):
             json.dump({"key": key, "started": time.time()}, f)
         # becomes the object file: same mode as the temporary files of single puts
         self._fd = os.open(self._body, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self._dfd = _open_direct(self._body)  # the same file without the page cache, or -1
+        self._direct_ok = self._dfd >= 0
+        self._bounces: list[mmap.mmap] = []  # page-aligned copies of parts for direct writes
 
     def _part_path(self, number: int) -> str:
         return os.path.join(self._dir, f"{number:05d}.part")
@@ -756,8 +763,56 @@ class LocalUpload(Upload):
         ended closes it (never while a put_part may still write through it)."""
         self._users -= 1
         if self._users == 0 and self._state in ("completed", "aborted") and self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for name in ("_fd", "_dfd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                setattr(self, name, -1)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._bounces = []
+
+    def _write_at(self, view: memoryview, offset: int) -> None:
+        """Write one part into the body file: its page-aligned middle with O_DIRECT, through an
+        aligned copy, when possible; the rest through the page cache, one writer at a time
+        (buffered writers of one file serialise on its inode lock anyway, and the waiting ones
+        spin on it, burning the CPU the encrypting threads need)."""
+        dfd = self._dfd if self._direct_ok else -1
+        if dfd >= 0 and len(view) >= _DIRECT_MIN:
+            start = -(-offset // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            end = (offset + len(view)) // _DIRECT_ALIGN * _DIRECT_ALIGN
+            a, b = start - offset, end - offset
+            if b - a >= _DIRECT_MIN:
+                with self._lock:
+                    bounce = self._bounces.pop() if self._bounces else None
+                if bounce is None or len(bounce) < b - a:
+                    bounce = mmap.mmap(-1, b - a)  # page-aligned
+                view_b = memoryview(bounce)[:b - a]
+                try:
+                    view_b[:] = view[a:b]
+                    _pwrite_all(dfd, view_b, start)
+                except OSError as e:
+                    if e.errno != _errno.EINVAL:
+                        raise
+                    log.debug("%s: direct I/O refused (%s): writing through the page cache",
+                              self.store._where(self.key), e.strerror)
+                    self._direct_ok = False
+                else:
+                    with self._write_lock:
+                        if a:
+                            _pwrite_all(self._fd, view[:a], offset)
+                        if b < len(view):
+                            _pwrite_all(self._fd, view[b:], offset + b)
+                    return
+                finally:
+                    view_b.release()
+                    with self._lock:
+                        self._bounces.append(bounce)
+        with self._write_lock:
+            _pwrite_all(self._fd, view, offset)
+            _start_writeback(self._fd, offset, len(view))
 
     def put_part(self, number: int, data: bytes | memoryview) -> None:
         check_part_number(number)
@@ -774,9 +829,8 @@ class LocalUpload(Upload):
                 self._users += 1
         if offset is not None:
             try:
-                with self.store._fs_errors("upload", self.key), self._write_lock:
-                    _pwrite_all(self._fd, view, offset)
-                    _start_writeback(self._fd, offset, len(view))
+                with self.store._fs_errors("upload", self.key):
+                    self._write_at(view, offset)
                 with self._lock:
                     self._check_open()
                     if number in self._where_part and self._where_part[number] is None:
@@ -925,19 +979,15 @@ class LocalUpload(Upload):
                 return
             self._state = "aborted"
             if self._users == 0 and self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+                self._close_fds()
         try:
             shutil.rmtree(self._dir, ignore_errors=True)
         except Exception as e:  # pragma: no cover - never raises
             log.warning("could not remove upload staging %s: %s", self._dir, one_line(e))
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0 and getattr(self, "_users", 0) == 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            self._fd = -1
+        if getattr(self, "_users", 0) == 0:
+            self._close_fds()
 
     def __enter__(self) -> "LocalUpload":
         return self
@@ -963,6 +1013,17 @@ def _load_sync_file_range():
 
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+def _open_direct(path: str) -> int:
+    """``path`` opened for writing with O_DIRECT, or -1 where that is not supported."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
