@@ -388,7 +388,8 @@ class Vault:
     def _write_multipart(self, key, cipher, source, meta, if_match, if_none_match, progress) -> str:
         per_part = max(1, -(-self.part_size // cipher.chunk_size))
         runs = [range(s, min(s + per_part, cipher.n_chunks)) for s in range(0, cipher.n_chunks, per_part)]
-        upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match)
+        upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match,
+                                         size_hint=cipher.body_size)
         sem = threading.BoundedSemaphore(self.workers)
         spare: list[bytearray] = []  # part buffers whose upload returned: sealed into again
 

@@ -93,8 +93,10 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def begin_upload(self, key: str, metadata: dict[str, str], *,
-                     if_match: str | None = None, if_none_match: bool = False) -> Upload:
-        """Start a multipart upload; conditions are checked when it completes."""
+                     if_match: str | None = None, if_none_match: bool = False,
+                     size_hint: int | None = None) -> Upload:
+        """Start a multipart upload; conditions are checked when it completes.  ``size_hint``:
+        the expected total size, if known (a local store reserves the space in one piece)."""
 
     @abc.abstractmethod
     def copy(self, src: str, dst: str, metadata: dict[str, str], *,

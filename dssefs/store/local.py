@@ -517,13 +517,15 @@ class LocalStore(ObjectStore):
                                       if_match=if_match, if_none_match=if_none_match)
 
     def begin_upload(self, key: str, metadata: dict[str, str], *,
-                     if_match: str | None = None, if_none_match: bool = False) -> "LocalUpload":
+                     if_match: str | None = None, if_none_match: bool = False,
+                     size_hint: int | None = None) -> "LocalUpload":
         check_key(key)
         self._paths(key)
         metadata = normalize_metadata(metadata)
         check_conditions(if_match, if_none_match)
         with self._fs_errors("upload", key):
-            return LocalUpload(self, key, metadata, if_match=if_match, if_none_match=if_none_match)
+            return LocalUpload(self, key, metadata, if_match=if_match, if_none_match=if_none_match,
+                               size_hint=size_hint)
 
     def copy(self, src: str, dst: str, metadata: dict[str, str], *,
              if_match: str | None = None, if_none_match: bool = False) -> str:
@@ -722,7 +724,7 @@ class LocalUpload(Upload):
     """
 
     def __init__(self, store: LocalStore, key: str, metadata: dict[str, str], *,
-                 if_match: str | None, if_none_match: bool):
+                 if_match: str | None, if_none_match: bool, size_hint: int | None = None):
         self.store = store
         self.key = key
         self.upload_id = secrets.token_hex(16)
@@ -746,6 +748,17 @@ class LocalUpload(Upload):
             json.dump({"key": key, "started": time.time()}, f)
         # becomes the object file: same mode as the temporary files of single puts
         self._fd = os.open(self._body, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        if size_hint:
+            # one contiguous allocation up front: parts written out of order, and the unaligned
+            # part boundaries written through the page cache, then land in place instead of
+            # scattering the body over dozens of extents (read back at a quarter of the speed)
+            try:
+                os.posix_fallocate(self._fd, 0, self._reserve + size_hint)
+            except OSError as e:
+                if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+                    os.close(self._fd)
+                    shutil.rmtree(self._dir, ignore_errors=True)
+                    raise
         self._dfd = _open_direct(self._body)  # the same file without the page cache, or -1
         self._direct_ok = self._dfd >= 0
         self._bounces: list[mmap.mmap] = []  # page-aligned copies of parts for direct writes

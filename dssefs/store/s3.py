@@ -311,7 +311,8 @@ class S3Store(ObjectStore):
         return r["ETag"]
 
     def begin_upload(self, key: str, metadata: dict[str, str], *,
-                     if_match: str | None = None, if_none_match: bool = False) -> "S3Upload":
+                     if_match: str | None = None, if_none_match: bool = False,
+                     size_hint: int | None = None) -> "S3Upload":
         check_key(key)
         metadata = normalize_metadata(metadata)
         check_conditions(if_match, if_none_match)
