@@ -384,6 +384,31 @@ def test_multipart_large_parts_without_direct_io(tmp_path, monkeypatch):
     assert not direct
 
 
+def test_large_ranged_reads_use_direct_io_and_are_exact(tmp_path, monkeypatch):
+    import random
+
+    import dssefs.store.local as local
+    s = LocalStore(tmp_path / "s")
+    body = random.Random(4).randbytes((5 << 20) + 333)
+    s.put("obj", body, {})
+    used = []
+    real = local._pread_direct
+    monkeypatch.setattr(local, "_pread_direct", lambda *a: used.append(a[1:]) or real(*a))
+    for start, length in [(0, len(body)), (1, (1 << 20) + 5), (4095, 3 << 20), (len(body) - (1 << 20) - 7, 1 << 21)]:
+        data, total = s.get_range("obj", start, length)
+        assert total == len(body) and data == body[start:start + length]
+    assert len(used) == 4
+    fd = os.open(tmp_path / "s" / "objects" / "obj.o", os.O_RDONLY)
+    try:
+        assert real(fd, 1 << 20, 7) is not None  # ext4 takes O_DIRECT: the direct path ran
+    finally:
+        os.close(fd)
+    # a file system that refuses O_DIRECT: the same bytes through the page cache
+    monkeypatch.setattr(local.fcntl, "fcntl", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no")))
+    data, _ = s.get_range("obj", 3, 2 << 20)
+    assert data == body[3:3 + (2 << 20)]
+
+
 def test_multipart_out_of_layout_parts_are_copied(tmp_path):
     """The short last part arriving first, or a re-sent part of another size: still exact."""
     s = LocalStore(tmp_path / "s", min_part_size=4)

@@ -423,7 +423,10 @@ class LocalStore(ObjectStore):
                 if n == 0:
                     return b"", h.size
                 try:
-                    return _pread_exact(fd, n, h.offset + start), h.size
+                    data = _pread_direct(fd, n, h.offset + start) if n >= _DIRECT_MIN else None
+                    if data is None:
+                        data = _pread_exact(fd, n, h.offset + start)
+                    return data, h.size
                 except EOFError:
                     raise self._corrupt(key, "body shorter than its header says") from None
             finally:
@@ -1026,6 +1029,43 @@ def _load_sync_file_range():
 
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+def _pread_direct(fd: int, n: int, offset: int) -> bytearray | None:
+    """Exactly ``n`` bytes at ``offset`` read with O_DIRECT (switched on for this descriptor,
+    which the caller opened for this one read), or None where the file system refuses it.  The
+    daemon keeps plaintext in its own cache: large ciphertext reads need not fill the page cache,
+    and a body written with O_DIRECT read back through it at a third of the speed here."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    a0 = offset // _DIRECT_ALIGN * _DIRECT_ALIGN
+    a1 = -(-(offset + n) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
+    except OSError:
+        return None
+    buf = mmap.mmap(-1, a1 - a0)  # page-aligned
+    view = memoryview(buf)
+    try:
+        got = 0
+        while got < a1 - a0:
+            k = os.preadv(fd, [view[got:got + min(a1 - a0 - got, _IO_CHUNK)]], a0 + got)
+            if k == 0:
+                break  # end of file: the last block is partial
+            got += k
+        if got < offset - a0 + n:
+            raise EOFError
+        return bytearray(view[offset - a0:offset - a0 + n])
+    except OSError as e:
+        if e.errno != _errno.EINVAL:
+            raise
+        return None
+    finally:
+        view.release()
+        buf.close()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~flag)
 
 
 def _open_direct(path: str) -> int:
