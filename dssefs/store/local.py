@@ -1031,6 +1031,9 @@ _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+_direct_buffers = threading.local()
+
+
 def _pread_direct(fd: int, n: int, offset: int) -> bytearray | None:
     """Exactly ``n`` bytes at ``offset`` read with O_DIRECT (switched on for this descriptor,
     which the caller opened for this one read), or None where the file system refuses it.  The
@@ -1045,8 +1048,10 @@ def _pread_direct(fd: int, n: int, offset: int) -> bytearray | None:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
     except OSError:
         return None
-    buf = mmap.mmap(-1, a1 - a0)  # page-aligned
-    view = memoryview(buf)
+    buf = getattr(_direct_buffers, "buf", None)  # page-aligned, reused by this thread
+    if buf is None or len(buf) < a1 - a0:
+        buf = _direct_buffers.buf = mmap.mmap(-1, a1 - a0)
+    view = memoryview(buf)[:a1 - a0]
     try:
         got = 0
         while got < a1 - a0:
@@ -1063,7 +1068,6 @@ def _pread_direct(fd: int, n: int, offset: int) -> bytearray | None:
         return None
     finally:
         view.release()
-        buf.close()
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~flag)
 
