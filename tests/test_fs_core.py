@@ -210,7 +210,7 @@ def count_puts(vault) -> list:
 
 
 async def test_attribute_changes_are_stored_together_after_a_delay(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=0.3)
+    fs = make_fs(backend, tmp_path, attr_delay=1.5)
     ino = await write_file(fs, "f", b"data")
     copies, puts = count_copies(backend), count_puts(backend)
     d = await fs.mkdir(ROOT, "d", 0o700, 0, 0)
@@ -221,7 +221,10 @@ async def test_attribute_changes_are_stored_together_after_a_delay(backend, tmp_
     assert (await fs.getattr(ino)).mode & 0o7777 == 0o751  # seen at once through this mount
     assert copies == [] and puts == []  # nothing stored yet, not even the new directory
     assert await mode_seen_by_another_mount(backend, tmp_path / "o1", "f") == 0o644
-    await trio.sleep(0.6)
+    with trio.fail_after(10):  # due 1.5 s after the first change
+        while not (copies and puts):
+            await trio.sleep(0.05)
+    await trio.sleep(0.1)  # nothing more comes
     # one metadata-only copy for the file; the directory's marker is created once, with its
     # final attributes
     assert copies == [("f", "f")] and puts == ["d/"]
@@ -310,11 +313,15 @@ async def test_fsync_fsyncdir_close_and_unmount_store_pending_attributes(backend
 
 
 async def test_failed_deferred_attribute_store_is_reported_by_the_next_fsync(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=0.2)
+    fs = make_fs(backend, tmp_path, attr_delay=60)
     ino = await write_file(fs, "f", b"data")
     await fs.setattr(ino, mode=0o600)
+    assert ino in fs._deferred
     await write_file(make_fs(backend, tmp_path / "o"), "f", b"newer")  # another client wins
-    await trio.sleep(0.5)  # the deferred store fails (conflict), is logged and kept
+    # the deferred store comes due (what the background task does at the deadline): it fails
+    # with a conflict, is logged and kept
+    del fs._deferred[ino]
+    await fs._store_deferred(fs.node(ino))
     assert fs.node(ino).meta_error is not None and fs.node(ino).meta_dirty
     fh, _ = await fs.open(ino, os.O_RDONLY)
     with pytest.raises(DssefsError) as e:
