@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import os
 
 import pytest
@@ -212,3 +213,43 @@ def test_foreign_object_is_named(env):
     store.put("plain.txt", b"hello", {})
     with pytest.raises(NotDssefsObject):
         _vault(store, provider).open("plain.txt")
+
+
+class BothLayersAtOnce:
+    """A provider wrapper whose two layers' requests must be in flight together (a barrier of
+    two): proves the Vault asks a network provider for both layers concurrently."""
+
+    def __init__(self, inner, fail_layer=None):
+        self._p, self._fail = inner, fail_layer
+        self.kind, self.parallel_requests = inner.kind, True
+        self.barrier = threading.Barrier(2, timeout=10)
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def _meet(self, layer):
+        self.barrier.wait()  # BrokenBarrierError after 10 s if the other layer never comes
+        if layer == self._fail:
+            raise KeyProviderError(f"{layer.value} refused")
+
+    def generate(self, layer, ctx):
+        self._meet(layer)
+        return self._p.generate(layer, ctx)
+
+    def unwrap(self, layer, wrapped, ctx):
+        self._meet(layer)
+        return self._p.unwrap(layer, wrapped, ctx)
+
+
+def test_network_provider_gets_both_layers_requests_at_once(tmp_path):
+    ring = tmp_path / "keyring"
+    kms.create_keyring(ring)
+    store = LocalStore(tmp_path / "store")
+    provider = BothLayersAtOnce(kms.make_provider(keyring=str(ring)))
+    v = _vault(store, provider)
+    v.write("a", bytes_source(b"payload"), 7)
+    fresh = _vault(store, BothLayersAtOnce(kms.make_provider(keyring=str(ring))))
+    assert fresh.open("a").read(0, 7) == b"payload"  # two unwraps, concurrently
+    for layer in (kms.Layer.INNER, kms.Layer.OUTER):  # either layer's failure reaches the caller
+        with pytest.raises(KeyProviderError, match=f"{layer.value} refused"):
+            _vault(store, BothLayersAtOnce(kms.make_provider(keyring=str(ring)), fail_layer=layer)).open("a")

@@ -199,6 +199,7 @@ class AwsKmsProvider(KeyProvider):
     """Per-layer data keys wrapped by AWS KMS.  Thread-safe; create one per mount."""
 
     kind = "kms"
+    parallel_requests = True  # each request is a network round trip
 
     def __init__(self, key_id_inner: str, key_id_outer: str | None = None, *,
                  region: str | None = None, profile: str | None = None,

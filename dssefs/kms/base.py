@@ -39,6 +39,9 @@ class WrappedKey:
 class KeyProvider(abc.ABC):
     #: ``kms`` or ``local``; recorded in object metadata so readers pick the right provider.
     kind: str
+    #: Whether two requests at once finish sooner than one after the other (a network service:
+    #: the Vault then asks for both layers' keys concurrently).
+    parallel_requests: bool = False
 
     @abc.abstractmethod
     def key_id(self, layer: Layer) -> str:

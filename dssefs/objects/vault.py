@@ -201,6 +201,7 @@ class Vault:
         self.part_size = part_size
         self.multipart_threshold = max(multipart_threshold, part_size)
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._key_pool: cf.ThreadPoolExecutor | None = None  # the second layer's KMS request
         self._pool_lock = threading.Lock()
         # memory only, never written anywhere: unwrapped data keys per (object key, wrapped blobs)
         # and verified ciphers per (header, data keys), so that probing, opening and reading one
@@ -218,9 +219,28 @@ class Vault:
             return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for name in ("_pool", "_key_pool"):
+            pool = getattr(self, name)
+            if pool is not None:
+                pool.shutdown(wait=True)
+                setattr(self, name, None)
+
+    def _per_layer(self, provider: KeyProvider, call):
+        """``(call(INNER), call(OUTER))``; the two at once for a provider whose requests mostly
+        wait (KMS: one round trip instead of two per new or opened version)."""
+        if not provider.parallel_requests:
+            return call(Layer.INNER), call(Layer.OUTER)
+        with self._pool_lock:
+            if self._key_pool is None:
+                self._key_pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dssefs-kms")
+            pool = self._key_pool
+        outer = pool.submit(call, Layer.OUTER)
+        try:
+            inner = call(Layer.INNER)
+        except BaseException:
+            cf.wait([outer])
+            raise
+        return inner, outer.result()
 
     def _ctx(self, layer: Layer, key: str) -> dict[str, str]:
         return context(layer, self.store.context_name, key)
@@ -228,8 +248,8 @@ class Vault:
     # ---- keys -----------------------------------------------------------------------------------
 
     def new_data_keys(self, key: str) -> DataKeys:
-        dk_in, w_in = self.keys.generate(Layer.INNER, self._ctx(Layer.INNER, key))
-        dk_out, w_out = self.keys.generate(Layer.OUTER, self._ctx(Layer.OUTER, key))
+        (dk_in, w_in), (dk_out, w_out) = self._per_layer(
+            self.keys, lambda layer: self.keys.generate(layer, self._ctx(layer, key)))
         return DataKeys(dk_in, dk_out, w_in, w_out, self.keys.kind, key)
 
     def _provider_for(self, key: str, kind: str) -> KeyProvider:
@@ -282,8 +302,9 @@ class Vault:
         provider = self._provider_for(key, env.provider)
         w_in = WrappedKey(env.wrapped_inner, env.key_id_inner)
         w_out = WrappedKey(env.wrapped_outer, env.key_id_outer)
-        dk_in = provider.unwrap(Layer.INNER, w_in, self._ctx(Layer.INNER, key))
-        dk_out = provider.unwrap(Layer.OUTER, w_out, self._ctx(Layer.OUTER, key))
+        wrapped = {Layer.INNER: w_in, Layer.OUTER: w_out}
+        dk_in, dk_out = self._per_layer(
+            provider, lambda layer: provider.unwrap(layer, wrapped[layer], self._ctx(layer, key)))
         return DataKeys(dk_in, dk_out, w_in, w_out, env.provider, key)
 
     # ---- reading --------------------------------------------------------------------------------
