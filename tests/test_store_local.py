@@ -409,6 +409,33 @@ def test_large_ranged_reads_use_direct_io_and_are_exact(tmp_path, monkeypatch):
     assert data == body[3:3 + (2 << 20)]
 
 
+def test_upload_size_hint_reserves_the_body_in_one_piece(tmp_path, monkeypatch):
+    import ctypes
+
+    import dssefs.store.local as local
+    s = LocalStore(tmp_path / "s", min_part_size=4)
+    up = s.begin_upload("big", {}, size_hint=64 << 20)
+    assert os.fstat(up._fd).st_blocks * 512 >= 64 << 20  # allocated up front
+    up.abort()
+    # a full file system refuses the reservation: the upload fails at once with ENOSPC
+
+    def full(fd, mode, offset, length):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+    monkeypatch.setattr(local, "_fallocate", full)
+    with pytest.raises(StoreError) as e:
+        s.begin_upload("big", {}, size_hint=64 << 20)
+    assert e.value.errno == errno.ENOSPC and "free space" in str(e.value)
+    assert os.listdir(tmp_path / "s" / "uploads") == []
+    # a file system that cannot reserve space (EOPNOTSUPP): the upload goes on without it
+
+    def unsupported(fd, mode, offset, length):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+    monkeypatch.setattr(local, "_fallocate", unsupported)
+    _roundtrip_big(s, "big", _big_parts(5))
+
+
 def test_multipart_out_of_layout_parts_are_copied(tmp_path):
     """The short last part arriving first, or a re-sent part of another size: still exact."""
     s = LocalStore(tmp_path / "s", min_part_size=4)
