@@ -25,19 +25,27 @@ class FlushOps:
     def _reopen_sync(self, key: str, data_keys=None):
         return self.vault.open(key, data_keys=data_keys)
 
-    def _write_sync(self, key: str, body: bytes, attrs: bytes, prev, if_none_match: bool):
-        """Write a small object (marker, symlink, special file) and return its OpenObject."""
+    def _write_version(self, key: str, source, size: int, attrs: bytes, prev, *, create: bool,
+                       chunk_log2: int | None = None):
+        """Store a new version of ``key`` (a successor of ``prev`` when given: same file id, next
+        generation, same data keys) and return it opened.  Conditional where the store allows:
+        ``If-None-Match`` when ``create``, else ``If-Match`` on ``prev``."""
         kw = {}
         if self._conditional:
-            if prev is not None:
-                kw["if_match"] = prev.etag
-            elif if_none_match:
+            if create:
                 kw["if_none_match"] = True
-        res = self.vault.write(key, bytes_source(body), len(body), attrs=attrs,
-                               file_id=prev.file_id if prev is not None else None,
-                               generation=prev.generation + 1 if prev is not None else 0,
-                               data_keys=prev.data_keys if prev is not None else None, **kw)
-        return res.obj
+            elif prev is not None:
+                kw["if_match"] = prev.etag
+        return self.vault.write(key, source, size, attrs=attrs,
+                                file_id=prev.file_id if prev is not None else None,
+                                generation=prev.generation + 1 if prev is not None else 0,
+                                data_keys=prev.data_keys if prev is not None else None,
+                                chunk_log2=chunk_log2, **kw)
+
+    def _write_sync(self, key: str, body: bytes, attrs: bytes, prev, if_none_match: bool):
+        """Write a small object (marker, symlink, special file) and return its OpenObject."""
+        return self._write_version(key, bytes_source(body), len(body), attrs, prev,
+                                   create=prev is None and if_none_match)
 
     def _stored(self, node: Inode, obj) -> None:
         node.obj = obj
@@ -48,18 +56,8 @@ class FlushOps:
             node.content.rebase(obj)
 
     def _flush_sync(self, key: str, content: FileContent, attrs: bytes, prev, stored: bool):
-        kw = {}
-        if self._conditional:
-            if stored and prev is not None:
-                kw["if_match"] = prev.etag
-            elif not stored:
-                kw["if_none_match"] = True
-        res = self.vault.write(key, content.source, content.size, attrs=attrs,
-                               file_id=prev.file_id if prev is not None else None,
-                               generation=prev.generation + 1 if prev is not None else 0,
-                               data_keys=prev.data_keys if prev is not None else None,
-                               chunk_log2=content.cs.bit_length() - 1, **kw)
-        new = res.obj
+        new = self._write_version(key, content.source, content.size, attrs, prev, create=not stored,
+                                  chunk_log2=content.cs.bit_length() - 1)
         content.committed(new)
         return new
 

@@ -3,6 +3,6 @@
 This is the layer the CLI and the file system use.  It knows nothing about files or FUSE.
 """
 
-from .vault import DataKeys, OpenObject, Vault, WriteResult, bytes_source, file_source
+from .vault import DataKeys, OpenObject, Vault, bytes_source, file_source
 
-__all__ = ["Vault", "OpenObject", "DataKeys", "WriteResult", "bytes_source", "file_source"]
+__all__ = ["Vault", "OpenObject", "DataKeys", "bytes_source", "file_source"]

@@ -20,7 +20,6 @@ import itertools
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .. import envelope
@@ -69,16 +68,6 @@ class DataKeys:
         return f"DataKeys({self.provider}, {self.object_key!r}, <redacted>)"
 
 
-@dataclass(frozen=True)
-class WriteResult:
-    key: str
-    etag: str
-    envelope: Envelope
-    data_keys: DataKeys
-    body_size: int
-    obj: "OpenObject"  # the stored version, opened (no HEAD, parse or key derivation needed)
-
-
 class OpenObject:
     """One opened, authenticated object version: header parsed, keys unwrapped, commitments
     verified.  Reads are pinned to the ETag seen at open time."""
@@ -97,6 +86,7 @@ class OpenObject:
     file_id = property(lambda self: self.cipher.header.file_id)
     generation = property(lambda self: self.cipher.header.generation)
     chunk_size = property(lambda self: self.cipher.chunk_size)
+    body_size = property(lambda self: self.cipher.body_size)  # stored (encrypted) bytes
     n_chunks = property(lambda self: self.cipher.n_chunks)
 
     def attrs(self) -> bytes | None:
@@ -347,7 +337,7 @@ class Vault:
     def write(self, key: str, source: Source, size: int, *, attrs: bytes | None = None,
               file_id: bytes | None = None, generation: int = 0, data_keys: DataKeys | None = None,
               if_match: str | None = None, if_none_match: bool = False, chunk_log2: int | None = None,
-              progress: Progress | None = None) -> WriteResult:
+              progress: Progress | None = None) -> OpenObject:
         """Encrypt ``size`` bytes from ``source`` as a new version of ``key`` and store it.
 
         Returns once the store has acknowledged the whole object (durable)."""
@@ -366,8 +356,8 @@ class Vault:
             etag = self.store.put(key, body, meta, if_match=if_match, if_none_match=if_none_match)
         else:
             etag = self._write_multipart(key, cipher, source, meta, if_match, if_none_match, progress)
-        obj = OpenObject(self, ObjectInfo(key, cipher.body_size, etag, time.time(), meta), env, cipher, data_keys)
-        return WriteResult(key, etag, env, data_keys, cipher.body_size, obj)
+        # the stored version, opened: no HEAD, parse or key derivation needed to use it
+        return OpenObject(self, ObjectInfo(key, cipher.body_size, etag, time.time(), meta), env, cipher, data_keys)
 
     def _envelope(self, cipher: envelope.ObjectCipher, keys: DataKeys, attrs: bytes | None) -> Envelope:
         return Envelope(header=cipher.header, provider=keys.provider,
