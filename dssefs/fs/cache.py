@@ -481,18 +481,23 @@ class FileContent:
 
     def preload(self, base, plains: list[bytearray]) -> None:
         """Clean chunks of ``base`` that arrived with its probe (a small file read whole): cached
-        unless this content has moved on to another version or been modified meanwhile."""
-        with self.cache.lock:
+        unless this content has moved on to another version or been modified meanwhile.  Called
+        on the event loop, so it is opportunistic: it never waits for the cache lock and never
+        evicts (eviction may spill dirty chunks to disk); a read fetches what was not kept."""
+        if not self.cache.lock.acquire(blocking=False):
+            return
+        try:
             if self.base is not base or self.modified:
                 return
             vb = self._valid_base()
             for i, plain in enumerate(plains):
-                if i in self.chunks or i * self.cs >= vb:
+                if i in self.chunks or i * self.cs >= vb or self.cache.used + len(plain) > self.cache.budget:
                     continue
                 self.chunks[i] = Chunk(plain, False)
                 self.cache.used += len(plain)
                 self.cache._touch(self, i)
-            self.cache._enforce()
+        finally:
+            self.cache.lock.release()
 
     def committed(self, new_base) -> None:
         """The flush stored everything: local chunks become clean copies of ``new_base``."""

@@ -1057,7 +1057,8 @@ def _pread_direct(fd: int, n: int, offset: int) -> bytearray | None:
     a0 = offset // _DIRECT_ALIGN * _DIRECT_ALIGN
     a1 = -(-(offset + n) // _DIRECT_ALIGN) * _DIRECT_ALIGN
     try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | flag)
     except OSError:
         return None
     buf = getattr(_direct_buffers, "buf", None)  # page-aligned, reused by this thread
@@ -1077,11 +1078,10 @@ def _pread_direct(fd: int, n: int, offset: int) -> bytearray | None:
     except OSError as e:
         if e.errno != _errno.EINVAL:
             raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # refused: the caller reads through the page cache
         return None
     finally:
         view.release()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~flag)
 
 
 def _open_direct(path: str) -> int:
