@@ -257,15 +257,20 @@ def local_source(tmp_path):
     return f"file://{store}", ["--keyring", str(keyring), "--spill-dir", str(tmp_path / "spill")]
 
 
-@pytest.fixture
-def local_mount(tmp_path, mount_factory, local_source):
+def _live_mount(tmp_path, mount_factory, source_and_args):
+    """A started mount of ``(source, args)`` at tmp_path/mnt, cleaned up after the test."""
     if not fuse_available():
         pytest.skip("needs /dev/fuse, root and fusermount3")
-    source, args = local_source
+    source, args = source_and_args
     m = mount_factory(tmp_path / "mnt", source, *args)
     m.start()
     yield m
     m.cleanup()
+
+
+@pytest.fixture
+def local_mount(tmp_path, mount_factory, local_source):
+    yield from _live_mount(tmp_path, mount_factory, local_source)
 
 
 @pytest.fixture
@@ -275,10 +280,4 @@ def s3_source(bucket, kms_key, tmp_path):
 
 @pytest.fixture
 def s3_mount(tmp_path, mount_factory, s3_source):
-    if not fuse_available():
-        pytest.skip("needs /dev/fuse, root and fusermount3")
-    source, args = s3_source
-    m = mount_factory(tmp_path / "mnt", source, *args)
-    m.start()
-    yield m
-    m.cleanup()
+    yield from _live_mount(tmp_path, mount_factory, s3_source)

@@ -18,11 +18,13 @@ import uuid
 import boto3
 import pytest
 
+
 from dssefs.errors import ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError, \
     KeyUnavailable
 from dssefs.kms._common import WrappedKeyMismatch
 from dssefs.kms.aws import AwsKmsProvider, looks_like_kms_key_id, parse_kms_key_id
 from dssefs.kms.base import DATA_KEY_BYTES, Layer, WrappedKey, context
+from threads import run_in_threads
 
 pytestmark = pytest.mark.s3
 
@@ -204,11 +206,7 @@ def test_alias_resolution_shared_by_concurrent_readers(kms, kms_key):
         barrier.wait()
         results.append(reader.unwrap(Layer.INNER, w, context(Layer.INNER, "b", f"o{i}")) == dk)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(wrapped))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, range(len(wrapped)))
     assert results == [True] * len(wrapped)
     assert reader.stats["describe"] == 1
 
@@ -287,11 +285,7 @@ def test_thread_safety(kms_key):
             dk, w = p.generate(Layer.INNER, ctx)
             results.append(p.unwrap(Layer.INNER, w, ctx) == dk)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, range(6))
     assert len(results) == 60 and all(results)
     assert p.stats["generate"] == p.stats["unwrap"] == 60
 

@@ -8,9 +8,9 @@ import json
 import os
 import pickle
 import stat
-import threading
 
 import pytest
+
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dssefs.errors import ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError
@@ -19,6 +19,7 @@ from dssefs.kms.base import DATA_KEY_BYTES, Layer, WrappedKey, context
 from dssefs.kms.local import (DEFAULT_KDF, PASSPHRASE_ENV, WRAPPED_KEY_BYTES, KdfParams, Keyring,
                               LocalKeyringProvider, add_key, change_passphrase, create_keyring,
                               list_keys, load_keyring, passphrase_from_env_or_file)
+from threads import run_in_threads
 
 FAST = KdfParams(memory_kib=256, iterations=1, lanes=1)
 CTX_IN = context(Layer.INNER, "bucket", "dir/file.txt")
@@ -170,11 +171,7 @@ def test_add_key_concurrently_loses_nothing(keyring, kr_path):
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, names)
     assert not errors
     assert set(load_keyring(kr_path).names()) == {"default", "second", *names}
 
@@ -564,11 +561,7 @@ def test_thread_safety(provider):
             dk, w = provider.generate(Layer.INNER, ctx)
             results.append(provider.unwrap(Layer.INNER, w, ctx) == dk)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, range(8))
     assert len(results) == 400 and all(results)
     assert provider.stats["generate"] == provider.stats["unwrap"] == 400
 

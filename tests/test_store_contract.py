@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +16,7 @@ from dssefs.errors import (ConfigError, MetadataBudgetError, ObjectNotFound, Pre
 from dssefs.store import (METADATA_LIMIT, MIN_PART_SIZE, LocalStore, ObjectInfo, iter_keys,
                           listing, open_store, open_store_for_uri, parse_uri)
 from dssefs.store.s3 import S3Store
+from threads import run_in_threads
 
 
 @pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.s3), "local"])
@@ -589,9 +589,5 @@ def test_thread_safety_smoke(store):
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, range(6))
     assert not errors, errors

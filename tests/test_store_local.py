@@ -16,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+
 from dssefs.errors import (ConfigError, ObjectNotFound, PreconditionFailed, StoreAccessDenied,
                            StoreError, StoreFull)
 from dssefs.store import MIN_PART_SIZE, LocalStore, is_local_store
 from dssefs.store.local import MAGIC
+from threads import run_in_threads
 
 
 @pytest.fixture
@@ -119,11 +121,7 @@ def test_concurrent_put_and_delete_in_one_directory(store):
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(writer, range(4))
     assert not errors, errors
 
 
