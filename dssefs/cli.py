@@ -45,7 +45,9 @@ run 'dssefs COMMAND --help' for a command's options.
 """
 
 COMMANDS = ("put", "get", "cat", "ls", "rm", "inspect", "verify", "rekey", "keyring", "bench",
-            "mount", "umount")
+            "mount", "umount", "status", "service")
+#: Commands with their own parsers (and --help), dispatched before the object commands' parser.
+OWN_PARSERS = ("mount", "umount", "status", "service")
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -453,14 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("mount", help="mount SOURCE (s3://BUCKET[/PREFIX] or file:///DIR) on MOUNTPOINT; "
                    "'dssefs mount --help' for options", add_help=False)
     sub.add_parser("umount", help="flush and unmount a dssefs mount", add_help=False)
+    sub.add_parser("status", help="what a running mount is doing: cache, dirty data, uploads, errors, "
+                   "KMS and store requests ('--json' for scripts)", add_help=False)
+    sub.add_parser("service", help="install a mount as a systemd service (unit + configuration file)",
+                   add_help=False)
     return p
 
 
 def _run(argv: list[str]) -> int:
-    if argv and argv[0] in ("mount", "umount"):
+    if argv and argv[0] in OWN_PARSERS:
+        if argv[0] == "service":
+            from . import service
+
+            return service.main(argv[1:])
         from . import daemon
 
-        return (daemon.mount_command if argv[0] == "mount" else daemon.umount_command)(argv[1:])
+        return getattr(daemon, argv[0] + "_command")(argv[1:])
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         # mount.fuse3 form: dssefs SOURCE MOUNTPOINT -o k=v,...
         from . import daemon

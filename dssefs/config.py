@@ -97,6 +97,21 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _source(text: Any) -> str:
+    t = str(text).strip()
+    if not t.startswith(("s3://", "file://")):
+        raise ValueError(f"{text!r} is not s3://BUCKET[/PREFIX] or file:///DIR")
+    return t
+
+
+def _name(text: Any) -> str:
+    t = str(text).strip()
+    if not t or len(t) > 64 or any(c in t for c in ", \t\n\\=\"'") or not t.isprintable():
+        raise ValueError(f"{text!r} is not a short name (1-64 printable characters; no spaces, "
+                         "commas, quotes, '=' or backslashes)")
+    return t
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # attribute / config-file key (underscores)
@@ -169,7 +184,13 @@ OPTIONS: tuple[Option, ...] = (
            groups=("mount",)),
     Option("foreground", _bool, False, "stay attached to the terminal instead of daemonizing", flag=True,
            groups=("mount",)),
-    Option("config", str, None, "configuration file (TOML)", "PATH", groups=("mount",)),
+    Option("source", _source, None, "what to mount: s3://BUCKET[/PREFIX] or file:///DIR (the SOURCE "
+           "argument; a configuration file names it with this key)", "URI", groups=("mount",)),
+    Option("name", _name, None, "short name of the mount, shown as its source by df and mount(8), in "
+           "'dssefs status' and in log lines (default: SOURCE)", "NAME", groups=("mount",)),
+    Option("config", str, None, "configuration file (TOML): the keys are these options' names "
+           "(dashes or underscores); command-line flags and -o options override it", "PATH",
+           groups=("mount",)),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -257,12 +278,68 @@ def _show(opt: Option) -> str:
     return str(opt.default)
 
 
+#: Keys that would put a secret into a configuration file, and where the secret belongs instead.
+SECRET_KEYS = {
+    "aws_access_key_id": "boto3's credential chain (environment, ~/.aws/credentials, instance role)",
+    "aws_secret_access_key": "boto3's credential chain (environment, ~/.aws/credentials, instance role)",
+    "aws_session_token": "boto3's credential chain (environment, ~/.aws/credentials, instance role)",
+    "keyring_passphrase": "a file named by keyring_passphrase_file (mode 0600)",
+    "passphrase": "a file named by keyring_passphrase_file (mode 0600)",
+    "password": "a file named by keyring_passphrase_file (mode 0600)",
+    "secret": "boto3's credential chain or keyring_passphrase_file",
+}
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML configuration file: top-level ``key = value`` pairs, each key an option name
+    (dashes or underscores).  Every problem raises ConfigError naming the file and the key; the
+    values themselves are validated by :func:`settings_from`."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {path}: not valid UTF-8") from None
+    if st.st_mode & 0o002:
+        raise ConfigError(f"configuration file {path} is writable by every user (mode "
+                          f"{st.st_mode & 0o7777:04o}): run 'chmod o-w {path}'")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = normalise_key(key)
+        where = f"configuration file {path}: key '{key}'"
+        if name in SECRET_KEYS:
+            raise ConfigError(f"{where} is a secret and does not belong in a configuration file: "
+                              f"use {SECRET_KEYS[name]}")
+        if isinstance(value, dict):
+            raise ConfigError(f"{where} is a table; options are top-level 'key = value' lines")
+        opt = BY_NAME.get(name)
+        if opt is None:
+            raise ConfigError(f"{where} is not an option (see 'dssefs mount --help'; dashes and "
+                              "underscores are interchangeable)")
+        if name == "config":
+            raise ConfigError(f"{where}: a configuration file cannot name another one")
+        if name in out:
+            raise ConfigError(f"{where} is given twice")
+        if isinstance(value, list) and opt.parse is not _list:
+            raise ConfigError(f"{where} takes one value, not a list")
+        if not isinstance(value, (str, int, float, bool, list)):
+            raise ConfigError(f"{where} has a {type(value).__name__} value; use a string or number")
+        out[name] = value
+    return out
+
+
 def settings_from(namespace: argparse.Namespace, mount_options: str | None = None,
-                  file_values: dict[str, Any] | None = None) -> Settings:
+                  file_values: dict[str, Any] | None = None, file_name: str = "file") -> Settings:
     """Merge defaults < file < ``-o`` < explicit flags into one validated Settings."""
     s = Settings()
     for key, raw in (file_values or {}).items():
-        s.set(normalise_key(key), raw, "file")
+        s.set(normalise_key(key), raw, f"configuration file {file_name}" if file_name != "file" else "file")
     if mount_options:
         for key, raw in parse_mount_options(mount_options).items():
             s.set(key, raw, "-o")

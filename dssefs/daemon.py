@@ -203,19 +203,11 @@ def parse_mount(argv: list[str]) -> MountRequest:
     if cfg_path is None and opts_text:
         cfg_path = config.parse_mount_options(opts_text).get("config")
     if cfg_path:
-        import tomllib
-        try:
-            with open(cfg_path, "rb") as f:
-                file_values = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read configuration file {cfg_path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"configuration file {cfg_path}: {e}") from None
-        source = source or file_values.pop("source", None)
-        file_values.pop("source", None)
-    settings = config.settings_from(ns, opts_text, file_values)
-    if source is not None and not source.startswith(("s3://", "file://")):
-        raise ConfigError(f"SOURCE must be s3://BUCKET[/PREFIX] or file:///DIR, not {source!r}")
+        file_values = config.load_file(cfg_path)
+    settings = config.settings_from(ns, opts_text, file_values, file_name=cfg_path or "file")
+    if source is not None:
+        settings.set("source", source, "cli")
+    source = settings.source
     mnt = os.path.abspath(mountpoint)
     return MountRequest(source, mnt, settings)
 
@@ -282,7 +274,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
 
 
 def fuse_options(req: MountRequest) -> set[str]:
-    src = "".join(c for c in (req.source or "dssefs") if c not in ", \t\n\\")
+    src = "".join(c for c in (req.settings.name or req.source or "dssefs") if c not in ", \t\n\\")
     opts = {"fsname=" + src, "subtype=dssefs", "default_permissions"}
     if req.settings.allow_other:
         opts.add("allow_other")
