@@ -509,12 +509,18 @@ def umount_parser(prog: str = "dssefs umount") -> argparse.ArgumentParser:
                    help="seconds to wait for unsaved files to be stored (default: 900)")
     p.add_argument("-z", "--lazy", action="store_true",
                    help="detach even if busy (fusermount3 -uz); unsaved files are still stored")
+    p.add_argument("--if-dead", action="store_true",
+                   help="only clear a dead mount (ENOTCONN, left by a daemon that crashed or was "
+                   "killed); a live mount is left alone and no mount is not an error (systemd's "
+                   "ExecStartPre=/ExecStopPost= use this)")
     return p
 
 
 def umount_command(argv: list[str]) -> int:
     ns = umount_parser().parse_args(argv)
     mnt = os.path.abspath(ns.mountpoint)
+    if ns.if_dead:
+        return clear_dead_mount(mnt)
     pidf = pid_file(mnt)
     pid = None
     try:
@@ -553,6 +559,21 @@ def umount_command(argv: list[str]) -> int:
         subprocess.run([fusermount(), "-uz", mnt], check=False)
     if code:
         _print_error("the daemon could not store every file before exiting (see its log)")
+        return 1
+    return 0
+
+
+def clear_dead_mount(mnt: str) -> int:
+    """Lazily unmount a dead FUSE mount at ``mnt`` (repeatedly: crashes may have stacked several);
+    0 when none is left, 1 when one could not be cleared."""
+    for _ in range(8):
+        if mount_state(mnt) != "dead":
+            return 0
+        log.warning("event=dead_mount mountpoint=%s action='%s -uz'", mnt, fusermount())
+        subprocess.run([fusermount(), "-uz", mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=False)
+    if mount_state(mnt) == "dead":
+        _print_error(f"{mnt}: a dead mount could not be cleared (try 'umount -l {mnt}')")
         return 1
     return 0
 
