@@ -441,6 +441,12 @@ class FileContent:
                 self.size = size
             self.modified = True
 
+    def dirty_bytes(self) -> int:
+        """Bytes of chunks written locally and not stored yet (in memory or spilled)."""
+        with self.cache.lock:
+            return sum(self.cs if ch.data is None else len(ch.data)
+                       for ch in self.chunks.values() if ch.dirty)
+
     def source(self, offset: int, length: int):
         """Plaintext ``[offset, offset+length)`` for the flush (called from the Vault's threads,
         while the file's writes are held off); ``offset`` is chunk aligned.

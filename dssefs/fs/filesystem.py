@@ -30,6 +30,7 @@ import trio
 from ..envelope import format as fmt
 from ..errors import ObjectNotFound
 from ..objects.vault import Vault
+from .activity import Activity
 from .attributes import Attrs, now_ns
 from .cache import ChunkCache
 from .common import (KEY_MAX, NAME_MAX, ConflictError, DirHandle, FsConfig, FsError,
@@ -61,6 +62,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         self.cache = ChunkCache(self.cfg.cache_size, spill)
         t = now_ns()
         self.table = InodeTable(Attrs(stat.S_IFDIR | self.cfg.dir_mode, self.cfg.uid, self.cfg.gid, t, t, t))
+        self.activity = Activity()
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._fh = itertools.count(1)

@@ -73,11 +73,20 @@ class FlushOps:
             return
         key = self.object_key(node)
         prev = node.obj
+        act = self.activity
+        act.flushes_in_flight += 1
         try:
             new = await self._io(self._flush_sync, key, content, node.attrs.encode(), prev, node.stored)
         except PreconditionFailed:
+            act.flush_failures += 1
             raise ConflictError(f"{self.store.url.rstrip('/')}/{key}: changed by another client since it "
                                 "was opened; local changes kept, not stored (conflict)", errno=errno.EIO) from None
+        except BaseException:
+            act.flush_failures += 1
+            raise
+        finally:
+            act.flushes_in_flight -= 1
+        act.flushes_done += 1
         node.obj, node.etag, node.stored = new, new.etag, True
         node.validated = self._now()
         node.meta_dirty = False

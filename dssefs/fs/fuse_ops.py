@@ -58,6 +58,8 @@ def _op(fn=None, *, by_fh: bool = False):
             level = logging.DEBUG if quiet else logging.WARNING
             log.log(level, "op=%s object=%s errno=%s reason=%s", name, target,
                     errno.errorcode.get(code, code), reason.replace("\n", " "))
+            if not quiet:
+                self.fs.activity.error(name, target, code, reason)
             raise pyfuse3.FUSEError(code) from None
     return wrapper
 

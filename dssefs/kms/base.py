@@ -61,5 +61,10 @@ class KeyProvider(abc.ABC):
         """Re-wrap under ``new_ctx`` and optionally another master key, without exposing the key
         where the provider allows it (KMS ReEncrypt)."""
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts of calls made so far (generate, unwrap, rewrap, describe, errors); no secrets."""
+        return {}
+
     def close(self) -> None:  # pragma: no cover - optional
         pass

@@ -1,0 +1,177 @@
+"""A store that counts what passes through it: requests by kind, bytes, failures, writes in flight.
+
+The mount daemon wraps its store in one so that ``dssefs status`` can say what the daemon asks of
+S3 (or the local directory) without each layer above keeping its own counters.  Counting happens
+on the calling (worker) thread under one lock; nothing else changes: every call is forwarded as
+is and every exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from .base import ObjectInfo, ObjectStore, Upload
+
+REQUESTS = ("head", "get", "put", "upload_part", "complete_upload", "abort_upload", "copy",
+            "delete", "list")
+
+
+class StoreMeter:
+    """Thread-safe counters; ``snapshot()`` returns plain numbers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = dict.fromkeys(REQUESTS, 0)
+        self.failures = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.objects_written = 0
+        self.writes_in_flight = 0  # puts, copies and multipart uploads begun but not finished
+
+    def count(self, kind: str, *, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.requests[kind] += 1
+            self.bytes_read += read
+            self.bytes_written += written
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"requests": dict(self.requests), "failures": self.failures,
+                    "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                    "objects_written": self.objects_written, "writes_in_flight": self.writes_in_flight}
+
+
+class _MeteredUpload(Upload):
+    def __init__(self, inner: Upload, meter: StoreMeter):
+        self._inner, self._meter = inner, meter
+        self._open = True
+
+    def _finish(self) -> None:
+        if self._open:
+            self._open = False
+            self._meter.add(writes_in_flight=-1)
+
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
+        try:
+            self._inner.put_part(number, data)
+        except BaseException:
+            self._meter.add(failures=1)
+            raise
+        self._meter.count("upload_part", written=len(data))
+
+    def complete(self) -> str:
+        try:
+            etag = self._inner.complete()
+        except BaseException:
+            self._meter.add(failures=1)
+            self._finish()
+            raise
+        self._meter.count("complete_upload")
+        self._meter.add(objects_written=1)
+        self._finish()
+        return etag
+
+    def abort(self) -> None:
+        self._meter.count("abort_upload")
+        self._finish()
+        self._inner.abort()
+
+
+class MeteredStore(ObjectStore):
+    """Forwards every call to ``inner`` and counts it in ``meter``."""
+
+    def __init__(self, inner: ObjectStore, meter: StoreMeter | None = None):
+        self.inner = inner
+        self.meter = meter or StoreMeter()
+        self.context_name = inner.context_name
+        self.url = inner.url
+        self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
+        self.parallel_requests = getattr(inner, "parallel_requests", True)
+
+    def _failed(self) -> None:
+        self.meter.add(failures=1)
+
+    def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:
+        try:
+            info = self.inner.head(key, prefix=prefix)
+        except BaseException:
+            self._failed()
+            raise
+        self.meter.count("get" if prefix else "head", read=len(info.prefix or b""))
+        return info
+
+    def get_range(self, key: str, start: int, length: int, *, if_match: str | None = None
+                  ) -> tuple[bytes, int]:
+        try:
+            data, total = self.inner.get_range(key, start, length, if_match=if_match)
+        except BaseException:
+            self._failed()
+            raise
+        self.meter.count("get", read=len(data))
+        return data, total
+
+    def _write(self, kind: str, call, size: int = 0) -> str:
+        self.meter.add(writes_in_flight=1)
+        try:
+            etag = call()
+        except BaseException:
+            self._failed()
+            raise
+        finally:
+            self.meter.add(writes_in_flight=-1)
+        self.meter.count(kind, written=size)
+        self.meter.add(objects_written=1)
+        return etag
+
+    def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
+            if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self._write("put", lambda: self.inner.put(key, body, metadata, if_match=if_match,
+                                                          if_none_match=if_none_match), len(body))
+
+    def begin_upload(self, key: str, metadata: dict[str, str], *,
+                     if_match: str | None = None, if_none_match: bool = False,
+                     size_hint: int | None = None) -> Upload:
+        try:
+            upload = self.inner.begin_upload(key, metadata, if_match=if_match, if_none_match=if_none_match,
+                                             size_hint=size_hint)
+        except BaseException:
+            self._failed()
+            raise
+        self.meter.add(writes_in_flight=1)
+        return _MeteredUpload(upload, self.meter)
+
+    def copy(self, src: str, dst: str, metadata: dict[str, str], *,
+             if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self._write("copy", lambda: self.inner.copy(src, dst, metadata, if_match=if_match,
+                                                            if_none_match=if_none_match))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.inner.delete(key)
+        except BaseException:
+            self._failed()
+            raise
+        self.meter.count("delete")
+
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
+        self.meter.count("list")
+        try:
+            yield from self.inner.list(prefix, delimiter)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self._failed()
+            raise
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str):
+        # store-specific extras (e.g. a local store's root) stay reachable
+        return getattr(self.inner, name)
