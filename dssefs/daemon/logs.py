@@ -1,0 +1,81 @@
+"""Logging to stderr with levels and ``key=value`` fields; journald picks it up under systemd.
+
+On a terminal or in a log file each line reads ``TIME dssefs[PID] level=LEVEL logger=NAME
+event=... key=value ...``.  When stderr is the journal (``$JOURNAL_STREAM`` names stderr's
+device and inode, see systemd.exec(5)), the time and pid are left to journald and each line starts
+with its syslog priority (``<3>`` error ... ``<7>`` debug), so ``journalctl -p warning`` works.
+
+What may appear: object names, sizes, counters, errno names, key *ids*.  What never may: file
+contents, data or master keys, passphrases, credentials, presigned URLs.  The code logs none of
+them; as a second line of defence every line passes :func:`redact`, which removes URL signatures
+and credentials and AWS secret patterns that third-party messages (botocore exceptions) might
+carry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+_REDACTIONS = (
+    # presigned URL query parameters (SigV4 and SigV2)
+    (re.compile(r"(?i)\b(X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|"
+                r"x-amz-security-token)=([^&\s'\"]+)"), r"\1=REDACTED"),
+    # Authorization headers
+    (re.compile(r"(?i)\b(Authorization['\"]?\s*[:=]\s*['\"]?)(AWS4-HMAC-SHA256|AWS)\s+[^'\"\n]+"),
+     r"\1REDACTED"),
+    # credential fields as they appear in dict reprs or config dumps
+    (re.compile(r"(?i)(['\"]?(?:aws_secret_access_key|aws_session_token|secret_access_key|session_token|"
+                r"SecretAccessKey|SessionToken|Plaintext|passphrase)['\"]?\s*[:=]\s*)(b?['\"][^'\"]*['\"]|\S+)"),
+     r"\1REDACTED"),
+    # access key ids (AKIA.../ASIA...)
+    (re.compile(r"\b((?:AKIA|ASIA)[A-Z0-9]{4})[A-Z0-9]{12}\b"), r"\1REDACTED"),
+)
+
+
+def redact(text: str) -> str:
+    for pattern, repl in _REDACTIONS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, journal: bool):
+        fmt = "level=%(levelname)s logger=%(name)s %(message)s" if journal else \
+            "%(asctime)s dssefs[%(process)d] level=%(levelname)s logger=%(name)s %(message)s"
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = redact(super().format(record))
+        if self.journal:
+            prio = PRIORITY.get(record.levelno, 6)
+            # one journal entry per line: continuation lines (tracebacks) keep the priority
+            return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+        return text
+
+
+def stderr_is_journal(env=None) -> bool:
+    """systemd.exec(5): ``JOURNAL_STREAM=DEV:INODE`` of the stream connected to the journal."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(journal=stderr_is_journal()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # botocore logs request headers and signing details at DEBUG: never below WARNING
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

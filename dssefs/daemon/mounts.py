@@ -1,0 +1,60 @@
+"""The kernel's view of mount points: /proc/self/mountinfo entries, live or dead FUSE mounts."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+FUSERMOUNT_CANDIDATES = ("/usr/bin/fusermount3", "/bin/fusermount3", "/usr/local/bin/fusermount3",
+                         "/usr/bin/fusermount", "/bin/fusermount")
+
+
+def fusermount() -> str:
+    for path in FUSERMOUNT_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    return "fusermount3"
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entries(mountpoint: str) -> list[dict]:
+    """Entries of /proc/self/mountinfo whose mount point is ``mountpoint``."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts, rparts = left.split(), right.split()
+                if len(parts) >= 5 and _unescape(parts[4]) == mountpoint:
+                    out.append({"devno": parts[2], "fstype": rparts[0] if rparts else "",
+                                "source": _unescape(rparts[1]) if len(rparts) > 1 else ""})
+    except OSError:
+        pass
+    return out
+
+
+def mount_state(mountpoint: str) -> str:
+    """``none``, ``live`` (a FUSE file system answers), ``dead`` (ENOTCONN) or ``other``."""
+    entries = [e for e in mount_entries(mountpoint) if e["fstype"].startswith("fuse")]
+    if not entries:
+        return "none"
+    try:
+        os.stat(mountpoint)
+        return "live"
+    except OSError as e:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECONNREFUSED):
+            return "dead"
+        return "live"
+
+

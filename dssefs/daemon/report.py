@@ -1,0 +1,84 @@
+"""The daemon's status report: one plain-data dict (``dssefs status --json``), its human form,
+and the one-line summary systemd shows as ``STATUS=``.  Never contains keys, plaintext or
+credentials: object names, sizes and counters only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import __version__
+from ..fs.activity import snapshot
+
+
+def collect(daemon) -> dict:
+    """``daemon``: the serving :class:`~dssefs.daemon.serve.Daemon`."""
+    req = daemon.req
+    report = {
+        "mountpoint": req.mountpoint,
+        "source": req.source,
+        "name": req.settings.name or req.source,
+        "pid": os.getpid(),
+        "version": __version__,
+        "state": daemon.state,
+        "read_only": bool(req.settings.read_only),
+    }
+    report.update(snapshot(daemon.fs))
+    report["store"] = daemon.meter.snapshot()
+    report["kms"] = {"provider": getattr(daemon.keys, "kind", "?"), **daemon.keys.stats}
+    return report
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def status_line(r: dict) -> str:
+    """``serving NAME: 2 dirty files (3.0 MiB), 1 upload in flight, 0 errors``."""
+    dirty = r["dirty"]
+    uploads = r["store"]["writes_in_flight"]
+    return (f"{r['state']} {r['name']}: {_plural(dirty['files'], 'dirty file')} ({size(dirty['bytes'])}), "
+            f"{_plural(uploads, 'upload')} in flight, {_plural(r['errors']['total'], 'error')}")
+
+
+def format_text(r: dict) -> str:
+    cache, store, kms = r["cache"], r["store"], r["kms"]
+    reqs = ", ".join(f"{k} {v}" for k, v in store["requests"].items() if v) or "none"
+    kms_calls = ", ".join(f"{k} {v}" for k, v in kms.items() if k != "provider" and v) or "none"
+    errors = r["errors"]
+    by_errno = ", ".join(f"{k} {v}" for k, v in sorted(errors["by_errno"].items()))
+    lines = [
+        f"mount:      {r['mountpoint']} ({r['name']}, {r['source']}){' read-only' if r['read_only'] else ''}",
+        f"daemon:     pid {r['pid']}, dssefs {r['version']}, {r['state']} for {_duration(r['uptime_s'])}",
+        f"cache:      {size(cache['used'])} of {size(cache['budget'])} in {cache['chunks']} chunks; "
+        f"{cache['spilled_chunks']} chunks spilled ({size(cache['spill_bytes_written'])} written to the "
+        "encrypted spill area)",
+        f"dirty:      {_plural(r['dirty']['files'], 'file')}, {size(r['dirty']['bytes'])} not stored yet",
+        f"uploads:    {store['writes_in_flight']} in flight; {r['flushes']['done']} files stored, "
+        f"{r['flushes']['failed']} failed",
+        f"store:      {store['objects_written']} objects written ({size(store['bytes_written'])}), "
+        f"{size(store['bytes_read'])} read; requests: {reqs}; {store['failures']} failed",
+        f"kms:        {kms['provider']}: {kms_calls}",
+        f"files:      {r['open_files']} open, {r['inodes']} inodes known",
+        f"errors:     {errors['total']}" + (f" ({by_errno})" if by_errno else ""),
+    ]
+    for e in errors["recent"][-5:]:
+        lines.append(f"  op={e['op']} errno={e['errno']} object={e['object']} reason={e['reason']}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

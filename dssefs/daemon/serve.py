@@ -1,0 +1,300 @@
+"""Serving one mount: build the file system, mount it, answer FUSE until unmounted or signalled.
+
+The life of a daemon (:class:`Daemon`): open the store and keys (one listing proves the store
+answers), mount, report ready (pipe to ``dssefs mount``; ``READY=1`` to systemd) once the kernel's
+FUSE_INIT arrives, serve.  Beside FUSE, on the same event loop: the control socket (``dssefs
+status``), ``STATUS=`` lines every few seconds, ``WATCHDOG=1`` pings when systemd asks for them.
+SIGTERM, SIGINT or SIGHUP (or an unmount): ``STOPPING=1``, store every dirty file
+(``EXTEND_TIMEOUT_USEC=`` while that makes progress), unmount, exit 0; 1 if any file could not be
+stored (each named in the log); 2 after an internal failure, leaving the mount dead (ENOTCONN) so
+it cannot be mistaken for an empty directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+
+import trio
+
+from ..errors import DssefsError
+from ..session import default_source, default_store_dir, key_provider, store_options, vault_for
+from ..store.metered import MeteredStore, StoreMeter
+from . import report
+from .control import control_socket, serve_control
+from .mounts import mount_entries
+from .notify import Notifier
+from .paths import default_spill_dir, pid_file
+from .request import MountRequest
+
+log = logging.getLogger("dssefs.daemon")
+
+
+def open_backend(req: MountRequest, meter: StoreMeter | None = None):
+    """Store (counted by ``meter`` when given), key provider and prefix for the request (may talk
+    to S3/KMS)."""
+    from ..store import open_store
+
+    s = req.settings
+    if req.source is None:
+        req.source = default_source()
+    if req.source == default_source():
+        os.makedirs(default_store_dir(), mode=0o700, exist_ok=True)
+    store, prefix = open_store(req.source, **store_options(s))
+    if meter is not None:
+        store = MeteredStore(store, meter)
+    setup = key_provider(s, create_default=True)
+    if setup.created_keyring:
+        log.info("event=keyring_created path=%s", setup.created_keyring)
+    req.default_keyring_used = s.keyring is None and s.kms_key_id is None
+    keys = setup.provider
+    # reachability: one listing request now gives a clear error instead of a broken mount
+    for _ in store.list(prefix, delimiter="/"):
+        break
+    return store, keys, prefix
+
+
+def build_filesystem(req: MountRequest, store, keys, prefix):
+    from ..fs import Filesystem, FsConfig
+
+    s = req.settings
+    vault = vault_for(s, store, keys)
+    cfg = FsConfig(attr_timeout=s.attr_timeout, entry_timeout=s.entry_timeout, attr_delay=s.attr_delay,
+                   uid=s.uid if s.uid is not None else os.getuid(),
+                   gid=s.gid if s.gid is not None else os.getgid(),
+                   file_mode=s.file_mode, dir_mode=s.dir_mode, foreign_objects=s.foreign_objects,
+                   read_only=s.read_only, cache_size=s.cache_size, small_file_prefetch=s.small_file_prefetch,
+                   spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
+                   chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2),
+                   crypto_workers=max(1, os.cpu_count() or 1))
+    return Filesystem(vault, prefix, cfg)
+
+
+def fuse_options(req: MountRequest) -> set[str]:
+    src = "".join(c for c in (req.settings.name or req.source or "dssefs") if c not in ", \t\n\\")
+    opts = {"fsname=" + src, "subtype=dssefs", "default_permissions"}
+    if req.settings.allow_other:
+        opts.add("allow_other")
+    if req.settings.read_only:
+        opts.add("ro")
+    return opts
+
+
+def raise_read_ahead(mnt: str, kb: int = 1024) -> None:
+    for e in mount_entries(mnt):
+        if e["fstype"].startswith("fuse"):
+            path = f"/sys/class/bdi/{e['devno']}/read_ahead_kb"
+            try:
+                with open(path, "w") as f:
+                    f.write(str(kb))
+                log.debug("event=read_ahead path=%s kb=%d", path, kb)
+            except OSError as err:
+                log.debug("event=read_ahead_failed path=%s reason=%s", path, err)
+
+
+STATUS_INTERVAL = 2.0  # seconds between STATUS= updates (sent only when the line changed)
+PROGRESS_INTERVAL = 5.0  # seconds between progress checks while stopping
+EXTEND_BY = 30.0  # seconds of stop timeout granted per check that saw progress
+
+
+class Daemon:
+    """One mount's daemon.  ``ready(msg)`` is called once: None when the mount is live, or an
+    error message before that."""
+
+    def __init__(self, req: MountRequest, ready, notifier: Notifier | None = None):
+        self.req = req
+        self._ready_cb = ready
+        self.notifier = notifier or Notifier()
+        self.meter = StoreMeter()
+        self.state = "starting"
+        self.live = False
+        self.fs = self.keys = self.store = None
+        self.failures: list = []
+
+    # ---- start ----------------------------------------------------------------------------------
+
+    def _fail_start(self, msg: str, code: int = errno.EIO) -> int:
+        self.notifier.send(f"STATUS=failed: {msg}", f"ERRNO={code}")
+        self._ready_cb(msg)
+        return 1
+
+    def run(self) -> int:
+        import pyfuse3
+
+        from ..fs.fuse_ops import FuseOps
+
+        req = self.req
+        try:
+            self.store, self.keys, prefix = open_backend(req, self.meter)
+            self.fs = build_filesystem(req, self.store, self.keys, prefix)
+            self.fs.load_root()
+        except DssefsError as e:
+            return self._fail_start(str(e), e.errno)
+        except Exception as e:  # noqa: BLE001 - an unmapped failure still gets one clear line
+            log.exception("event=start_failed")
+            return self._fail_start(f"cannot start: {type(e).__name__}: {e}")
+        mnt = req.mountpoint
+        try:
+            pyfuse3.init(FuseOps(self.fs, on_init=self._on_init), mnt, fuse_options(req))
+        except Exception as e:  # noqa: BLE001 - libfuse says little more than "failed"
+            return self._fail_start(f"cannot mount on {mnt}: {e}")
+        pidf = pid_file(mnt)
+        try:
+            os.makedirs(os.path.dirname(pidf), mode=0o755, exist_ok=True)
+            with open(pidf, "w") as f:
+                f.write(f"{os.getpid()}\n{mnt}\n")
+        except OSError as e:
+            log.warning("event=pid_file_failed path=%s reason=%s", pidf, e)
+        log.info("event=mounted name=%s source=%s mountpoint=%s prefix=%r chunk_size=%d cache_size=%d "
+                 "pid=%d watchdog_s=%s", req.settings.name or "-", req.source, mnt, prefix,
+                 req.settings.chunk_size, req.settings.cache_size, os.getpid(), self.notifier.watchdog)
+        try:
+            trio.run(self._main)
+        except BaseException:
+            log.exception("event=fatal action='leaving the mount dead (ENOTCONN) so it is not mistaken "
+                          "for an empty directory'")
+            pyfuse3.close(unmount=False)
+            _status(pidf, 2)
+            return 2
+        finally:
+            if not self.live:
+                self._ready_cb("the file system stopped before it was ready (see the log above)")
+        pyfuse3.close(unmount=True)
+        self._close()
+        code = 1 if self.failures else 0
+        if self.failures:
+            log.error("event=unmounted mountpoint=%s dirty_files_lost=%d (see the errors above)", mnt,
+                      len(self.failures))
+        else:
+            spill = self.fs.cache.spill_area
+            log.info("event=unmounted mountpoint=%s spill_bytes=%d", mnt, spill.bytes_written if spill else 0)
+        _status(pidf, code)
+        return code
+
+    def _on_init(self) -> None:
+        """The kernel's FUSE_INIT: the mount is in the mount table and answers."""
+        self.live = True
+        self.state = "serving"
+        self._ready_cb(None)
+        self.notifier.ready(self.status_line())
+
+    def _close(self) -> None:
+        self.fs.close()
+        for closer in (self.fs.vault.close, self.keys.close, self.store.close):
+            try:
+                closer()
+            except Exception as e:  # noqa: BLE001 - exiting anyway
+                log.debug("event=close_failed reason=%s", e)
+
+    # ---- reports ----------------------------------------------------------------------------------
+
+    def report(self) -> dict:
+        return report.collect(self)
+
+    def status_line(self) -> str:
+        return report.status_line(self.report())
+
+    def _answer(self, command: str) -> dict:
+        return self.report()
+
+    # ---- the event loop ------------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        import pyfuse3
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals)
+            nursery.start_soon(self._after_ready)
+            if self.notifier.enabled:
+                nursery.start_soon(self._status_updates)
+            if self.notifier.watchdog:
+                nursery.start_soon(self._watchdog, self.notifier.watchdog)
+            try:
+                await nursery.start(serve_control, control_socket(self.req.mountpoint), self._answer)
+            except OSError as e:
+                log.warning("event=control_socket_failed reason=%s effect='dssefs status will not answer'", e)
+            await pyfuse3.main()
+            # unmounted (umount, fusermount -u, or terminate() after a signal): store what is left
+            if self.state != "stopping":
+                self._stopping("unmounted")
+            self.failures = await self._flush(final=True)
+            nursery.cancel_scope.cancel()
+
+    def _stopping(self, why: str) -> None:
+        self.state = "stopping"
+        dirty = self.fs.dirty_inodes()
+        log.info("event=stopping reason=%s action='store dirty files and unmount' dirty_files=%d",
+                 why, len(dirty))
+        self.notifier.stopping(self.status_line())
+
+    async def _signals(self) -> None:
+        import pyfuse3
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self.state == "stopping":
+                    log.info("event=signal signal=%s effect='already stopping: storing dirty files'", name)
+                    continue
+                self._stopping(f"signal={name}")
+                await self._flush()
+                pyfuse3.terminate()
+
+    async def _flush(self, final: bool = False) -> list:
+        """flush_all, telling systemd that the stop is making progress meanwhile."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._extend_while_progressing)
+            try:
+                return await self.fs.flush_all(final=final)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _progress_mark(self) -> tuple[int, int]:
+        snap = self.meter.snapshot()
+        return snap["bytes_written"], snap["requests"]["upload_part"] + snap["objects_written"]
+
+    async def _extend_while_progressing(self) -> None:
+        """While the stop is storing data, grant it more time: ``EXTEND_TIMEOUT_USEC`` after every
+        interval in which bytes reached the store.  A flush that is stuck gets no extension, so
+        systemd's TimeoutStopSec still ends it."""
+        last = self._progress_mark()
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            now = self._progress_mark()
+            self.notifier.status(self.status_line())
+            if now != last:
+                self.notifier.extend_timeout(EXTEND_BY)
+            last = now
+
+    async def _after_ready(self) -> None:
+        while not self.live:
+            await trio.sleep(0.02)
+        await trio.to_thread.run_sync(raise_read_ahead, self.req.mountpoint)
+
+    async def _status_updates(self) -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            if self.live:
+                self.notifier.status(self.status_line())
+
+    async def _watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` from the event loop itself: a stalled loop stops the pings."""
+        while True:
+            self.notifier.ping()
+            await trio.sleep(interval)
+
+
+def serve(req: MountRequest, ready) -> int:
+    """Mount and serve until unmounted or signalled; returns the exit status."""
+    return Daemon(req, ready).run()
+
+
+def _status(pidf: str, code: int) -> None:
+    try:
+        with open(pidf + ".status", "w") as f:
+            f.write(f"{code}\n")
+        os.unlink(pidf)
+    except OSError:
+        pass

@@ -1,0 +1,393 @@
+"""The daemon as a service sees it: systemd's notify protocol (READY, STATUS, STOPPING, ERRNO,
+WATCHDOG, EXTEND_TIMEOUT_USEC) against the real daemon on a datagram NOTIFY_SOCKET, ``dssefs
+status`` from the running daemon, and what its logs may and may not contain."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import trio
+
+from fuse_fixtures import force_unmount, mounted, requires_fuse
+
+from dssefs import config
+from dssefs.daemon.control import query
+from dssefs.daemon.logs import redact
+from dssefs.daemon.notify import Notifier, watchdog_interval
+from dssefs.daemon.request import MountRequest
+from dssefs.daemon.serve import EXTEND_BY, PROGRESS_INTERVAL, Daemon
+
+
+def dssefs(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dssefs", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+class Listener:
+    """A datagram socket standing in for systemd's notify socket (a path or @abstract)."""
+
+    def __init__(self, tmp_path, abstract: bool = False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"dssefs-notify-{uuid.uuid4().hex[:12]}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.address = str(tmp_path / f"notify-{uuid.uuid4().hex[:8]}.sock")
+            self.sock.bind(self.address)
+        self.messages: list[str] = []
+
+    def recv(self, timeout: float) -> str | None:
+        self.sock.settimeout(timeout)
+        try:
+            msg = self.sock.recv(65536).decode()
+        except (socket.timeout, BlockingIOError):
+            return None
+        self.messages.append(msg)
+        return msg
+
+    def wait_for(self, field: str, timeout: float, proc=None, on_each=None) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.recv(0.05)
+            if msg is not None:
+                if on_each is not None:
+                    on_each(msg)
+                if field in msg.split("\n"):
+                    return msg
+            elif proc is not None and proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode} before {field}; got {self.messages}")
+        raise AssertionError(f"no {field} within {timeout} s; got {self.messages}")
+
+    def drain(self, seconds: float) -> list[str]:
+        out = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = self.recv(max(0.01, deadline - time.monotonic()))
+            if msg is not None:
+                out.append(msg)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Service:
+    """``dssefs mount --foreground`` as systemd starts it (Type=notify)."""
+
+    def __init__(self, tmp_path, source, args, listener: Listener, env=None, name="mnt"):
+        self.mnt = tmp_path / name
+        self.mnt.mkdir(exist_ok=True)
+        self.log_path = tmp_path / f"{name}.log"
+        full_env = {**os.environ, "NOTIFY_SOCKET": listener.address, **(env or {})}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dssefs", "mount", source, str(self.mnt),
+                                          "--foreground", *args], stdout=log, stderr=log, env=full_env,
+                                         start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        force_unmount(self.mnt)
+
+
+@pytest.fixture
+def service(tmp_path, local_source):
+    """``start(args=(), env=None, abstract=False) -> (Daemon, Listener)``; stopped at teardown."""
+    made = []
+
+    def start(extra=(), env=None, abstract=False, source=None, args=None):
+        src, base_args = local_source
+        listener = Listener(tmp_path, abstract)
+        d = Service(tmp_path, source or src, list(base_args if args is None else args) + list(extra),
+                   listener, env)
+        made.append((d, listener))
+        return d, listener
+
+    yield start
+    for d, listener in made:
+        d.stop()
+        listener.close()
+
+
+def _ready(d: Service, listener: Listener, timeout: float = 30) -> str:
+    """Wait for READY=1, asserting at the moment it arrives that the mount is live."""
+    msg = listener.wait_for("READY=1", timeout, d.proc)
+    assert mounted(d.mnt), "READY=1 arrived before the mount was in /proc/self/mountinfo"
+    os.stat(d.mnt)  # and it answers
+    return msg
+
+
+# ---- notify protocol ----------------------------------------------------------------------------
+
+@requires_fuse
+@pytest.mark.fuse
+def test_ready_only_once_mounted_then_sigterm_with_dirty_data_stores_it(service, tmp_path, local_source):
+    d, listener = service()
+    before_ready = []
+    msg = listener.wait_for("READY=1", 30, d.proc,
+                            on_each=lambda m: before_ready.append(bool(mounted(d.mnt))))
+    assert mounted(d.mnt) and os.stat(d.mnt)
+    assert before_ready == [True]  # nothing but READY (with its STATUS) was sent
+    fields = dict(line.split("=", 1) for line in msg.split("\n"))
+    assert fields["MAINPID"] == str(d.proc.pid)
+    assert fields["STATUS"].startswith("serving ")
+
+    data = os.urandom(3 << 20)
+    fd = os.open(d.mnt / "unsaved.bin", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, data)  # neither closed nor fsynced: only the daemon's cache holds it
+    try:
+        # asked in-process: a forked child would close its copy of fd at exec, and close(2) of any
+        # copy makes the daemon store the file (FUSE FLUSH)
+        report = query(str(d.mnt))
+        assert report["dirty"] == {"files": 1, "bytes": len(data)}
+        assert report["open_files"] == 1
+        d.proc.send_signal(signal.SIGTERM)
+        stopping = listener.wait_for("STOPPING=1", 30, d.proc)
+        assert "STATUS=stopping" in stopping
+        assert d.proc.wait(60) == 0, d.log()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert not mounted(d.mnt)
+    assert not [m for m in listener.messages if "READY=1" in m.split("\n")][1:]  # READY exactly once
+    source, args = local_source
+    out = tmp_path / "out.bin"
+    r = dssefs("get", f"{source}/unsaved.bin", out, "--keyring", args[args.index("--keyring") + 1])
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_abstract_notify_socket_and_status_lines(service, local_source):
+    d, listener = service(abstract=True)
+    _ready(d, listener)
+    source = local_source[0]
+    fd = os.open(d.mnt / "f", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"x" * 5000)
+        # STATUS= follows the dirty data within a few seconds (sent only when it changes)
+        listener.wait_for(f"STATUS=serving {source}: 1 dirty file (4.9 KiB), 0 uploads in flight, 0 errors",
+                          15, d.proc)
+    finally:
+        os.close(fd)
+    listener.wait_for(f"STATUS=serving {source}: 0 dirty files (0 B), 0 uploads in flight, 0 errors",
+                      15, d.proc)
+    d.proc.send_signal(signal.SIGINT)
+    listener.wait_for("STOPPING=1", 30, d.proc)
+    assert d.proc.wait(60) == 0
+    assert not mounted(d.mnt)
+
+
+@requires_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("case", ["missing-keyring", "unreachable-store"])
+def test_daemon_that_cannot_mount_never_sends_ready(case, service, tmp_path, request):
+    if case == "missing-keyring":
+        d, listener = service(args=["--keyring", str(tmp_path / "absent-keyring")])
+    else:
+        request.getfixturevalue("moto_server")
+        d, listener = service(source="s3://no-such-bucket", args=[
+            "--kms-key-id", "alias/none", "--endpoint-url", "http://127.0.0.1:9", "--max-attempts", "1"])
+    rc = d.proc.wait(60)
+    listener.drain(0.2)
+    assert rc != 0
+    assert not mounted(d.mnt)
+    assert not any("READY=1" in m.split("\n") for m in listener.messages), listener.messages
+    failed = [m for m in listener.messages if "STATUS=failed: " in m]
+    assert failed and "ERRNO=" in failed[0], listener.messages
+    errors = [ln for ln in d.log().splitlines() if "error" in ln.lower()]
+    assert errors, d.log()
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_watchdog_pings_only_when_asked_for_this_pid(service):
+    d, listener = service(env={"WATCHDOG_USEC": "200000"})
+    _ready(d, listener)
+    pings = [m for m in listener.drain(1.0) if "WATCHDOG=1" in m.split("\n")]
+    assert len(pings) >= 4, listener.messages  # every 0.1 s (half of WatchdogSec)
+    d.stop()
+    other, listener2 = service(env={"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+    _ready(other, listener2)
+    assert not [m for m in listener2.drain(0.8) if "WATCHDOG=1" in m]
+
+
+def test_watchdog_interval_parsing():
+    pid = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "60000000"}) == 30.0
+    assert watchdog_interval({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": pid}) == 30.0
+    assert watchdog_interval({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({}) is None
+
+
+async def test_stop_timeout_extended_only_while_the_flush_progresses(tmp_path, autojump_clock):
+    """EXTEND_TIMEOUT_USEC after each interval in which bytes reached the store, none once the
+    flush stalls (so TimeoutStopSec still ends a stuck stop)."""
+    from dssefs.fs import Filesystem, FsConfig
+    from dssefs.kms.local import LocalKeyringProvider, create_keyring
+    from dssefs.objects.vault import Vault
+    from dssefs.store.local import LocalStore
+
+    listener = Listener(tmp_path)
+    create_keyring(str(tmp_path / "keyring"))
+    req = MountRequest("file:///x", str(tmp_path / "mnt"), config.Settings())
+    d = Daemon(req, ready=lambda msg: None,
+               notifier=Notifier({"NOTIFY_SOCKET": listener.address}))
+    d.keys = LocalKeyringProvider(str(tmp_path / "keyring"))
+    d.fs = Filesystem(Vault(LocalStore(str(tmp_path / "store")), d.keys), "", FsConfig())
+    d.state = "stopping"
+    received = []
+
+    async def progress():
+        # bytes reach the store during the first three intervals, then nothing
+        for _ in range(3):
+            await trio.sleep(PROGRESS_INTERVAL / 5)
+            d.meter.count("upload_part", written=1 << 20)
+            await trio.sleep(PROGRESS_INTERVAL * 4 / 5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(d._extend_while_progressing)
+        nursery.start_soon(progress)
+        await trio.sleep(PROGRESS_INTERVAL * 8 + 0.5)
+        nursery.cancel_scope.cancel()
+    while (msg := listener.recv(0.05)) is not None:
+        received.append(msg)
+    extends = [m for m in received if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends == [f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}"] * 3, received
+    assert any(m.startswith("STATUS=stopping ") for m in received)
+    listener.close()
+
+
+# ---- dssefs status --------------------------------------------------------------------------------
+
+@requires_fuse
+@pytest.mark.fuse
+def test_status_reports_counters_errors_and_refuses_strangers(local_mount, tmp_path):
+    from dssefs.store.local import LocalStore
+
+    m = local_mount
+    LocalStore(str(tmp_path / "store")).put("foreign.txt", b"not written by dssefs", {})
+    (m / "a.txt").write_bytes(b"a" * 10_000)
+    assert (m / "a.txt").read_bytes() == b"a" * 10_000
+    with pytest.raises(PermissionError):  # an error returned to a program (foreign_objects=deny)
+        (m / "foreign.txt").read_bytes()
+    r = dssefs("status", m.mountpoint)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    for label in ("mount:", "daemon:", "cache:", "dirty:", "uploads:", "store:", "kms:", "errors:"):
+        assert any(line.startswith(label) for line in text.splitlines()), text
+    report = json.loads(dssefs("status", m.mountpoint, "--json").stdout)
+    assert report["mountpoint"] == str(m.mountpoint) and report["pid"] == m.pid
+    assert report["state"] == "serving"
+    assert report["dirty"] == {"files": 0, "bytes": 0}
+    assert report["store"]["objects_written"] >= 1 and report["store"]["bytes_written"] > 10_000
+    assert report["store"]["requests"]["put"] >= 1 and report["store"]["writes_in_flight"] == 0
+    assert report["kms"]["provider"] == "local" and report["kms"]["generate"] >= 2  # two layers
+    assert report["errors"]["total"] >= 1
+    last = report["errors"]["recent"][-1]
+    assert last["op"] == "open" and last["errno"] == "EACCES", last
+    assert last["object"].endswith("/foreign.txt") and "dssefs" in last["reason"]
+    sock = [p for p in os.listdir("/run/dssefs") if p.endswith(".sock")]
+    assert sock
+    for name in sock:
+        assert stat.S_IMODE(os.stat(os.path.join("/run/dssefs", name)).st_mode) == 0o600
+
+    nobody = dssefs("status", tmp_path)
+    assert nobody.returncode == 1
+    assert nobody.stderr.count("\n") == 1 and "no dssefs daemon answers" in nobody.stderr
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_status_refuses_other_users(local_mount):
+    """The socket is 0600 and the daemon checks the peer's uid: another user gets nothing."""
+    from dssefs.daemon.control import control_socket
+
+    path = control_socket(str(local_mount.mountpoint))
+    assert query(str(local_mount.mountpoint), path=path)["state"] == "serving"
+    r = subprocess.run([sys.executable, "-c", "import os; from dssefs.daemon.control import query; "
+                        "os.setgid(65534); os.setuid(65534); "
+                        f"query({str(local_mount.mountpoint)!r}, path={path!r})"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode != 0
+    assert "permission denied" in r.stderr.lower(), r.stderr
+
+
+# ---- logs -----------------------------------------------------------------------------------------
+
+def test_redact_removes_signatures_and_credentials():
+    url = ("https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAABCDEFGHIJKLMNOP"
+           "%2F20261127%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Signature=0123456789abcdef&X-Amz-Expires=60")
+    out = redact(f"event=x url={url}")
+    assert "0123456789abcdef" not in out and "AKIAABCDEFGHIJKLMNOP" not in out
+    assert "X-Amz-Expires=60" in out and "X-Amz-Signature=REDACTED" in out
+    out = redact("headers={'Authorization': 'AWS4-HMAC-SHA256 Credential=AKIA/x, Signature=abc'}")
+    assert "Signature=abc" not in out and "Credential=AKIA/x" not in out
+    out = redact("creds aws_secret_access_key=wJalrXUtnFEMI/K7MDENG SessionToken: 'FQoGZX'")
+    assert "wJalrXUtnFEMI" not in out and "FQoGZX" not in out
+    assert redact("event=mounted source=s3://b mountpoint=/mnt") == "event=mounted source=s3://b mountpoint=/mnt"
+
+
+def test_journal_format_when_stderr_is_the_journal(tmp_path):
+    out = tmp_path / "stderr"
+    code = ("import logging, sys; from dssefs.daemon.logs import setup_logging; setup_logging('info'); "
+            "logging.getLogger('dssefs.t').warning('event=x key=%s', 'v'); "
+            "logging.getLogger('dssefs.t').info('event=y')")
+    with open(out, "wb") as f:
+        st = os.fstat(f.fileno())
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
+                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    lines = out.read_text().splitlines()
+    assert lines == ["<4>level=WARNING logger=dssefs.t event=x key=v", "<6>level=INFO logger=dssefs.t event=y"]
+    with open(out, "wb") as f:  # another stream: the plain format with time and pid
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
+                       env={**os.environ, "JOURNAL_STREAM": "1:2"})
+    first = out.read_text().splitlines()[0]
+    assert first.endswith("level=WARNING logger=dssefs.t event=x key=v") and " dssefs[" in first
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_debug_log_holds_no_plaintext_or_key(mount_factory, local_source, tmp_path):
+    from dssefs.kms.local import load_keyring
+
+    source, args = local_source
+    m = mount_factory(tmp_path / "mnt", source, *args, "--log-level", "debug")
+    m.start()
+    secret = b"PLAINTEXT-MARKER-" + os.urandom(8).hex().encode()
+    (m / "secret.txt").write_bytes(secret * 100)
+    assert (m / "secret.txt").read_bytes() == secret * 100
+    os.symlink(secret.decode(), m / "link")  # a symlink target is file content too
+    assert m.stop() == 0
+    log = m.log()
+    assert "level=DEBUG" in log  # debug logging really was on
+    assert secret.decode() not in log
+    keyring = load_keyring(args[args.index("--keyring") + 1])
+    for name in keyring.names():
+        key = keyring.master_key(name)
+        for form in (key.hex(), base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode()):
+            assert form not in log
