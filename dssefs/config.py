@@ -62,6 +62,8 @@ def _octal(text: Any) -> int:
 
 
 def _nonneg_int(text: Any) -> int:
+    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+        raise ValueError(f"{text!r} is not a whole number")
     value = int(text)
     if value < 0:
         raise ValueError("must not be negative")
@@ -221,7 +223,7 @@ class Settings:
             raise ConfigError(f"unknown option '{name}'")
         try:
             value = None if raw is None else opt.parse(raw)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise ConfigError(f"bad value for '{name.replace('_', '-')}' ({source}): {e}") from None
         self.values[name] = value
         self.sources[name] = source

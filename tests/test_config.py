@@ -41,3 +41,127 @@ def test_bad_size_is_refused_naming_the_option():
     with pytest.raises(ConfigError) as e:
         parse(["--small-file-prefetch", "lots"])
     assert "small-file-prefetch" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- configuration files -----------------------------------------------------------------------
+
+EVERY_OPTION = '''\
+# one valid value for every option (keys are the long options' names)
+source = "s3://team-bucket/vault"
+name = "team-vault"
+kms_key_id = "alias/dssefs-inner"
+kms-key-id-outer = "alias/dssefs-outer"
+kms_allowed_key_ids = ["alias/dssefs-previous", "alias/older"]
+keyring = "/etc/dssefs/keyring"
+keyring_passphrase_file = "/etc/dssefs/keyring.pass"
+endpoint_url = "http://127.0.0.1:9000"
+region = "eu-west-1"
+profile = "ops"
+path_style = true
+retry_mode = "adaptive"
+max_attempts = 3
+chunk_size = "4M"
+workers = 4
+cache_size = "1G"
+small_file_prefetch = "128K"
+spill_dir = "/var/cache/dssefs/team"
+attr_timeout = 2.5
+entry_timeout = 2
+attr_delay = 0
+allow_other = true
+read_only = false
+uid = 1000
+gid = 1000
+file_mode = 0o640
+dir_mode = "0750"
+foreign_objects = "read-only"
+log_level = "debug"
+foreground = true
+'''
+
+
+def write(tmp_path, text: str, mode: int = 0o644, name: str = "dssefs.toml"):
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_every_option_is_a_file_key(tmp_path):
+    path = write(tmp_path, EVERY_OPTION)
+    values = config.load_file(path)
+    assert set(values) == {o.name for o in config.OPTIONS} - {"config"}  # a new option needs a line here
+    s = config.settings_from(argparse.Namespace(), None, values, file_name=path)
+    assert (s.source, s.name, s.kms_key_id_outer) == ("s3://team-bucket/vault", "team-vault", "alias/dssefs-outer")
+    assert s.kms_allowed_key_ids == ("alias/dssefs-previous", "alias/older")
+    assert (s.chunk_size, s.cache_size, s.small_file_prefetch) == (4 << 20, 1 << 30, 128 << 10)
+    assert (s.file_mode, s.dir_mode, s.attr_timeout, s.attr_delay) == (0o640, 0o750, 2.5, 0.0)
+    assert s.path_style is True and s.read_only is False and s.foreground is True
+    assert all(src == f"configuration file {path}" for src in s.sources.values())
+
+
+def test_precedence_cli_over_o_over_file_over_default(tmp_path):
+    path = write(tmp_path, 'attr_timeout = 3\nentry_timeout = 3\nattr_delay = 3\n')
+    values = config.load_file(path)
+
+    def settings(argv, opts):
+        p = argparse.ArgumentParser()
+        config.add_arguments(p, ("mount",))
+        return config.settings_from(p.parse_args(argv), opts, values, file_name=path)
+
+    s = settings(["--attr-timeout", "5"], "attr_timeout=4,entry-timeout=4")
+    assert (s.attr_timeout, s.entry_timeout, s.attr_delay, s.cache_size) == \
+        (5.0, 4.0, 3.0, config.default_cache_size())
+    assert (s.sources["attr_timeout"], s.sources["entry_timeout"]) == ("cli", "-o")
+    assert s.sources["attr_delay"] == f"configuration file {path}" and "cache_size" not in s.sources
+
+
+@pytest.mark.parametrize("case, text, mode, expected", [
+    ("not toml", 'cache_size = "1G\n', 0o644, "not valid TOML"),
+    ("not utf-8", b'name = "\xff"\n', 0o644, "not valid UTF-8"),
+    ("unknown key", 'cache_sise = "1G"\n', 0o644, "key 'cache_sise' is not an option"),
+    ("table", '[mount]\ncache_size = "1G"\n', 0o644, "key 'mount' is a table"),
+    ("list for one value", 'keyring = ["/a", "/b"]\n', 0o644, "key 'keyring' takes one value"),
+    ("date", 'name = 2026-11-27\n', 0o644, "key 'name' has a date value"),
+    ("aws secret", 'aws_secret_access_key = "x"\n', 0o644, "key 'aws_secret_access_key' is a secret"),
+    ("passphrase", 'keyring-passphrase = "x"\n', 0o644, "key 'keyring-passphrase' is a secret"),
+    ("given twice", 'cache_size = "1G"\ncache-size = "2G"\n', 0o644, "key 'cache-size' is given twice"),
+    ("nested config", 'config = "/etc/other.toml"\n', 0o644, "cannot name another one"),
+    ("world-writable", 'cache_size = "1G"\n', 0o666, "writable by every user"),
+])
+def test_bad_files_are_refused_naming_the_problem(tmp_path, case, text, mode, expected):
+    path = write(tmp_path, text, mode)
+    with pytest.raises(config.ConfigError) as e:
+        config.load_file(path)
+    msg = str(e.value)
+    assert expected in msg and path in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ('cache_size = "lots"\n', "cache-size"),
+    ('allow_other = "maybe"\n', "allow-other"),
+    ('chunk_size = "3M"\n', "chunk-size"),
+    ('file_mode = "0999"\n', "file-mode"),
+    ('foreign_objects = "sometimes"\n', "foreign-objects"),
+    ('source = "ftp://x/y"\n', "source"),
+    ('name = "two words"\n', "name"),
+    ('attr_timeout = -1\n', "attr-timeout"),
+    ('max_attempts = 1.5e400\n', "max-attempts"),
+    ('max_attempts = 2.5\n', "max-attempts"),
+    ('workers = true\n', "workers"),
+])
+def test_bad_values_are_refused_naming_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    values = config.load_file(path)
+    with pytest.raises(config.ConfigError) as e:
+        config.settings_from(argparse.Namespace(), None, values, file_name=path)
+    msg = str(e.value)
+    assert f"'{key}'" in msg and path in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_unreadable_file_is_one_line(tmp_path, what):
+    path = str(tmp_path / "absent.toml") if what == "missing" else str(tmp_path)
+    with pytest.raises(config.ConfigError) as e:
+        config.load_file(path)
+    assert f"cannot read configuration file {path}" in str(e.value) and "\n" not in str(e.value)
