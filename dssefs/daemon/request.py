@@ -28,8 +28,15 @@ created on first use).  A file:// SOURCE without --keyring/--kms-key-id uses tha
 
 By default the command returns once the mount is live, leaving a daemon behind (it logs to
 /run/dssefs/*.log, or $XDG_RUNTIME_DIR/dssefs/ for non-root users); stop it with
-'dssefs umount MOUNTPOINT' (or SIGTERM), which stores every unsaved file first.  Under systemd
-use Type=notify with --foreground: READY=1 is sent to $NOTIFY_SOCKET once the mount answers.
+'dssefs umount MOUNTPOINT' (or SIGTERM), which stores every unsaved file first.  'dssefs status
+MOUNTPOINT' shows what the daemon is doing.  Under systemd (Type=notify, --foreground; see
+'dssefs service install --help' and docs/operations.md) the daemon sends READY=1 once the mount
+answers, STATUS= lines, STOPPING=1, EXTEND_TIMEOUT_USEC= while a stop's flush makes progress and
+WATCHDOG=1 when WatchdogSec= is set; it logs to the journal with syslog priorities.
+
+Options come from, in increasing precedence: defaults, the TOML file named by --config (keys are
+the option names below without dashes, e.g. cache_size = "1G"; no secrets: credentials come from
+boto3's chain, keyring passphrases from keyring_passphrase_file), -o key=value, --flags.
 
 The mount.fuse3 form 'dssefs SOURCE MOUNTPOINT -o key=value,...' (fstab type fuse.dssefs) takes
 the same options as -o keys (dashes or underscores); generic options such as rw, dev, suid,
@@ -42,6 +49,7 @@ examples:
   dssefs mount file:///srv/vault /mnt/vault --keyring /etc/dssefs/keyring
   dssefs mount ~/plain                      (embedded default: local store + keyring)
   mount -t fuse.dssefs s3://my-bucket /mnt/b -o kms_key_id=alias/team,allow_other
+  dssefs mount /mnt/secure --config /etc/dssefs/mnt-secure.toml --foreground   (as the unit does)
 exit status: 0 mounted (or clean shutdown with --foreground), 1 error (message on stderr).
 """
 
