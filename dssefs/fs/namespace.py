@@ -49,7 +49,7 @@ class NamespaceOps:
                                          else self.cfg.file_mode)
             return Probe(kind, a, True, None, info.etag, foreign=True, size=info.size)
         except DssefsError as e:  # tampered object, key access denied...
-            log.warning("object=%s/%s errno=%s reason=%s", self.store.url.rstrip("/"), key,
+            log.warning("event=probe_failed object=%s/%s errno=%s reason=%s", self.store.url.rstrip("/"), key,
                         errno.errorcode.get(e.errno, e.errno), e)
             return Probe(kind, self._default_attrs(kind), True, None, info.etag, broken=e, size=0)
         blob = obj.attrs()

@@ -629,7 +629,7 @@ class LocalStore(ObjectStore):
         try:
             h = self._read_header(fd, key)
         except StoreError as e:
-            log.warning("skipping %s in listing: %s", self._where(key), e)
+            log.warning("event=listing_skipped object=%s reason=%s", self._where(key), e)
             return None
         finally:
             os.close(fd)
@@ -812,7 +812,7 @@ class LocalUpload(Upload):
                 except OSError as e:
                     if e.errno != _errno.EINVAL:
                         raise
-                    log.debug("%s: direct I/O refused (%s): writing through the page cache",
+                    log.debug("event=direct_io_refused object=%s reason=%s action='page cache'",
                               self.store._where(self.key), e.strerror)
                     self._direct_ok = False
                 else:
@@ -999,7 +999,7 @@ class LocalUpload(Upload):
         try:
             shutil.rmtree(self._dir, ignore_errors=True)
         except Exception as e:  # pragma: no cover - never raises
-            log.warning("could not remove upload staging %s: %s", self._dir, one_line(e))
+            log.warning("event=staging_cleanup_failed path=%s reason=%s", self._dir, one_line(e))
 
     def __del__(self) -> None:
         if getattr(self, "_users", 0) == 0:

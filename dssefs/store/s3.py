@@ -287,7 +287,7 @@ class S3Store(ObjectStore):
                     raise StoreUnavailable(f"lost the connection to S3 endpoint {self.endpoint} "
                                            f"while reading {self._where(key)}: check network, "
                                            "or retry") from e
-                log.debug("%s: body read failed (attempt %d), retrying", self._where(key), attempt)
+                log.debug("event=body_read_retry object=%s attempt=%d", self._where(key), attempt)
             except bce.BotoCoreError as e:
                 raise StoreError(f"S3 get {self._where(key)} failed while reading the body: "
                                  f"{type(e).__name__}") from e
@@ -679,7 +679,7 @@ class S3Upload(Upload):
             self.store._client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
                                                       UploadId=self.upload_id)
         except Exception as e:  # never raises: a lifecycle rule reaps what is left
-            log.warning("s3://%s/%s: could not abort multipart upload: %s", self.store.bucket,
+            log.warning("event=abort_upload_failed object=s3://%s/%s reason=%s", self.store.bucket,
                         self.key, one_line(e))
 
     def __enter__(self) -> "S3Upload":
