@@ -1,0 +1,156 @@
+"""Mounting through mount(8), as /etc/fstab and .mount units do.
+
+``mount -t fuse.TYPE SOURCE DIR -o OPTIONS`` runs /sbin/mount.fuse3, which runs
+``/bin/sh -c 'TYPE SOURCE DIR -o OPTIONS'`` with PATH unset after dropping _netdev, nofail,
+noauto and friends (mount(8) itself drops x-*).  TYPE here is the absolute path of the dssefs
+script of the test environment (the ``fuse./path/to/dssefs`` form of systemd/examples/fstab).
+mount(8) must return 0 only once the mount answers, and a failed mount must leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fuse_fixtures import force_unmount, mounted, requires_fuse
+
+pytestmark = [pytest.mark.fuse, requires_fuse,
+              pytest.mark.skipif(shutil.which("mount.fuse3") is None and not os.path.exists("/sbin/mount.fuse3"),
+                                 reason="needs mount.fuse3 (apt-get install fuse3)")]
+
+
+def dssefs_executable() -> str:
+    beside = Path(sys.executable).parent / "dssefs"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("dssefs")
+    if not found:
+        pytest.skip("no dssefs executable installed next to the test interpreter or on PATH")
+    return os.path.abspath(found)
+
+
+def daemons(mnt: Path) -> list[int]:
+    """pids of dssefs daemons serving ``mnt`` (their command line names it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(mnt).encode() in argv and any(b"dssefs" in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def wait_gone(mnt: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while daemons(mnt):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"dssefs daemon for {mnt} still running after {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+    for pid in daemons(path):  # only daemons serving this test's own mount point
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def mount8(source: str, mnt: Path, options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", "-t", f"fuse.{dssefs_executable()}", source, str(mnt), "-o", options],
+                          capture_output=True, text=True, timeout=60)
+
+
+def local_options(args: list[str]) -> str:
+    """``--keyring K --spill-dir S`` as mount options."""
+    return ",".join(f"{flag.lstrip('-')}={value}" for flag, value in zip(args[::2], args[1::2]))
+
+
+def test_mount8_returns_once_live_and_umount_detaches(local_source, mnt):
+    source, args = local_source
+    r = mount8(source, mnt, local_options(args))
+    assert r.returncode == 0, r.stderr
+    try:
+        assert mounted(mnt) == ["fuse.dssefs"]  # live at once: no waiting after mount(8) returned
+        assert os.listdir(mnt) == []
+        assert len(daemons(mnt)) == 1  # mount.fuse3 and its shell are gone; the daemon stays
+        (mnt / "via-mount8").write_bytes(b"stored through mount.fuse3")
+        assert (mnt / "via-mount8").read_bytes() == b"stored through mount.fuse3"
+    finally:
+        u = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60)
+    assert u.returncode == 0, u.stderr
+    assert not mounted(mnt)
+    wait_gone(mnt)  # the daemon stores what is left and exits
+
+
+def test_fstab_style_options_and_data_survive_a_remount(local_source, mnt):
+    """Options as an fstab line gives them (mount(8) drops x-*, mount.fuse3 _netdev/nofail/noauto
+    and adds dev,suid); the file written in one mount is read in the next."""
+    source, args = local_source
+    opts = f"rw,_netdev,nofail,noauto,x-systemd.mount-timeout=90s,{local_options(args)},attr_timeout=2,name=team"
+    r = mount8(source, mnt, opts)
+    assert r.returncode == 0, r.stderr
+    try:
+        (mnt / "kept").write_bytes(b"x" * 100_000)
+    finally:
+        u = subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+    assert u.returncode == 0, u.stderr  # dssefs umount waits until the daemon has stored everything
+    assert not mounted(mnt) and not daemons(mnt)
+    r = mount8(source, mnt, local_options(args))
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt / "kept").read_bytes() == b"x" * 100_000
+    finally:
+        u = subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+    assert u.returncode == 0, u.stderr
+
+
+def test_mount8_with_a_configuration_file(local_source, mnt, tmp_path):
+    """config=FILE, as in systemd/examples/fstab: the TOML file 'dssefs service install' writes."""
+    source, args = local_source
+    cfg = tmp_path / "mnt.toml"
+    cfg.write_text(f'source = "{source}"\nkeyring = "{args[1]}"\nspill_dir = "{args[3]}"\nname = "cfgtest"\n')
+    cfg.chmod(0o600)
+    r = mount8(source, mnt, f"_netdev,config={cfg}")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert mounted(mnt) == ["fuse.dssefs"]
+        with open("/proc/self/mountinfo") as f:
+            entry = next(line for line in f if f" {mnt} " in line)
+        assert " - fuse.dssefs cfgtest " in entry  # the name is the source df and mount(8) show
+    finally:
+        u = subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+    assert u.returncode == 0, u.stderr
+
+
+def test_failed_mount8_says_why_in_one_line_and_leaves_nothing(local_source, mnt, tmp_path):
+    source, args = local_source
+    missing = tmp_path / "no-such-keyring"
+    r = mount8(source, mnt, local_options(["--keyring", str(missing), "--spill-dir", args[3]]))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dssefs: error: ") and str(missing) in lines[0], r.stderr
+    assert not mounted(mnt)
+    assert not daemons(mnt)
+    r = mount8(source, mnt, "no_such_option=1")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no_such_option" in lines[0], r.stderr
+    assert not mounted(mnt)
