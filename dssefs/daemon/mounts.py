@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 FUSERMOUNT_CANDIDATES = ("/usr/bin/fusermount3", "/bin/fusermount3", "/usr/local/bin/fusermount3",
                          "/usr/bin/fusermount", "/bin/fusermount")
@@ -44,17 +45,28 @@ def mount_entries(mountpoint: str) -> list[dict]:
     return out
 
 
-def mount_state(mountpoint: str) -> str:
-    """``none``, ``live`` (a FUSE file system answers), ``dead`` (ENOTCONN) or ``other``."""
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECONNREFUSED)
+
+
+def mount_state(mountpoint: str, timeout: float = 2.0) -> str:
+    """``none``, ``live`` (a FUSE file system answers, or is busy) or ``dead`` (its daemon is
+    gone: ENOTCONN).  ``stat`` alone cannot tell: the kernel answers it from cached attributes for
+    a while after the daemon died, so a statfs, which always reaches the daemon, decides.  A daemon
+    that does not answer within ``timeout`` seconds counts as live (hung, not dead)."""
     entries = [e for e in mount_entries(mountpoint) if e["fstype"].startswith("fuse")]
     if not entries:
         return "none"
-    try:
-        os.stat(mountpoint)
-        return "live"
-    except OSError as e:
-        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECONNREFUSED):
-            return "dead"
-        return "live"
+    result: dict[str, int] = {}
 
+    def probe() -> None:
+        try:
+            os.stat(mountpoint)
+            os.statvfs(mountpoint)
+            result["errno"] = 0
+        except OSError as e:
+            result["errno"] = e.errno or 0
 
+    worker = threading.Thread(target=probe, name="dssefs-mount-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return "dead" if result.get("errno") in DEAD else "live"
