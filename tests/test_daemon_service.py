@@ -316,6 +316,11 @@ def test_status_reports_counters_errors_and_refuses_strangers(local_mount, tmp_p
     for name in sock:
         assert stat.S_IMODE(os.stat(os.path.join("/run/dssefs", name)).st_mode) == 0o600
 
+    listing = dssefs("status")  # every mount of this user, one line each
+    assert listing.returncode == 0
+    assert f"{m.mountpoint}  serving {m.source}: 0 dirty files (0 B), 0 uploads in flight, " in listing.stdout
+    assert m.pid in [r["pid"] for r in json.loads(dssefs("status", "--json").stdout)]
+
     nobody = dssefs("status", tmp_path)
     assert nobody.returncode == 1
     assert nobody.stderr.count("\n") == 1 and "no dssefs daemon answers" in nobody.stderr

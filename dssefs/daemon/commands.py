@@ -16,8 +16,8 @@ from ..session import default_keyring_path, default_source, default_store_dir
 from .control import query
 from .logs import setup_logging
 from .mounts import fusermount, mount_state
-from .paths import log_file, pid_file
-from .report import format_text
+from .paths import log_file, pid_file, runtime_dir
+from .report import format_text, status_line
 from .request import MountRequest, check_mountpoint, parse_mount
 from .serve import serve
 
@@ -219,15 +219,42 @@ def status_parser(prog: str = "dssefs status") -> argparse.ArgumentParser:
 
 def status_command(argv: list[str]) -> int:
     p = status_parser()
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true", help="the whole report as one JSON object")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                   help="the mount to ask; without it, one line for every mount of this user")
+    p.add_argument("--json", action="store_true", help="the whole report as one JSON object (a list "
+                   "of them without MOUNTPOINT)")
     ns = p.parse_args(argv)
+    if ns.mountpoint is None:
+        return _status_all(ns.json)
     try:
         reply = query(ns.mountpoint)
     except DssefsError as e:
         _print_error(str(e))
         return 1
     print(json.dumps(reply, indent=2) if ns.json else format_text(reply))
+    return 0
+
+
+def _status_all(as_json: bool) -> int:
+    """Every mount whose daemon answers on this user's runtime directory."""
+    reports = []
+    try:
+        names = sorted(n for n in os.listdir(runtime_dir()) if n.endswith(".sock"))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            reports.append(query(name, path=os.path.join(runtime_dir(), name), timeout=5))
+        except DssefsError as e:
+            log.debug("event=status_skipped socket=%s reason=%s", name, e)
+    if as_json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    if not reports:
+        print(f"no dssefs mounts answer for this user (sockets in {runtime_dir()})", file=sys.stderr)
+        return 0
+    for r in sorted(reports, key=lambda r: r["mountpoint"]):
+        print(f"{r['mountpoint']}  {status_line(r)}")
     return 0
 
 
