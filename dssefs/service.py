@@ -98,6 +98,9 @@ SystemCallErrorNumber=EPERM
 WantedBy=remote-fs.target
 """
 
+#: Options naming files: written as absolute paths, since the daemon runs with / as its directory.
+PATH_OPTIONS = ("keyring", "keyring_passphrase_file", "spill_dir")
+
 #: Mount options that ``install`` sets itself instead of taking them as flags.
 OWN_OPTIONS = {
     "config": "install writes the configuration file itself",
@@ -439,6 +442,8 @@ def _values(ns: argparse.Namespace) -> dict[str, Any]:
             raw = getattr(ns, opt.name)
             if opt.name == "kms_allowed_key_ids":
                 raw = list(opt.parse(raw))
+            elif opt.name in PATH_OPTIONS and raw:
+                raw = os.path.abspath(raw)
             values[opt.name] = raw
     return values
 
