@@ -73,12 +73,12 @@ MOUNT_NAMESPACE_SETTINGS = {
     "PrivateIPC": "a private /dev/mqueue mount", "IPCNamespacePath": "a private /dev/mqueue mount",
     "LogNamespace": "the journal namespace's sockets are bind mounts",
     "DynamicUser": "a mount namespace with State/Cache/LogsDirectory=; and it drops root",
-    # later systemd versions
-    "PrivateNetwork": "implies PrivateMounts= since systemd 254 (and the daemon needs the network)",
-    "NetworkNamespacePath": "implies PrivateMounts= since systemd 254",
-    "PrivatePIDs": "a private /proc mount (systemd 257)",
-    "PrivateBPF": "a private bpffs mount (systemd 258)",
-    "BindLogSockets": "the journal sockets are bind mounts (systemd 257)",
+    # later systemd versions than 252
+    "PrivateNetwork": "implies PrivateMounts= in later versions (and the daemon needs the network)",
+    "NetworkNamespacePath": "implies PrivateMounts= in later versions",
+    "PrivatePIDs": "a private /proc mount (later versions)",
+    "PrivateBPF": "a private bpffs mount (later versions)",
+    "BindLogSockets": "the journal sockets are bind mounts (later versions)",
     # no namespace, but the mount fails or stays invisible all the same
     "PrivateUsers": "no CAP_SYS_ADMIN in the host's user namespace, so mount(2) fails",
 }
@@ -429,6 +429,14 @@ def test_install_refuses_bad_names_options_and_missing_keys(tmp_path, capsys):
         assert e.value.code == 2
         assert flag[0] in capsys.readouterr().err
     assert not (tmp_path / "root").exists()
+
+
+def test_install_writes_file_options_as_absolute_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = install(tmp_path, *BASIC[:-2], "--keyring", "keyring", "--spill-dir", "spill", capsys=capsys)
+    assert rc == 0, err
+    values = config.load_file(str(tmp_path / "root/etc/dssefs/mnt-secure.toml"))
+    assert (values["keyring"], values["spill_dir"]) == (str(tmp_path / "keyring"), str(tmp_path / "spill"))
 
 
 def test_install_escapes_awkward_mount_points(tmp_path, capsys):
