@@ -24,6 +24,7 @@ from dssefs import config
 from dssefs.daemon.control import query
 from dssefs.daemon.logs import redact
 from dssefs.daemon.notify import Notifier, watchdog_interval
+from dssefs.daemon.paths import pid_file
 from dssefs.daemon.request import MountRequest
 from dssefs.daemon.serve import EXTEND_BY, PROGRESS_INTERVAL, Daemon
 
@@ -171,6 +172,8 @@ def test_ready_only_once_mounted_then_sigterm_with_dirty_data_stores_it(service,
             pass
     assert not mounted(d.mnt)
     assert not [m for m in listener.messages if "READY=1" in m.split("\n")][1:]  # READY exactly once
+    pidf = pid_file(str(d.mnt))
+    assert not any(os.path.exists(pidf + s) for s in ("", ".status", ".wait"))  # nothing left in /run
     source, args = local_source
     out = tmp_path / "out.bin"
     r = dssefs("get", f"{source}/unsaved.bin", out, "--keyring", args[args.index("--keyring") + 1])

@@ -83,6 +83,10 @@ def test_daemonize_ready_umount(local_source, mnt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (mnt / "hello").read_bytes() == b"world"
     assert dssefs("umount", str(mnt)).returncode == 0
+    from dssefs.daemon.paths import pid_file
+
+    pidf = pid_file(str(mnt))
+    assert not any(os.path.exists(pidf + s) for s in ("", ".status", ".wait"))  # nothing left in /run
 
 
 @pytest.mark.parametrize("case", ["bad-source", "missing-keyring", "no-mountpoint", "bad-option"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -159,6 +160,11 @@ def umount_command(argv: list[str]) -> int:
         return 0 if rc == 0 else 1
     if ns.lazy:
         subprocess.run([fusermount(), "-uz", mnt], check=False)
+    try:  # ask the daemon to leave its exit status behind (nobody else would remove it)
+        with open(pidf + ".wait", "w"):
+            pass
+    except OSError:
+        pass
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + ns.timeout
     while _alive(pid):
@@ -171,9 +177,11 @@ def umount_command(argv: list[str]) -> int:
     try:
         with open(pidf + ".status") as f:
             code = int(f.read().strip() or 0)
-        os.unlink(pidf + ".status")
     except (OSError, ValueError):
         pass
+    for leftover in (pidf + ".status", pidf + ".wait"):
+        with contextlib.suppress(OSError):
+            os.unlink(leftover)
     if mount_state(mnt) != "none":
         subprocess.run([fusermount(), "-uz", mnt], check=False)
     if code:

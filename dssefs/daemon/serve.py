@@ -143,6 +143,9 @@ class Daemon:
         pidf = pid_file(mnt)
         try:
             os.makedirs(os.path.dirname(pidf), mode=0o755, exist_ok=True)
+            for leftover in (pidf + ".status", pidf + ".wait"):  # of an earlier daemon on this mount
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
             with open(pidf, "w") as f:
                 f.write(f"{os.getpid()}\n{mnt}\n")
         except OSError as e:
@@ -292,9 +295,12 @@ def serve(req: MountRequest, ready) -> int:
 
 
 def _status(pidf: str, code: int) -> None:
+    """Remove the pid file; leave the exit status for a waiting 'dssefs umount' (only then: nobody
+    else would remove the file)."""
     try:
-        with open(pidf + ".status", "w") as f:
-            f.write(f"{code}\n")
+        if os.path.exists(pidf + ".wait"):
+            with open(pidf + ".status", "w") as f:
+                f.write(f"{code}\n")
         os.unlink(pidf)
     except OSError:
         pass
