@@ -211,3 +211,29 @@ def test_config_file(local_source, mnt, tmp_path):
     bad.write_text("no_such_key = 1\n")
     r = dssefs("mount", source, str(mnt), "--config", str(bad), *args)
     assert r.returncode == 1 and "no_such_key" in r.stderr
+
+
+def test_umount_reports_files_the_daemon_could_not_store(local_source, mnt, tmp_path):
+    """The daemon's exit status reaches 'dssefs umount': 1 and one line when a dirty file could
+    not be stored (here the store's directory vanished), and the file is named in the log."""
+    source, args = local_source
+    r = dssefs("mount", source, str(mnt), *args)
+    assert r.returncode == 0, r.stderr
+    fd = os.open(mnt / "doomed.bin", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"d" * 100_000)  # dirty, not closed
+        store = tmp_path / "store"
+        os.rename(store, tmp_path / "store-gone")
+        u = dssefs("umount", str(mnt), "--lazy")
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert u.returncode == 1
+    assert u.stderr.count("\n") == 1 and "could not store every file" in u.stderr, u.stderr
+    assert not mounted(mnt)
+    from dssefs.daemon.paths import log_file, pid_file
+
+    assert "doomed.bin" in open(log_file(str(mnt))).read()
+    assert not any(os.path.exists(pid_file(str(mnt)) + s) for s in ("", ".status", ".wait"))
