@@ -154,3 +154,30 @@ def test_failed_mount8_says_why_in_one_line_and_leaves_nothing(local_source, mnt
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no_such_option" in lines[0], r.stderr
     assert not mounted(mnt)
+
+
+def test_mount_t_fuse_dssefs_finds_the_command_in_the_default_path(local_source, mnt):
+    """The literal type 'fuse.dssefs' of the README's fstab line: mount.fuse3's /bin/sh finds
+    'dssefs' in its default PATH (PATH is unset), where a pip install as root puts it.  The test
+    environment's script is linked there for the duration of the test, unless another dssefs
+    already lives there (then this test cannot tell which one ran, and is skipped)."""
+    link = Path("/usr/local/bin/dssefs")
+    if os.path.lexists(link):
+        pytest.skip(f"{link} exists: not replacing an installed dssefs")
+    source, args = local_source
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(dssefs_executable(), link)
+    try:
+        r = subprocess.run(["mount", "-t", "fuse.dssefs", source, str(mnt), "-o",
+                            f"_netdev,{local_options(args)}"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        try:
+            (mnt / "typed").write_bytes(b"fuse.dssefs")
+            assert (mnt / "typed").read_bytes() == b"fuse.dssefs"
+            assert mounted(mnt) == ["fuse.dssefs"]
+        finally:
+            u = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        assert u.returncode == 0, u.stderr
+        wait_gone(mnt)
+    finally:
+        os.unlink(link)
