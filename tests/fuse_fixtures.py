@@ -78,6 +78,47 @@ def force_unmount(path: str | os.PathLike) -> None:
         time.sleep(0.05)
 
 
+def dssefs_executable() -> str:
+    """The dssefs script of the environment running the tests (what units and mount(8) run)."""
+    beside = Path(sys.executable).parent / "dssefs"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("dssefs")
+    if not found:
+        pytest.skip("no dssefs executable installed next to the test interpreter or on PATH")
+    return os.path.abspath(found)
+
+
+def daemons(mnt: Path) -> list[int]:
+    """pids of dssefs daemons serving ``mnt`` (their command line names it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(mnt).encode() in argv and any(b"dssefs" in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    """An empty directory tmp_path/mnt; afterwards nothing is mounted there and no daemon serves it."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+    for pid in daemons(path):  # only daemons serving this test's own mount point
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class Mount:
     """One dssefs mount served by a foreground daemon subprocess."""
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fuse_fixtures import Mount, force_unmount, mounted, requires_fuse
+from fuse_fixtures import Mount, mounted, requires_fuse
 
 pytestmark = [pytest.mark.fuse, requires_fuse]
 
@@ -21,14 +21,6 @@ def dssefs(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "dssefs", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
-
-
-@pytest.fixture
-def mnt(tmp_path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    force_unmount(path)
 
 
 def test_sigterm_flushes_open_dirty_file_and_exits_0(local_mount: Mount):

@@ -11,45 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from fuse_fixtures import force_unmount, mounted, requires_fuse
+from fuse_fixtures import daemons, dssefs_executable, mounted, requires_fuse
 
 pytestmark = [pytest.mark.fuse, requires_fuse,
               pytest.mark.skipif(shutil.which("mount.fuse3") is None and not os.path.exists("/sbin/mount.fuse3"),
                                  reason="needs mount.fuse3 (apt-get install fuse3)")]
-
-
-def dssefs_executable() -> str:
-    beside = Path(sys.executable).parent / "dssefs"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("dssefs")
-    if not found:
-        pytest.skip("no dssefs executable installed next to the test interpreter or on PATH")
-    return os.path.abspath(found)
-
-
-def daemons(mnt: Path) -> list[int]:
-    """pids of dssefs daemons serving ``mnt`` (their command line names it)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if str(mnt).encode() in argv and any(b"dssefs" in a for a in argv):
-            pids.append(int(entry))
-    return pids
 
 
 def wait_gone(mnt: Path, timeout: float = 30.0) -> None:
@@ -58,19 +30,6 @@ def wait_gone(mnt: Path, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"dssefs daemon for {mnt} still running after {timeout} s")
         time.sleep(0.05)
-
-
-@pytest.fixture
-def mnt(tmp_path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    force_unmount(path)
-    for pid in daemons(path):  # only daemons serving this test's own mount point
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def mount8(source: str, mnt: Path, options: str) -> subprocess.CompletedProcess:

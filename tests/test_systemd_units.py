@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from fuse_fixtures import dssefs_executable
+
 from dssefs import config, service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,17 +93,6 @@ HARDENING = (
     "ProtectClock=yes", "ProtectHostname=yes", "SystemCallArchitectures=native",
     "SystemCallFilter=@system-service @mount", "UMask=0077", "LimitNOFILE=65536", "LimitCORE=0",
 )
-
-
-def dssefs_executable() -> str:
-    """The dssefs script of the environment running the tests (ExecStart= must exist for verify)."""
-    beside = Path(sys.executable).parent / "dssefs"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("dssefs")
-    if not found:
-        pytest.skip("no dssefs executable installed next to the test interpreter or on PATH")
-    return found
 
 
 def unit_settings(text: str) -> list[tuple[str, str, str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_fixtures import force_unmount, mounted, requires_fuse
+from fuse_fixtures import dssefs_executable, force_unmount, mounted, requires_fuse
 from test_daemon_service import Listener
 from unit_sandbox import exec_line, sandboxed, service_settings
 
@@ -27,12 +27,6 @@ INSTALLED = "/usr/local/bin/dssefs"
 
 pytestmark = [pytest.mark.fuse, requires_fuse,
               pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")]
-
-
-def dssefs_script() -> str:
-    path = Path(sys.executable).parent / "dssefs"
-    assert path.exists(), path
-    return str(path)
 
 
 @pytest.fixture
@@ -49,7 +43,7 @@ def unit(tmp_path, local_source):
     keyring = args[args.index("--keyring") + 1]
     (etc / f"{instance}.toml").write_text(
         f'name = "hardened"\nsource = "{source}"\nkeyring = "{keyring}"\nspill_dir = "{tmp_path / "spill"}"\n')
-    text = UNIT.read_text().replace(INSTALLED, dssefs_script()).replace("/etc/dssefs/", f"{etc}/")
+    text = UNIT.read_text().replace(INSTALLED, dssefs_executable()).replace("/etc/dssefs/", f"{etc}/")
     text = text.replace("%i", instance).replace("%f", str(mnt))
     settings = service_settings(text)
     yield settings, mnt
