@@ -399,3 +399,30 @@ def test_debug_log_holds_no_plaintext_or_key(mount_factory, local_source, tmp_pa
         key = keyring.master_key(name)
         for form in (key.hex(), base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode()):
             assert form not in log
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_under_a_service_manager_the_daemon_stays_in_the_foreground(tmp_path, local_source):
+    """A unit that forgets --foreground still works: with $NOTIFY_SOCKET set, 'dssefs mount' does
+    not fork, so READY=1 comes from the process systemd started (NotifyAccess=main)."""
+    source, args = local_source
+    listener = Listener(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "dssefs", "mount", source, str(mnt), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NOTIFY_SOCKET": listener.address})
+    try:
+        msg = listener.wait_for("READY=1", 30, proc)
+        assert f"MAINPID={proc.pid}" in msg.split("\n")
+        assert proc.poll() is None  # still serving: it did not daemonize and exit
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "event=foreground" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        force_unmount(mnt)
+        listener.close()
+    assert not mounted(mnt)

@@ -42,6 +42,11 @@ def mount_command(argv: list[str]) -> int:
         req.source = default_source()
         print(f"dssefs: no SOURCE given: using the local store {default_store_dir()} and the keyring "
               f"{default_keyring_path()}", file=sys.stderr, flush=True)
+    if not req.settings.foreground and os.environ.get("NOTIFY_SOCKET"):
+        # a service manager waits for READY=1 from this very process (Type=notify): forking would
+        # hand the mount to a child whose messages it refuses (NotifyAccess=main)
+        log.info("event=foreground reason='NOTIFY_SOCKET is set: a service manager supervises this process'")
+        req.settings.set("foreground", True, "NOTIFY_SOCKET")
     if req.settings.foreground:
         def ready(msg):
             if msg is not None:
