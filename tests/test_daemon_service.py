@@ -357,7 +357,21 @@ def test_redact_removes_signatures_and_credentials():
     assert "Signature=abc" not in out and "Credential=AKIA/x" not in out
     out = redact("creds aws_secret_access_key=wJalrXUtnFEMI/K7MDENG SessionToken: 'FQoGZX'")
     assert "wJalrXUtnFEMI" not in out and "FQoGZX" not in out
-    assert redact("event=mounted source=s3://b mountpoint=/mnt") == "event=mounted source=s3://b mountpoint=/mnt"
+    # botocore's header dicts and KMS responses (bytes reprs, with quotes and escapes inside)
+    out = redact("headers={'X-Amz-Security-Token': b'FQoGZXIvYXdzEJr', 'Authorization': b'AWS4-HMAC-SHA256 "
+                 "Credential=AKIAXX/2026, Signature=abc', 'Host': 'b.s3.amazonaws.com'}")
+    assert "FQoGZXIvYXdzEJr" not in out and "Signature=abc" not in out and "'Host': 'b.s3.amazonaws.com'" in out
+    for header in ("x-amz-security-token: FQoGZXIvYXdzEJr", "X-Amz-Security-Token: FQoGZXIvYXdzEJr"):
+        assert "FQoGZXIvYXdzEJr" not in redact(header)
+    for _ in range(2000):  # a data key's repr may hold quotes and backslashes anywhere
+        key = os.urandom(32)
+        out = redact(f"response={{'KeyId': 'arn:k', 'Plaintext': {key!r}, 'CiphertextBlob': b'zz'}}")
+        assert repr(key)[2:-1] not in out and "'CiphertextBlob': b'zz'" in out, out
+    # ordinary lines, even with words that name secrets, are left alone
+    for line in ("event=mounted source=s3://b mountpoint=/mnt", "object=s3://b/plaintext: notes.txt",
+                 "object=s3://b/dir/Signature=final.pdf", "reason='keyring passphrase = wrong'",
+                 "op=open object=s3://b/Authorization/form.pdf errno=EACCES"):
+        assert redact(line) == line
 
 
 def test_journal_format_when_stderr_is_the_journal(tmp_path):
@@ -426,3 +440,23 @@ def test_under_a_service_manager_the_daemon_stays_in_the_foreground(tmp_path, lo
         force_unmount(mnt)
         listener.close()
     assert not mounted(mnt)
+
+
+def test_log_lines_cannot_be_forged_through_object_names(tmp_path):
+    """An object name (or any text from outside) with a newline stays inside its own line, also
+    in the journal format, where each line would become an entry of its own."""
+    out = tmp_path / "stderr"
+    code = ("import logging; from dssefs.daemon.logs import setup_logging; setup_logging('info'); "
+            "log = logging.getLogger('dssefs.fs'); "
+            "log.warning('op=open object=%s errno=EACCES', 's3://b/evil\\nevent=unmounted dirty_files_lost=0'); "
+            "\ntry:\n    raise ValueError('multi\\nline')\nexcept ValueError:\n    log.exception('event=failed')")
+    with open(out, "wb") as f:
+        st = os.fstat(f.fileno())
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
+                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    lines = out.read_text().splitlines()
+    assert lines[0] == "<4>level=WARNING logger=dssefs.fs op=open object=s3://b/evil\\x0aevent=unmounted " \
+                       "dirty_files_lost=0 errno=EACCES"
+    assert not any(line.startswith("<4>event=") or line.startswith("event=") for line in lines)
+    assert lines[1] == "<3>level=ERROR logger=dssefs.fs event=failed"
+    assert lines[2] == "<3>Traceback (most recent call last):"  # a traceback keeps its lines and priority

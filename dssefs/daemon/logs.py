@@ -21,26 +21,38 @@ import sys
 
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
+# a quoted value as Python reprs write it: 'text', "text", b'\x00...' (escapes included)
+_QUOTED = r"""b?'(?:\\.|[^'\\])*'|b?"(?:\\.|[^"\\])*\""""
+_SECRET_KEYS = (r"aws_secret_access_key|aws_session_token|secret_access_key|session_token|SecretAccessKey|"
+                r"SessionToken|Plaintext|passphrase|X-Amz-Security-Token")
+
 _REDACTIONS = (
-    # presigned URL query parameters (SigV4 and SigV2)
-    (re.compile(r"(?i)\b(X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|"
-                r"x-amz-security-token)=([^&\s'\"]+)"), r"\1=REDACTED"),
-    # Authorization headers
-    (re.compile(r"(?i)\b(Authorization['\"]?\s*[:=]\s*['\"]?)(AWS4-HMAC-SHA256|AWS)\s+[^'\"\n]+"),
+    # presigned URL query parameters (SigV4 and SigV2): only right after '?' or '&'
+    (re.compile(r"(?i)(?<=[?&])(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|"
+                r"AWSAccessKeyId)=[^&\s'\"]+"), r"\1=REDACTED"),
+    # Authorization headers, as a dict entry or a header line
+    (re.compile(r"(?i)(?<![\w/.-])(['\"]?Authorization['\"]?\s*[:=]\s*)(?:" + _QUOTED + r"|[^\n,}]+)"),
      r"\1REDACTED"),
-    # credential fields as they appear in dict reprs or config dumps
-    (re.compile(r"(?i)(['\"]?(?:aws_secret_access_key|aws_session_token|secret_access_key|session_token|"
-                r"SecretAccessKey|SessionToken|Plaintext|passphrase)['\"]?\s*[:=]\s*)(b?['\"][^'\"]*['\"]|\S+)"),
+    # credential fields, as dict entries ('Plaintext': b'...') or key=value / header lines: the name
+    # must stand alone and be followed at once by ':' or '=' ("keyring passphrase = x" is prose)
+    (re.compile(r"(?i)(?<![\w/.-])(['\"]?(?:" + _SECRET_KEYS + r")['\"]?[:=]\s*)(?:" + _QUOTED + r"|[^\s,}]+)"),
      r"\1REDACTED"),
     # access key ids (AKIA.../ASIA...)
     (re.compile(r"\b((?:AKIA|ASIA)[A-Z0-9]{4})[A-Z0-9]{12}\b"), r"\1REDACTED"),
 )
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def redact(text: str) -> str:
     for pattern, repl in _REDACTIONS:
         text = pattern.sub(repl, text)
     return text
+
+
+def one_line(text: str) -> str:
+    """Control characters (newlines above all) as ``\\xNN``: text from outside (object names,
+    exception messages) cannot start a forged log line or journal entry."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -50,11 +62,16 @@ class RedactingFormatter(logging.Formatter):
         super().__init__(fmt)
         self.journal = journal
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # the event line itself is always one line; a traceback (added after it) keeps its lines
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         text = redact(super().format(record))
         if self.journal:
             prio = PRIORITY.get(record.levelno, 6)
-            # one journal entry per line: continuation lines (tracebacks) keep the priority
+            # one journal entry per line: a traceback's lines keep the record's priority
             return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
         return text
 
