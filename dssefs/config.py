@@ -9,6 +9,7 @@ underscores are interchangeable) and, later, configuration-file keys.  Precedenc
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -55,6 +56,8 @@ def _bool(text: Any) -> bool:
 
 
 def _octal(text: Any) -> int:
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a permission mode like 0644")
     value = text if isinstance(text, int) else int(str(text), 8)
     if not 0 <= value <= 0o7777:
         raise ValueError(f"{text!r} is not a permission mode like 0644")
@@ -71,10 +74,21 @@ def _nonneg_int(text: Any) -> int:
 
 
 def _nonneg_float(text: Any) -> float:
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a number of seconds")
     value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
     if value < 0:
         raise ValueError("must not be negative")
     return value
+
+
+def _path(text: Any) -> str:
+    """A file or directory; relative paths are resolved by :meth:`Settings.set`."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{text!r} is not a path")
+    return os.path.expanduser(text.strip())
 
 
 def _chunk_size(text: Any) -> int:
@@ -137,8 +151,8 @@ OPTIONS: tuple[Option, ...] = (
            "(split custody); defaults to --kms-key-id", "KEY", groups=("keys",)),
     Option("kms_allowed_key_ids", _list, (), "further KMS keys trusted when reading (comma-separated), "
            "e.g. the previous key while re-keying", "KEYS", groups=("keys",)),
-    Option("keyring", str, None, "local keyring file to use instead of AWS KMS", "PATH", groups=("keys",)),
-    Option("keyring_passphrase_file", str, None, "file holding the keyring passphrase (else "
+    Option("keyring", _path, None, "local keyring file to use instead of AWS KMS", "PATH", groups=("keys",)),
+    Option("keyring_passphrase_file", _path, None, "file holding the keyring passphrase (else "
            "$DSSEFS_KEYRING_PASSPHRASE, else a prompt)", "PATH", groups=("keys",)),
     # store / AWS
     Option("endpoint_url", str, None, "S3/KMS endpoint (default: boto3's, honouring AWS_ENDPOINT_URL, "
@@ -162,7 +176,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("small_file_prefetch", _size, 64 << 10, "files up to this size are read whole and decrypted "
            "when first listed or looked up: one store request instead of two (a ranged GET in place of "
            "a HEAD on S3); 0 fetches metadata only", "SIZE", groups=("mount",)),
-    Option("spill_dir", str, None, "staging directory for dirty data beyond --cache-size (encrypted with "
+    Option("spill_dir", _path, None, "staging directory for dirty data beyond --cache-size (encrypted with "
            "an in-memory key; default under $XDG_CACHE_HOME or /var/cache/dssefs)", "DIR", groups=("mount",)),
     Option("attr_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache attributes",
            "SECONDS", groups=("mount",)),
@@ -190,7 +204,7 @@ OPTIONS: tuple[Option, ...] = (
            "argument; a configuration file names it with this key)", "URI", groups=("mount",)),
     Option("name", _name, None, "short name of the mount, shown as its source by df and mount(8), in "
            "'dssefs status' and in log lines (default: SOURCE)", "NAME", groups=("mount",)),
-    Option("config", str, None, "configuration file (TOML): the keys are these options' names "
+    Option("config", _path, None, "configuration file (TOML): the keys are these options' names "
            "(dashes or underscores); command-line flags and -o options override it", "PATH",
            groups=("mount",)),
 )
@@ -217,14 +231,20 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def set(self, name: str, raw: Any, source: str) -> None:
+    def set(self, name: str, raw: Any, source: str, base_dir: str | None = None) -> None:
+        """Validate and set one option.  A relative path is taken relative to ``base_dir`` (the
+        configuration file's directory), else to the current directory: the daemon runs in /."""
         opt = BY_NAME.get(name)
         if opt is None:
             raise ConfigError(f"unknown option '{name}'")
         try:
+            if isinstance(raw, str) and any(ord(c) < 0x20 or c == "\x7f" for c in raw):
+                raise ValueError("control characters (such as newlines) are not allowed")
             value = None if raw is None else opt.parse(raw)
         except (ValueError, TypeError, OverflowError) as e:
             raise ConfigError(f"bad value for '{name.replace('_', '-')}' ({source}): {e}") from None
+        if opt.parse is _path and value is not None:
+            value = os.path.normpath(os.path.join(base_dir or os.getcwd(), value))
         self.values[name] = value
         self.sources[name] = source
 
@@ -292,6 +312,23 @@ SECRET_KEYS = {
 }
 
 
+def _file_types(opt: Option) -> tuple[tuple[type, ...], str]:
+    """The TOML value types a configuration-file key accepts, and how to write it."""
+    if opt.parse is _octal:
+        return (str,), 'a string such as "0644" (a TOML number would be read as decimal)'
+    if opt.parse is _bool:
+        return (bool, str), "true or false"
+    if opt.parse in (_size, _chunk_size):
+        return (int, str), 'a size such as "512M" or a number of bytes'
+    if opt.parse is _nonneg_int:
+        return (int,), "a whole number"
+    if opt.parse is _nonneg_float:
+        return (int, float), "a number"
+    if opt.parse is _list:
+        return (list, str), 'a list of strings such as ["a", "b"]'
+    return (str,), "a string in double quotes"
+
+
 def load_file(path: str) -> dict[str, Any]:
     """Read a TOML configuration file: top-level ``key = value`` pairs, each key an option name
     (dashes or underscores).  Every problem raises ConfigError naming the file and the key; the
@@ -305,7 +342,8 @@ def load_file(path: str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"configuration file {path}: not valid TOML: {e}") from None
+        raise ConfigError(f"configuration file {path}: not valid TOML: {e} (strings need double quotes, "
+                          'e.g. cache_size = "1G", file_mode = "0640")') from None
     except UnicodeDecodeError:
         raise ConfigError(f"configuration file {path}: not valid UTF-8") from None
     if st.st_mode & 0o002:
@@ -330,8 +368,10 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"{where} is given twice")
         if isinstance(value, list) and opt.parse is not _list:
             raise ConfigError(f"{where} takes one value, not a list")
-        if not isinstance(value, (str, int, float, bool, list)):
-            raise ConfigError(f"{where} has a {type(value).__name__} value; use a string or number")
+        types, how = _file_types(opt)
+        if type(value) not in types or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+            kind = type(value).__name__
+            raise ConfigError(f"{where} has {'an' if kind[0] in 'aeiou' else 'a'} {kind} value; write {how}")
         out[name] = value
     return out
 
@@ -340,8 +380,10 @@ def settings_from(namespace: argparse.Namespace, mount_options: str | None = Non
                   file_values: dict[str, Any] | None = None, file_name: str = "file") -> Settings:
     """Merge defaults < file < ``-o`` < explicit flags into one validated Settings."""
     s = Settings()
+    base = os.path.dirname(os.path.abspath(file_name)) if file_name != "file" else None
     for key, raw in (file_values or {}).items():
-        s.set(normalise_key(key), raw, f"configuration file {file_name}" if file_name != "file" else "file")
+        s.set(normalise_key(key), raw, f"configuration file {file_name}" if file_name != "file" else "file",
+              base_dir=base)
     if mount_options:
         for key, raw in parse_mount_options(mount_options).items():
             s.set(key, raw, "-o")

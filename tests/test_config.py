@@ -72,7 +72,7 @@ allow_other = true
 read_only = false
 uid = 1000
 gid = 1000
-file_mode = 0o640
+file_mode = "0640"
 dir_mode = "0750"
 foreign_objects = "read-only"
 log_level = "debug"
@@ -123,6 +123,14 @@ def test_precedence_cli_over_o_over_file_over_default(tmp_path):
     ("table", '[mount]\ncache_size = "1G"\n', 0o644, "key 'mount' is a table"),
     ("list for one value", 'keyring = ["/a", "/b"]\n', 0o644, "key 'keyring' takes one value"),
     ("date", 'name = 2026-11-27\n', 0o644, "key 'name' has a date value"),
+    ("mode as a number", 'file_mode = 644\n', 0o644, "key 'file_mode' has an int value; write a string such as"),
+    ("mode as a boolean", 'dir_mode = true\n', 0o644, "key 'dir_mode' has a bool value"),
+    ("mode with a leading zero", 'file_mode = 0644\n', 0o644, 'file_mode = "0640"'),
+    ("string option as a boolean", 'kms_key_id = true\n', 0o644, "key 'kms_key_id' has a bool value"),
+    ("path as a number", 'keyring = 5\n', 0o644, "key 'keyring' has an int value"),
+    ("fraction", 'max_attempts = 2.5\n', 0o644, "key 'max_attempts' has a float value; write a whole number"),
+    ("boolean count", 'workers = true\n', 0o644, "key 'workers' has a bool value"),
+    ("list of numbers", 'kms_allowed_key_ids = [1, 2]\n', 0o644, "key 'kms_allowed_key_ids' has a list value"),
     ("aws secret", 'aws_secret_access_key = "x"\n', 0o644, "key 'aws_secret_access_key' is a secret"),
     ("passphrase", 'keyring-passphrase = "x"\n', 0o644, "key 'keyring-passphrase' is a secret"),
     ("given twice", 'cache_size = "1G"\ncache-size = "2G"\n', 0o644, "key 'cache-size' is given twice"),
@@ -146,9 +154,11 @@ def test_bad_files_are_refused_naming_the_problem(tmp_path, case, text, mode, ex
     ('source = "ftp://x/y"\n', "source"),
     ('name = "two words"\n', "name"),
     ('attr_timeout = -1\n', "attr-timeout"),
-    ('max_attempts = 1.5e400\n', "max-attempts"),
-    ('max_attempts = 2.5\n', "max-attempts"),
-    ('workers = true\n', "workers"),
+    ('attr_timeout = 1.5e400\n', "attr-timeout"),
+    ('attr_timeout = nan\n', "attr-timeout"),
+    ('entry_timeout = inf\n', "entry-timeout"),
+    ('source = "s3://b\\nREADY=1"\n', "source"),
+    ('name = "a\\tb"\n', "name"),
 ])
 def test_bad_values_are_refused_naming_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
@@ -165,3 +175,17 @@ def test_unreadable_file_is_one_line(tmp_path, what):
     with pytest.raises(config.ConfigError) as e:
         config.load_file(path)
     assert f"cannot read configuration file {path}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_relative_paths_are_taken_from_the_file_or_the_current_directory(tmp_path, monkeypatch):
+    """The daemon runs in /: a relative keyring in a file means the file's directory, on the
+    command line the directory the command ran in."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = write(etc, 'keyring = "keyring"\nspill_dir = "../spill"\nkeyring_passphrase_file = "~/pass"\n')
+    s = config.settings_from(argparse.Namespace(), None, config.load_file(path), file_name=path)
+    assert (s.keyring, s.spill_dir) == (str(etc / "keyring"), str(tmp_path / "spill"))
+    assert s.keyring_passphrase_file == os.path.join(os.path.expanduser("~"), "pass")
+    monkeypatch.chdir(tmp_path)
+    s = parse(["--spill-dir", "sp"], "keyring=kr")
+    assert (s.spill_dir, s.keyring) == (str(tmp_path / "sp"), str(tmp_path / "kr"))
