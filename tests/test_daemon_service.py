@@ -342,7 +342,55 @@ def test_status_refuses_other_users(local_mount):
                         f"query({str(local_mount.mountpoint)!r}, path={path!r})"],
                        capture_output=True, text=True, timeout=60, cwd="/")
     assert r.returncode != 0
-    assert "permission denied" in r.stderr.lower(), r.stderr
+    assert "permission denied on " in r.stderr, r.stderr  # refused by the socket's mode at connect()
+    # and with the mode opened up, the daemon itself refuses the stranger by its credentials
+    os.chmod(path, 0o666)
+    r = subprocess.run([sys.executable, "-c", "import os; from dssefs.daemon.control import query; "
+                        "os.setgid(65534); os.setuid(65534); "
+                        f"query({str(local_mount.mountpoint)!r}, path={path!r})"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode != 0
+    assert "permission denied: ask as root" in r.stderr and "permission denied on " not in r.stderr, r.stderr
+    assert query(str(local_mount.mountpoint), path=path)["state"] == "serving"
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_control_socket_survives_abusive_clients(local_mount):
+    """Clients that never finish a request, send megabytes, or hang up early neither stall the
+    daemon's event loop nor stop it from answering others."""
+    from dssefs.daemon.control import control_socket
+
+    path = control_socket(str(local_mount.mountpoint))
+    idle = []
+    for _ in range(50):  # connected, never sending a newline
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.send(b"stat")
+        idle.append(s)
+    big = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    big.connect(path)
+    big.settimeout(10)
+    try:
+        big.sendall(b"x" * (10 << 20))
+    except OSError:
+        pass  # the daemon stops reading after its limit and answers/closes
+    for _ in range(50):  # hang up at once
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.close()
+    t0 = time.monotonic()
+    assert query(str(local_mount.mountpoint), timeout=5)["state"] == "serving"
+    assert time.monotonic() - t0 < 2
+    (local_mount / "still-serving").write_bytes(b"ok")  # FUSE requests too
+    assert (local_mount / "still-serving").read_bytes() == b"ok"
+    unknown = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unknown.connect(path)
+    unknown.sendall(b"shutdown\n")
+    unknown.settimeout(5)
+    assert "unknown command" in json.loads(unknown.recv(4096))["error"]
+    for s in idle + [big, unknown]:
+        s.close()
 
 
 # ---- logs -----------------------------------------------------------------------------------------
@@ -460,3 +508,70 @@ def test_log_lines_cannot_be_forged_through_object_names(tmp_path):
     assert not any(line.startswith("<4>event=") or line.startswith("event=") for line in lines)
     assert lines[1] == "<3>level=ERROR logger=dssefs.fs event=failed"
     assert lines[2] == "<3>Traceback (most recent call last):"  # a traceback keeps its lines and priority
+
+
+# ---- runtime files ----------------------------------------------------------------------------------
+
+@requires_fuse
+@pytest.mark.fuse
+def test_an_old_daemon_leaves_a_new_daemons_runtime_files_alone(mount_factory, local_source, tmp_path):
+    """A daemon still finishing a lazily detached mount must not remove the pid file and control
+    socket of the daemon now serving the same mount point (status and umount would lose it)."""
+    from dssefs.daemon.control import control_socket
+
+    source, args = local_source
+    old = mount_factory(tmp_path / "mnt", source, *args)
+    old.start()
+    fd = os.open(old / "held.txt", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, b"held open across the detach")
+    subprocess.run(["fusermount3", "-uz", str(old.mountpoint)], check=True)
+    new = mount_factory(tmp_path / "mnt", source, *args)
+    new.start()
+    os.close(fd)  # the old daemon stores the file and exits now
+    assert old.wait(30) == 0, old.log()
+    mnt = str(new.mountpoint)
+    assert os.path.exists(pid_file(mnt)) and os.path.exists(control_socket(mnt))
+    assert query(mnt)["pid"] == new.pid
+    u = dssefs("umount", mnt)
+    assert u.returncode == 0, u.stderr
+    assert new.wait(30) == 0
+    assert not any(os.path.exists(pid_file(mnt) + s) for s in ("", ".status", ".wait"))
+    assert not os.path.exists(control_socket(mnt))
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_umount_never_signals_a_process_that_reused_a_recorded_pid(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        os.makedirs(os.path.dirname(pid_file(str(mnt))), exist_ok=True)
+        with open(pid_file(str(mnt)), "w") as f:
+            f.write(f"{other.pid}\n{mnt}\n")
+        r = dssefs("umount", mnt)
+        assert r.returncode == 1 and "not mounted" in r.stderr
+        assert other.poll() is None  # not signalled
+        assert dssefs("umount", "--if-dead", mnt).returncode == 0
+        assert not os.path.exists(pid_file(str(mnt)))  # a stale record is cleared
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_runtime_directory_must_belong_to_this_user(tmp_path, monkeypatch):
+    from dssefs.daemon.paths import ensure_runtime_dir
+    from dssefs.errors import DssefsError
+
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)  # a user who does not own tmp_path
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "dssefs")
+    with pytest.raises(DssefsError) as e:
+        ensure_runtime_dir()
+    assert "not a directory owned by this user" in str(e.value)
+    os.chown(tmp_path / "dssefs", 4242, -1)
+    os.chmod(tmp_path / "dssefs", 0o777)
+    with pytest.raises(DssefsError):
+        ensure_runtime_dir()  # owned, but others may write to it
+    os.chmod(tmp_path / "dssefs", 0o700)
+    assert ensure_runtime_dir() == str(tmp_path / "dssefs")

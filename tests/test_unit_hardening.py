@@ -19,7 +19,8 @@ from fuse_fixtures import dssefs_executable, force_unmount, mounted, requires_fu
 from test_daemon_service import Listener
 from unit_sandbox import exec_line, sandboxed, service_settings
 
-from dssefs.daemon.control import query
+from dssefs.daemon.control import control_socket, query
+from dssefs.daemon.paths import pid_file
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "dssefs@.service"
@@ -119,6 +120,8 @@ def test_daemon_works_under_the_units_hardening(unit, tmp_path):
         assert r.returncode == 0, r.stderr
         assert not mounted(mnt)
         os.listdir(mnt)
+        # and the killed daemon's runtime files are gone with its mount
+        assert not os.path.exists(pid_file(str(mnt))) and not os.path.exists(control_socket(str(mnt)))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,10 +14,10 @@ import time
 
 from ..errors import DssefsError
 from ..session import default_keyring_path, default_source, default_store_dir
-from .control import query
+from .control import control_socket, query
 from .logs import setup_logging
 from .mounts import fusermount, mount_state
-from .paths import log_file, pid_file, runtime_dir
+from .paths import alive, log_file, pid_file, recorded_daemon, remove_if_mine, runtime_dir
 from .report import format_text, status_line
 from .request import MountRequest, check_mountpoint, parse_mount
 from .serve import serve
@@ -147,14 +147,7 @@ def umount_command(argv: list[str]) -> int:
     if ns.if_dead:
         return clear_dead_mount(mnt)
     pidf = pid_file(mnt)
-    pid = None
-    try:
-        with open(pidf) as f:
-            pid = int(f.readline().strip())
-    except (OSError, ValueError):
-        pid = None
-    if pid is not None and not _alive(pid):
-        pid = None
+    pid = recorded_daemon(mnt)
     if pid is None:
         state = mount_state(mnt)
         if state == "none":
@@ -172,7 +165,7 @@ def umount_command(argv: list[str]) -> int:
         pass
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + ns.timeout
-    while _alive(pid):
+    while alive(pid):
         if time.monotonic() > deadline:
             _print_error(f"the daemon (pid {pid}) is still storing files after {ns.timeout:.0f} s; "
                          "it keeps running")
@@ -196,8 +189,16 @@ def umount_command(argv: list[str]) -> int:
 
 
 def clear_dead_mount(mnt: str) -> int:
-    """Lazily unmount a dead FUSE mount at ``mnt`` (repeatedly: crashes may have stacked several);
-    0 when none is left, 1 when one could not be cleared."""
+    """Lazily unmount a dead FUSE mount at ``mnt`` (repeatedly: crashes may have stacked several)
+    and remove the runtime files of a daemon that is gone; 0 when no dead mount is left, 1 when
+    one could not be cleared."""
+    pidf = pid_file(mnt)
+    if recorded_daemon(mnt) is None and os.path.exists(pidf):
+        with contextlib.suppress(OSError, ValueError):
+            with open(pidf) as f:
+                remove_if_mine(pidf, int(f.readline().strip()))
+        with contextlib.suppress(OSError):
+            os.unlink(control_socket(mnt))
     for _ in range(8):
         if mount_state(mnt) != "dead":
             return 0
@@ -208,15 +209,6 @@ def clear_dead_mount(mnt: str) -> int:
         _print_error(f"{mnt}: a dead mount could not be cleared (try 'umount -l {mnt}')")
         return 1
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def status_parser(prog: str = "dssefs status") -> argparse.ArgumentParser:

@@ -14,12 +14,13 @@ import logging
 import os
 import socket
 import struct
+import time
 from typing import Callable
 
 import trio
 
 from ..errors import DssefsError
-from .paths import pid_file
+from .paths import ensure_runtime_dir, pid_file
 
 log = logging.getLogger("dssefs.daemon")
 
@@ -42,7 +43,7 @@ def _peer_uid(sock) -> int | None:
 async def serve_control(path: str, answer: Callable[[str], dict], *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``path`` until cancelled; ``answer(command)`` builds the reply (event loop)."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    ensure_runtime_dir()
     try:
         os.unlink(path)  # left by a daemon that was killed; the pid file check keeps one per mount
     except FileNotFoundError:
@@ -53,7 +54,8 @@ async def serve_control(path: str, answer: Callable[[str], dict], *,
         await sock.bind(path)
     finally:
         os.umask(old)
-    sock.listen(16)
+    sock.listen(128)
+    mine = os.stat(path).st_ino  # a newer daemon on this mount point may replace the socket
     me = os.geteuid()
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -85,7 +87,8 @@ async def serve_control(path: str, answer: Callable[[str], dict], *,
         await trio.serve_listeners(handle, [trio.SocketListener(sock)], task_status=task_status)
     finally:
         try:
-            os.unlink(path)
+            if os.stat(path).st_ino == mine:
+                os.unlink(path)
         except OSError:
             pass
 
@@ -96,8 +99,16 @@ def query(mountpoint: str, command: str = "status", timeout: float = 10.0, path:
     path = path or control_socket(os.path.abspath(mountpoint))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
-            s.connect(path)
+            while True:
+                try:
+                    s.connect(path)
+                    break
+                except BlockingIOError:  # the listen backlog is full for a moment: wait, like a blocking connect
+                    if time.monotonic() > deadline:
+                        raise socket.timeout from None
+                    time.sleep(0.01)
             s.sendall(command.encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):

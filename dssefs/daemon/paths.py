@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 
+from ..errors import DssefsError
 from ..session import xdg_dir
 
 
@@ -15,6 +18,52 @@ def runtime_dir() -> str:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         base = os.path.join(xdg, "dssefs") if xdg else f"/tmp/dssefs-{os.geteuid()}"
     return base
+
+
+def ensure_runtime_dir() -> str:
+    """Create the runtime directory if needed and make sure nobody else controls it: a directory
+    another user owns or may write to could hold a fake control socket or a symlinked pid file."""
+    base = runtime_dir()
+    os.makedirs(base, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DssefsError(f"runtime directory {base} is not a directory owned by this user and writable "
+                          "only by it: remove it (or set $XDG_RUNTIME_DIR)", errno=errno.EACCES)
+    return base
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) dssefs process: a recorded pid may have been
+    reused by an unrelated program since."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"dssefs" in f.read()
+    except (OSError, IndexError):
+        return False
+
+
+def recorded_daemon(mountpoint: str) -> int | None:
+    """The pid of the live daemon the pid file names for ``mountpoint``, if any."""
+    try:
+        with open(pid_file(mountpoint)) as f:
+            pid = int(f.readline().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid) else None
+
+
+def remove_if_mine(path: str, pid: int) -> None:
+    """Remove the pid file ``path`` if it still names ``pid`` (a newer daemon may own it now)."""
+    try:
+        with open(path) as f:
+            if f.readline().strip() != str(pid):
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
 
 
 def log_file(mountpoint: str) -> str:

@@ -26,7 +26,7 @@ from . import report
 from .control import control_socket, serve_control
 from .mounts import mount_entries
 from .notify import Notifier
-from .paths import default_spill_dir, pid_file
+from .paths import default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon, remove_if_mine
 from .request import MountRequest
 
 log = logging.getLogger("dssefs.daemon")
@@ -142,14 +142,16 @@ class Daemon:
             return self._fail_start(f"cannot mount on {mnt}: {e}")
         pidf = pid_file(mnt)
         try:
-            os.makedirs(os.path.dirname(pidf), mode=0o755, exist_ok=True)
-            for leftover in (pidf + ".status", pidf + ".wait"):  # of an earlier daemon on this mount
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+            ensure_runtime_dir()
+            if recorded_daemon(mnt) is None:  # an earlier daemon's handshake files, nobody waits for them
+                for leftover in (pidf + ".status", pidf + ".wait"):
+                    if os.path.exists(leftover):
+                        os.unlink(leftover)
             with open(pidf, "w") as f:
                 f.write(f"{os.getpid()}\n{mnt}\n")
-        except OSError as e:
-            log.warning("event=pid_file_failed path=%s reason=%s", pidf, e)
+        except (OSError, DssefsError) as e:
+            log.warning("event=pid_file_failed path=%s reason=%s effect='dssefs umount and status will not "
+                        "find this daemon'", pidf, e)
         log.info("event=mounted name=%s source=%s mountpoint=%s prefix=%r chunk_size=%d cache_size=%d "
                  "pid=%d watchdog_s=%s", req.settings.name or "-", req.source, mnt, prefix,
                  req.settings.chunk_size, req.settings.cache_size, os.getpid(), self.notifier.watchdog)
@@ -295,12 +297,12 @@ def serve(req: MountRequest, ready) -> int:
 
 
 def _status(pidf: str, code: int) -> None:
-    """Remove the pid file; leave the exit status for a waiting 'dssefs umount' (only then: nobody
-    else would remove the file)."""
+    """Remove the pid file (if still ours); leave the exit status for a waiting 'dssefs umount'
+    (only then: nobody else would remove the file)."""
     try:
         if os.path.exists(pidf + ".wait"):
             with open(pidf + ".status", "w") as f:
                 f.write(f"{code}\n")
-        os.unlink(pidf)
     except OSError:
         pass
+    remove_if_mine(pidf, os.getpid())
