@@ -472,7 +472,9 @@ def test_under_a_service_manager_the_daemon_stays_in_the_foreground(tmp_path, lo
     listener = Listener(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "dssefs", "mount", source, str(mnt), *args],
+    # as systemd starts it: $SYSTEMD_EXEC_PID is the pid of the process itself ($$ survives exec)
+    proc = subprocess.Popen(["/bin/sh", "-c", 'SYSTEMD_EXEC_PID=$$ exec "$@"', "sh", sys.executable, "-m",
+                             "dssefs", "mount", source, str(mnt), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "NOTIFY_SOCKET": listener.address})
     try:
@@ -575,3 +577,25 @@ def test_runtime_directory_must_belong_to_this_user(tmp_path, monkeypatch):
         ensure_runtime_dir()  # owned, but others may write to it
     os.chmod(tmp_path / "dssefs", 0o700)
     assert ensure_runtime_dir() == str(tmp_path / "dssefs")
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_an_inherited_notify_socket_is_not_used(tmp_path, local_source):
+    """'mount' run by some Type=notify service passes that service's $NOTIFY_SOCKET on: dssefs
+    must still daemonize and return, and never report to the socket (it would speak for the
+    service)."""
+    source, args = local_source
+    listener = Listener(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = dssefs("mount", source, mnt, *args, env={"NOTIFY_SOCKET": listener.address,
+                                                     "SYSTEMD_EXEC_PID": "1", "WATCHDOG_USEC": "100000"})
+        assert r.returncode == 0, r.stderr
+        assert mounted(mnt)
+        assert dssefs("umount", mnt).returncode == 0
+    finally:
+        force_unmount(mnt)
+    assert listener.drain(0.3) == [] and listener.messages == []
+    listener.close()

@@ -42,10 +42,10 @@ def mount_command(argv: list[str]) -> int:
         req.source = default_source()
         print(f"dssefs: no SOURCE given: using the local store {default_store_dir()} and the keyring "
               f"{default_keyring_path()}", file=sys.stderr, flush=True)
-    if not req.settings.foreground and os.environ.get("NOTIFY_SOCKET"):
-        # a service manager waits for READY=1 from this very process (Type=notify): forking would
-        # hand the mount to a child whose messages it refuses (NotifyAccess=main)
-        log.info("event=foreground reason='NOTIFY_SOCKET is set: a service manager supervises this process'")
+    if not req.settings.foreground and started_by_service_manager():
+        # systemd started this very process and waits for READY=1 from it (Type=notify): forking
+        # would hand the mount to a child whose messages it refuses (NotifyAccess=main)
+        log.info("event=foreground reason='started by systemd with NOTIFY_SOCKET: it supervises this process'")
         req.settings.set("foreground", True, "NOTIFY_SOCKET")
     if req.settings.foreground:
         def ready(msg):
@@ -53,6 +53,12 @@ def mount_command(argv: list[str]) -> int:
                 _print_error(msg)
         return serve(req, ready)
     return _daemonize(req)
+
+
+def started_by_service_manager() -> bool:
+    """systemd (v248+) sets $SYSTEMD_EXEC_PID to the pid it started; a $NOTIFY_SOCKET inherited
+    from a service further up (one that ran mount(8), say) comes with another pid or none."""
+    return bool(os.environ.get("NOTIFY_SOCKET")) and os.environ.get("SYSTEMD_EXEC_PID") == str(os.getpid())
 
 
 def _daemonize(req: MountRequest) -> int:
@@ -86,6 +92,9 @@ def _daemonize(req: MountRequest) -> int:
     # child: the daemon
     os.close(r)
     os.setsid()
+    # a notify socket inherited from whatever service ran 'mount' is not ours to report to
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(var, None)
     os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
