@@ -360,19 +360,26 @@ def write_config(path: str, text: str, *, force: bool, shown_as: str) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
-def write_unit(path: str, text: str, *, force: bool, shown_as: str) -> str:
-    """Write the template unit; returns 'wrote', 'updated' or 'unchanged'."""
+def check_unit(path: str, text: str, *, force: bool, shown_as: str) -> str | None:
+    """The installed template's text (None if absent); refuses one with other contents unless
+    ``force``.  Called before anything is written, so a refusal leaves no half install."""
     try:
         with open(path, encoding="utf-8") as f:
             old: str | None = f.read()
     except FileNotFoundError:
         old = None
-    if old == text:
-        return "unchanged"
-    if old is not None and not force:
+    if old is not None and old != text and not force:
         raise ServiceError(f"{shown_as} exists with other contents (another dssefs executable, or edited by "
                            "hand): keep local changes in a drop-in ('systemctl edit dssefs@.service') and "
                            "pass --force to replace the file")
+    return old
+
+
+def write_unit(path: str, text: str, *, force: bool, shown_as: str) -> str:
+    """Write the template unit; returns 'wrote', 'updated' or 'unchanged'."""
+    old = check_unit(path, text, force=force, shown_as=shown_as)
+    if old == text:
+        return "unchanged"
     with _temp_beside(path, 0o644) as (fd, tmp):
         _write_all(fd, text)
         os.replace(tmp, path)
@@ -479,6 +486,7 @@ def cmd_install(ns: argparse.Namespace) -> int:
                            "to replace it")
     if os.path.lexists(mnt_dir) and not os.path.isdir(mnt_dir):
         raise ServiceError(f"mount point {mnt} exists and is not a directory: choose another --mountpoint")
+    check_unit(unit_file, render_unit(executable), force=ns.force, shown_as=f"{UNIT_DIR}/{TEMPLATE_NAME}")
 
     os.makedirs(os.path.dirname(cfg_file), mode=0o755, exist_ok=True)
     os.makedirs(os.path.dirname(unit_file), mode=0o755, exist_ok=True)

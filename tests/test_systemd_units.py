@@ -457,6 +457,7 @@ def test_install_keeps_a_different_unit_unless_forced(tmp_path, capsys):
     rc, _, err = install(tmp_path, *BASIC, capsys=capsys)
     assert rc == 1 and "systemctl edit" in err and err.count("\n") == 1
     assert unit.read_text() == "# edited by hand\n"
+    assert not (tmp_path / "root/etc/dssefs").exists() or not list((tmp_path / "root/etc/dssefs").iterdir())
     assert install(tmp_path, *BASIC, "--force", capsys=capsys)[0] == 0
     assert unit.read_text().startswith("# dssefs@.service")
 
