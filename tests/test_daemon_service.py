@@ -599,3 +599,44 @@ def test_an_inherited_notify_socket_is_not_used(tmp_path, local_source):
         force_unmount(mnt)
     assert listener.drain(0.3) == [] and listener.messages == []
     listener.close()
+
+
+@requires_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+def test_an_early_stop_signal_never_leaves_a_dead_mount(service, delay):
+    """SIGTERM at any moment of start-up: the daemon either never mounted or stops cleanly; the
+    signal is held while it mounts, so no moment leaves the mount dead."""
+    d, listener = service()
+    time.sleep(delay)
+    d.proc.send_signal(signal.SIGTERM)
+    rc = d.proc.wait(60)
+    # killed before the handlers exist (still importing), stopped before mounting, or stopped cleanly
+    assert rc in (-signal.SIGTERM, 1, 0), d.log()
+    if rc == 1:
+        assert "stopped by SIGTERM before the mount existed" in d.log()
+    assert not mounted(d.mnt), d.log()
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_repeated_signals_while_stopping_do_not_kill_the_daemon(service, local_source, tmp_path):
+    d, listener = service()
+    _ready(d, listener)
+    data = os.urandom(8 << 20)
+    fd = os.open(d.mnt / "big", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, data)
+    try:
+        for _ in range(5):  # an impatient operator
+            d.proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+        assert d.proc.wait(60) == 0, d.log()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert not mounted(d.mnt)
+    source, args = local_source
+    r = dssefs("get", f"{source}/big", tmp_path / "big", "--keyring", args[args.index("--keyring") + 1])
+    assert r.returncode == 0 and (tmp_path / "big").read_bytes() == data

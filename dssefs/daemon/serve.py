@@ -4,7 +4,8 @@ The life of a daemon (:class:`Daemon`): open the store and keys (one listing pro
 answers), mount, report ready (pipe to ``dssefs mount``; ``READY=1`` to systemd) once the kernel's
 FUSE_INIT arrives, serve.  Beside FUSE, on the same event loop: the control socket (``dssefs
 status``), ``STATUS=`` lines every few seconds, ``WATCHDOG=1`` pings when systemd asks for them.
-SIGTERM, SIGINT or SIGHUP (or an unmount): ``STOPPING=1``, store every dirty file
+SIGTERM, SIGINT or SIGHUP (or an unmount; signals are handled from before the mount exists until
+exit, see :mod:`.stopsignals`): ``STOPPING=1``, store every dirty file
 (``EXTEND_TIMEOUT_USEC=`` while that makes progress), unmount, exit 0; 1 if any file could not be
 stored (each named in the log); 2 after an internal failure, leaving the mount dead (ENOTCONN) so
 it cannot be mistaken for an empty directory.
@@ -28,6 +29,7 @@ from .mounts import mount_entries
 from .notify import Notifier
 from .paths import default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon, remove_if_mine
 from .request import MountRequest
+from .stopsignals import StartInterrupted, StopSignals
 
 log = logging.getLogger("dssefs.daemon")
 
@@ -112,6 +114,7 @@ class Daemon:
         self.live = False
         self.fs = self.keys = self.store = None
         self.failures: list = []
+        self.signals: StopSignals | None = None
 
     # ---- start ----------------------------------------------------------------------------------
 
@@ -126,16 +129,21 @@ class Daemon:
         from ..fs.fuse_ops import FuseOps
 
         req = self.req
+        self.signals = StopSignals().install()
         try:
             self.store, self.keys, prefix = open_backend(req, self.meter)
             self.fs = build_filesystem(req, self.store, self.keys, prefix)
             self.fs.load_root()
+        except StartInterrupted as e:
+            log.info("event=start_interrupted reason='%s'", e)
+            return self._fail_start(str(e), errno.EINTR)
         except DssefsError as e:
             return self._fail_start(str(e), e.errno)
         except Exception as e:  # noqa: BLE001 - an unmapped failure still gets one clear line
             log.exception("event=start_failed")
             return self._fail_start(f"cannot start: {type(e).__name__}: {e}")
         mnt = req.mountpoint
+        self.signals.arm()  # from here on a stop signal means: store, unmount, exit
         try:
             pyfuse3.init(FuseOps(self.fs, on_init=self._on_init), mnt, fuse_options(req))
         except Exception as e:  # noqa: BLE001 - libfuse says little more than "failed"
@@ -176,6 +184,7 @@ class Daemon:
             spill = self.fs.cache.spill_area
             log.info("event=unmounted mountpoint=%s spill_bytes=%d", mnt, spill.bytes_written if spill else 0)
         _status(pidf, code)
+        self.signals.ignore()
         return code
 
     def _on_init(self) -> None:
@@ -237,15 +246,14 @@ class Daemon:
     async def _signals(self) -> None:
         import pyfuse3
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.state == "stopping":
-                    log.info("event=signal signal=%s effect='already stopping: storing dirty files'", name)
-                    continue
-                self._stopping(f"signal={name}")
-                await self._flush()
-                pyfuse3.terminate()
+        while True:
+            name = signal.Signals(await self.signals.wait()).name
+            if self.state == "stopping":
+                log.info("event=signal signal=%s effect='already stopping: storing dirty files'", name)
+                continue
+            self._stopping(f"signal={name}")
+            await self._flush()
+            pyfuse3.terminate()
 
     async def _flush(self, final: bool = False) -> list:
         """flush_all, telling systemd that the stop is making progress meanwhile."""
