@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
+from ..errors import ObjectNotFound
 from .base import ObjectInfo, ObjectStore, Upload
 
 REQUESTS = ("head", "get", "put", "upload_part", "complete_upload", "abort_upload", "copy",
@@ -23,7 +24,8 @@ class StoreMeter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests = dict.fromkeys(REQUESTS, 0)
-        self.failures = 0
+        self.failures = 0  # requests that failed (a missing object is an answer, not a failure)
+        self.not_found = 0
         self.bytes_read = 0
         self.bytes_written = 0
         self.objects_written = 0
@@ -35,6 +37,9 @@ class StoreMeter:
             self.bytes_read += read
             self.bytes_written += written
 
+    def failed(self, exc: BaseException) -> None:
+        self.add(**({"not_found": 1} if isinstance(exc, ObjectNotFound) else {"failures": 1}))
+
     def add(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
@@ -42,7 +47,7 @@ class StoreMeter:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"requests": dict(self.requests), "failures": self.failures,
+            return {"requests": dict(self.requests), "failures": self.failures, "not_found": self.not_found,
                     "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
                     "objects_written": self.objects_written, "writes_in_flight": self.writes_in_flight}
 
@@ -60,16 +65,16 @@ class _MeteredUpload(Upload):
     def put_part(self, number: int, data: bytes | memoryview) -> None:
         try:
             self._inner.put_part(number, data)
-        except BaseException:
-            self._meter.add(failures=1)
+        except BaseException as e:
+            self._meter.failed(e)
             raise
         self._meter.count("upload_part", written=len(data))
 
     def complete(self) -> str:
         try:
             etag = self._inner.complete()
-        except BaseException:
-            self._meter.add(failures=1)
+        except BaseException as e:
+            self._meter.failed(e)
             self._finish()
             raise
         self._meter.count("complete_upload")
@@ -94,14 +99,14 @@ class MeteredStore(ObjectStore):
         self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
         self.parallel_requests = getattr(inner, "parallel_requests", True)
 
-    def _failed(self) -> None:
-        self.meter.add(failures=1)
+    def _failed(self, exc: BaseException) -> None:
+        self.meter.failed(exc)
 
     def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:
         try:
             info = self.inner.head(key, prefix=prefix)
-        except BaseException:
-            self._failed()
+        except BaseException as e:
+            self._failed(e)
             raise
         self.meter.count("get" if prefix else "head", read=len(info.prefix or b""))
         return info
@@ -110,8 +115,8 @@ class MeteredStore(ObjectStore):
                   ) -> tuple[bytes, int]:
         try:
             data, total = self.inner.get_range(key, start, length, if_match=if_match)
-        except BaseException:
-            self._failed()
+        except BaseException as e:
+            self._failed(e)
             raise
         self.meter.count("get", read=len(data))
         return data, total
@@ -120,8 +125,8 @@ class MeteredStore(ObjectStore):
         self.meter.add(writes_in_flight=1)
         try:
             etag = call()
-        except BaseException:
-            self._failed()
+        except BaseException as e:
+            self._failed(e)
             raise
         finally:
             self.meter.add(writes_in_flight=-1)
@@ -140,8 +145,8 @@ class MeteredStore(ObjectStore):
         try:
             upload = self.inner.begin_upload(key, metadata, if_match=if_match, if_none_match=if_none_match,
                                              size_hint=size_hint)
-        except BaseException:
-            self._failed()
+        except BaseException as e:
+            self._failed(e)
             raise
         self.meter.add(writes_in_flight=1)
         return _MeteredUpload(upload, self.meter)
@@ -154,8 +159,8 @@ class MeteredStore(ObjectStore):
     def delete(self, key: str) -> None:
         try:
             self.inner.delete(key)
-        except BaseException:
-            self._failed()
+        except BaseException as e:
+            self._failed(e)
             raise
         self.meter.count("delete")
 
@@ -165,8 +170,8 @@ class MeteredStore(ObjectStore):
             yield from self.inner.list(prefix, delimiter)
         except GeneratorExit:
             raise
-        except BaseException:
-            self._failed()
+        except BaseException as e:
+            self._failed(e)
             raise
 
     def close(self) -> None:
