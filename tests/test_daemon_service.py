@@ -34,6 +34,22 @@ def dssefs(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # the mount is gone: nothing to flush any more
+
+
+def stored(local_source, tmp_path, name: str) -> bytes:
+    """The plaintext of object ``name`` as the store holds it (read with the CLI, not the mount)."""
+    source, args = local_source
+    out = tmp_path / f"stored-{name}"
+    r = dssefs("get", f"{source}/{name}", out, "--keyring", args[args.index("--keyring") + 1])
+    assert r.returncode == 0, r.stderr
+    return out.read_bytes()
+
+
 class Listener:
     """A datagram socket standing in for systemd's notify socket (a path or @abstract)."""
 
@@ -166,19 +182,12 @@ def test_ready_only_once_mounted_then_sigterm_with_dirty_data_stores_it(service,
         assert "STATUS=stopping" in stopping
         assert d.proc.wait(60) == 0, d.log()
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        close_quietly(fd)
     assert not mounted(d.mnt)
     assert not [m for m in listener.messages if "READY=1" in m.split("\n")][1:]  # READY exactly once
     pidf = pid_file(str(d.mnt))
     assert not any(os.path.exists(pidf + s) for s in ("", ".status", ".wait"))  # nothing left in /run
-    source, args = local_source
-    out = tmp_path / "out.bin"
-    r = dssefs("get", f"{source}/unsaved.bin", out, "--keyring", args[args.index("--keyring") + 1])
-    assert r.returncode == 0, r.stderr
-    assert out.read_bytes() == data
+    assert stored(local_source, tmp_path, "unsaved.bin") == data
 
 
 @requires_fuse
@@ -632,11 +641,6 @@ def test_repeated_signals_while_stopping_do_not_kill_the_daemon(service, local_s
             time.sleep(0.01)
         assert d.proc.wait(60) == 0, d.log()
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        close_quietly(fd)
     assert not mounted(d.mnt)
-    source, args = local_source
-    r = dssefs("get", f"{source}/big", tmp_path / "big", "--keyring", args[args.index("--keyring") + 1])
-    assert r.returncode == 0 and (tmp_path / "big").read_bytes() == data
+    assert stored(local_source, tmp_path, "big") == data

@@ -37,6 +37,11 @@ def mount8(source: str, mnt: Path, options: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def dssefs_umount(mnt: Path) -> subprocess.CompletedProcess:
+    """'dssefs umount': waits until the daemon has stored everything and exited."""
+    return subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+
+
 def local_options(args: list[str]) -> str:
     """``--keyring K --spill-dir S`` as mount options."""
     return ",".join(f"{flag.lstrip('-')}={value}" for flag, value in zip(args[::2], args[1::2]))
@@ -69,7 +74,7 @@ def test_fstab_style_options_and_data_survive_a_remount(local_source, mnt):
     try:
         (mnt / "kept").write_bytes(b"x" * 100_000)
     finally:
-        u = subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        u = dssefs_umount(mnt)
     assert u.returncode == 0, u.stderr  # dssefs umount waits until the daemon has stored everything
     assert not mounted(mnt) and not daemons(mnt)
     r = mount8(source, mnt, local_options(args))
@@ -77,7 +82,7 @@ def test_fstab_style_options_and_data_survive_a_remount(local_source, mnt):
     try:
         assert (mnt / "kept").read_bytes() == b"x" * 100_000
     finally:
-        u = subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        u = dssefs_umount(mnt)
     assert u.returncode == 0, u.stderr
 
 
@@ -95,7 +100,7 @@ def test_mount8_with_a_configuration_file(local_source, mnt, tmp_path):
             entry = next(line for line in f if f" {mnt} " in line)
         assert " - fuse.dssefs cfgtest " in entry  # the name is the source df and mount(8) show
     finally:
-        u = subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        u = dssefs_umount(mnt)
     assert u.returncode == 0, u.stderr
 
 
