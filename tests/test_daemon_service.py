@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -582,10 +583,32 @@ def test_runtime_directory_must_belong_to_this_user(tmp_path, monkeypatch):
     assert "not a directory owned by this user" in str(e.value)
     os.chown(tmp_path / "dssefs", 4242, -1)
     os.chmod(tmp_path / "dssefs", 0o777)
-    with pytest.raises(DssefsError):
-        ensure_runtime_dir()  # owned, but others may write to it
-    os.chmod(tmp_path / "dssefs", 0o700)
-    assert ensure_runtime_dir() == str(tmp_path / "dssefs")
+    assert ensure_runtime_dir() == str(tmp_path / "dssefs")  # ours, made under a loose umask: closed
+    assert stat.S_IMODE(os.stat(tmp_path / "dssefs").st_mode) == 0o755
+
+
+@requires_fuse
+@pytest.mark.fuse
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare(1)")
+def test_daemonized_mount_under_a_loose_umask_with_a_fresh_run(tmp_path, local_source):
+    """A first mount after boot (no /run/dssefs yet) by a shell with umask 002: the runtime
+    directory is created closed, the daemon serves, status answers, umount is clean.  Run in a
+    private mount namespace with a fresh tmpfs on /run."""
+    source, args = local_source
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    dssefs_cmd = f"{sys.executable} -m dssefs"
+    script = (f"set -e; mount -t tmpfs tmpfs /run; umask 002; "
+              f"{dssefs_cmd} mount {source} {mnt} {' '.join(args)}; "
+              f"echo data > {mnt}/f; stat -c %a /run/dssefs; "
+              f"{dssefs_cmd} status {mnt} --json > {tmp_path}/status.json; "
+              f"{dssefs_cmd} umount {mnt}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["755"]
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "serving"
+    assert not mounted(mnt)
 
 
 @requires_fuse

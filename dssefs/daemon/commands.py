@@ -17,7 +17,7 @@ from ..session import default_keyring_path, default_source, default_store_dir
 from .control import control_socket, query
 from .logs import setup_logging
 from .mounts import fusermount, mount_state
-from .paths import alive, log_file, pid_file, recorded_daemon, remove_if_mine, runtime_dir
+from .paths import alive, ensure_runtime_dir, log_file, pid_file, recorded_daemon, remove_if_mine, runtime_dir
 from .report import format_text, status_line
 from .request import MountRequest, check_mountpoint, parse_mount
 from .serve import serve
@@ -104,11 +104,11 @@ def _daemonize(req: MountRequest) -> int:
         # wait for the daemon; under systemd (JOURNAL_STREAM) stderr already is the journal
         logpath = log_file(req.mountpoint)
         try:
-            os.makedirs(os.path.dirname(logpath), exist_ok=True)
+            ensure_runtime_dir()
             fd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             os.dup2(fd, 2)
             os.close(fd)
-        except OSError:
+        except (OSError, DssefsError):
             os.dup2(devnull, 2)
     os.close(devnull)
     sent = {"done": False}

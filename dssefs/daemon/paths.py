@@ -26,9 +26,12 @@ def ensure_runtime_dir() -> str:
     base = runtime_dir()
     os.makedirs(base, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
     st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise DssefsError(f"runtime directory {base} is not a directory owned by this user and writable "
-                          "only by it: remove it (or set $XDG_RUNTIME_DIR)", errno=errno.EACCES)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        hint = "" if os.geteuid() == 0 else " (or set $XDG_RUNTIME_DIR)"
+        raise DssefsError(f"runtime directory {base} is not a directory owned by this user: remove it{hint}",
+                          errno=errno.EACCES)
+    if st.st_mode & 0o022:  # ours, made under a permissive umask: close it
+        os.chmod(base, stat.S_IMODE(st.st_mode) & ~0o022)
     return base
 
 

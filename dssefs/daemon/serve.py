@@ -227,7 +227,7 @@ class Daemon:
                 nursery.start_soon(self._watchdog, self.notifier.watchdog)
             try:
                 await nursery.start(serve_control, control_socket(self.req.mountpoint), self._answer)
-            except OSError as e:
+            except (OSError, DssefsError) as e:
                 log.warning("event=control_socket_failed reason=%s effect='dssefs status will not answer'", e)
             await pyfuse3.main()
             # unmounted (umount, fusermount -u, or terminate() after a signal): store what is left

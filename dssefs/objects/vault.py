@@ -227,8 +227,11 @@ class Vault:
         outer = pool.submit(call, Layer.OUTER)
         try:
             inner = call(Layer.INNER)
+        except Exception:
+            cf.wait([outer])  # report this layer's error once the other request has ended too
+            raise
         except BaseException:
-            cf.wait([outer])
+            outer.cancel()  # interrupted (a stop signal): do not wait for a slow KMS
             raise
         return inner, outer.result()
 
