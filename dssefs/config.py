@@ -312,7 +312,7 @@ SECRET_KEYS = {
 }
 
 
-def _file_types(opt: Option) -> tuple[tuple[type, ...], str]:
+def file_types(opt: Option) -> tuple[tuple[type, ...], str]:
     """The TOML value types a configuration-file key accepts, and how to write it."""
     if opt.parse is _octal:
         return (str,), 'a string such as "0644" (a TOML number would be read as decimal)'
@@ -368,7 +368,7 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"{where} is given twice")
         if isinstance(value, list) and opt.parse is not _list:
             raise ConfigError(f"{where} takes one value, not a list")
-        types, how = _file_types(opt)
+        types, how = file_types(opt)
         if type(value) not in types or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
             kind = type(value).__name__
             raise ConfigError(f"{where} has {'an' if kind[0] in 'aeiou' else 'a'} {kind} value; write {how}")

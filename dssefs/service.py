@@ -244,15 +244,10 @@ def _toml_value(name: str, raw: Any) -> str:
     if isinstance(raw, (list, tuple)):
         return "[" + ", ".join(_toml_string(str(v)) for v in raw) + "]"
     text = str(raw)
-    # a plain number is written as a TOML number when it means the same (file_mode=0640 does not)
-    if text.replace(".", "", 1).isdigit():
-        number: int | float = int(text) if text.isdigit() else float(text)
-        try:
-            if opt.parse(number) == opt.parse(text):
-                return repr(number)
-        except (ValueError, TypeError):
-            pass
-    return _toml_string(text)
+    types, _ = config.file_types(opt)
+    if str in types:
+        return _toml_string(text)  # also when it looks like a number: name = "2024"
+    return repr(opt.parse(text))  # a whole number or a finite float, as the loader wants it
 
 
 def render_config(mountpoint: str, instance: str, values: dict[str, Any]) -> str:

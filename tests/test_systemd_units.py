@@ -500,3 +500,37 @@ def test_service_command_through_the_cli(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 0 and "--kms-key-id" in r.stdout and "--mountpoint" in r.stdout
     assert "--foreground" not in r.stdout and "--config" not in r.stdout
+
+
+# one command-line value per option, numeric-looking strings included (a name "2024", an account-id
+# profile): what install writes must mean exactly what the same flags mean to 'dssefs mount'
+EVERY_FLAG = {
+    "kms_key_id": "1234", "kms_key_id_outer": "alias/outer", "kms_allowed_key_ids": "111,alias/old",
+    "keyring_passphrase_file": "/etc/dssefs/pass", "endpoint_url": "http://127.0.0.1:9000",
+    "region": "1", "profile": "123456789012", "path_style": None, "retry_mode": "adaptive",
+    "max_attempts": "3", "chunk_size": "4M", "workers": "4", "cache_size": "1073741824",
+    "small_file_prefetch": "128K", "spill_dir": "/var/cache/dssefs/x", "attr_timeout": "1e-1",
+    "entry_timeout": "3", "attr_delay": "0", "allow_other": None, "read_only": None, "uid": "0",
+    "gid": "1000", "file_mode": "640", "dir_mode": "0750", "foreign_objects": "read-only",
+    "log_level": "debug",
+}
+
+
+def test_install_round_trips_every_option(tmp_path, capsys):
+    argv = []
+    for name, value in EVERY_FLAG.items():
+        argv += ["--" + name.replace("_", "-")] + ([] if value is None else [value])
+    rc, _, err = install(tmp_path, "2024", "--source", "s3://b/p", "--mountpoint", "/mnt/secure", *argv,
+                         capsys=capsys)
+    assert rc == 0, err
+    cfg = str(tmp_path / "root/etc/dssefs/mnt-secure.toml")
+    from_file = config.settings_from(argparse.Namespace(), None, config.load_file(cfg), file_name=cfg)
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, ("mount", "store", "keys", "write"))
+    from_flags = config.settings_from(p.parse_args(argv))
+    for name in EVERY_FLAG:
+        assert getattr(from_file, name) == getattr(from_flags, name), name
+    assert (from_file.name, from_file.source) == ("2024", "s3://b/p")
+    missing = {o.name for o in config.OPTIONS} - set(EVERY_FLAG) - {"name", "source", "config", "foreground",
+                                                                        "keyring"}
+    assert not missing, f"options without a value in EVERY_FLAG: {missing}"
