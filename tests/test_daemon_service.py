@@ -425,10 +425,18 @@ def test_redact_removes_signatures_and_credentials():
         key = os.urandom(32)
         out = redact(f"response={{'KeyId': 'arn:k', 'Plaintext': {key!r}, 'CiphertextBlob': b'zz'}}")
         assert repr(key)[2:-1] not in out and "'CiphertextBlob': b'zz'" in out, out
+    # header lines and credential files as written, botocore's credential repr
+    out = redact("authorization: AWS4-HMAC-SHA256 Credential=AKIAXX/2026, SignedHeaders=host, Signature=deadbeef")
+    assert "deadbeef" not in out and "SignedHeaders" not in out
+    assert "wJalr" not in redact("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG")
+    assert "wJalr" not in redact('"SecretAccessKey" : "wJalrXUtnFEMIK7"')
+    out = redact("ReadOnlyCredentials(access_key='AKIAABCDEFGHIJKLMNOP', secret_key='sEcReT', token='ToKeN')")
+    assert "sEcReT" not in out and "ToKeN" not in out and "EFGHIJKLMNOP" not in out
     # ordinary lines, even with words that name secrets, are left alone
     for line in ("event=mounted source=s3://b mountpoint=/mnt", "object=s3://b/plaintext: notes.txt",
                  "object=s3://b/dir/Signature=final.pdf", "reason='keyring passphrase = wrong'",
-                 "op=open object=s3://b/Authorization/form.pdf errno=EACCES"):
+                 "op=open object=s3://b/Authorization/form.pdf errno=EACCES",
+                 "op=open object=s3://b/token=abc.txt errno=EACCES"):
         assert redact(line) == line
 
 
@@ -509,17 +517,22 @@ def test_log_lines_cannot_be_forged_through_object_names(tmp_path):
     code = ("import logging; from dssefs.daemon.logs import setup_logging; setup_logging('info'); "
             "log = logging.getLogger('dssefs.fs'); "
             "log.warning('op=open object=%s errno=EACCES', 's3://b/evil\\nevent=unmounted dirty_files_lost=0'); "
+            "log.warning('op=open object=%s', 's3://b/u\\u2028event=x\\x85event=y'); "
             "\ntry:\n    raise ValueError('multi\\nline')\nexcept ValueError:\n    log.exception('event=failed')")
     with open(out, "wb") as f:
         st = os.fstat(f.fileno())
         subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
                        env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
-    lines = out.read_text().splitlines()
+    lines = out.read_text().split("\n")[:-1]
     assert lines[0] == "<4>level=WARNING logger=dssefs.fs op=open object=s3://b/evil\\x0aevent=unmounted " \
                        "dirty_files_lost=0 errno=EACCES"
     assert not any(line.startswith("<4>event=") or line.startswith("event=") for line in lines)
+    assert lines[1] == "<4>level=WARNING logger=dssefs.fs op=open object=s3://b/u\\u2028event=x\\x85event=y"
+    lines.pop(1)
     assert lines[1] == "<3>level=ERROR logger=dssefs.fs event=failed"
-    assert lines[2] == "<3>Traceback (most recent call last):"  # a traceback keeps its lines and priority
+    assert lines[2] == "<3>  Traceback (most recent call last):"  # a traceback keeps its lines, indented
+    assert lines[-2:] == ["<3>  ValueError: multi", "<3>  line"]  # its message's line breaks start no entry
+    assert all(line.startswith(("<4>level=", "<3>level=", "<3>  ")) for line in lines)
 
 
 # ---- runtime files ----------------------------------------------------------------------------------

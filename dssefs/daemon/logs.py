@@ -24,23 +24,26 @@ PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR
 # a quoted value as Python reprs write it: 'text', "text", b'\x00...' (escapes included)
 _QUOTED = r"""b?'(?:\\.|[^'\\])*'|b?"(?:\\.|[^"\\])*\""""
 _SECRET_KEYS = (r"aws_secret_access_key|aws_session_token|secret_access_key|session_token|SecretAccessKey|"
-                r"SessionToken|Plaintext|passphrase|X-Amz-Security-Token")
+                r"SessionToken|Plaintext|X-Amz-Security-Token|keyring_passphrase")
 
 _REDACTIONS = (
     # presigned URL query parameters (SigV4 and SigV2): only right after '?' or '&'
     (re.compile(r"(?i)(?<=[?&])(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|"
                 r"AWSAccessKeyId)=[^&\s'\"]+"), r"\1=REDACTED"),
-    # Authorization headers, as a dict entry or a header line
-    (re.compile(r"(?i)(?<![\w/.-])(['\"]?Authorization['\"]?\s*[:=]\s*)(?:" + _QUOTED + r"|[^\n,}]+)"),
+    # Authorization headers: a quoted value, or the rest of the line
+    (re.compile(r"(?i)(?<![\w/.-])(['\"]?Authorization['\"]?\s*[:=]\s*)(?:" + _QUOTED + r"|[^\n]+)"),
      r"\1REDACTED"),
-    # credential fields, as dict entries ('Plaintext': b'...') or key=value / header lines: the name
-    # must stand alone and be followed at once by ':' or '=' ("keyring passphrase = x" is prose)
-    (re.compile(r"(?i)(?<![\w/.-])(['\"]?(?:" + _SECRET_KEYS + r")['\"]?[:=]\s*)(?:" + _QUOTED + r"|[^\s,}]+)"),
-     r"\1REDACTED"),
+    # credential fields: identifiers that only ever name secrets, with or without spaces around
+    # ':'/'=' ('Plaintext': b'...', aws_secret_access_key = ..., x-amz-security-token: ...)
+    (re.compile(r"(?i)(?<![\w/.-])(['\"]?(?:" + _SECRET_KEYS + r")['\"]?\s*[:=]\s*)(?:" + _QUOTED
+                + r"|[^\s,})]+)"), r"\1REDACTED"),
+    # words that are secrets only as keyword arguments or assignments right before a quoted value:
+    # passphrase='...', ReadOnlyCredentials(secret_key='...', token='...')
+    (re.compile(r"(?<![\w/.-])((?:passphrase|secret_key|token|password)=)(?:" + _QUOTED + r")"), r"\1REDACTED"),
     # access key ids (AKIA.../ASIA...)
     (re.compile(r"\b((?:AKIA|ASIA)[A-Z0-9]{4})[A-Z0-9]{12}\b"), r"\1REDACTED"),
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def redact(text: str) -> str:
@@ -52,7 +55,8 @@ def redact(text: str) -> str:
 def one_line(text: str) -> str:
     """Control characters (newlines above all) as ``\\xNN``: text from outside (object names,
     exception messages) cannot start a forged log line or journal entry."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -68,12 +72,14 @@ class RedactingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = redact(super().format(record))
+        first, *rest = redact(super().format(record)).split("\n")
+        # a traceback keeps its lines, each indented: no continuation can pass for an event line
+        # (those start with the time, or with "level=" in the journal)
+        rest = ["  " + one_line(line) for line in rest]
         if self.journal:
             prio = PRIORITY.get(record.levelno, 6)
-            # one journal entry per line: a traceback's lines keep the record's priority
-            return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
-        return text
+            return "\n".join(f"<{prio}>{line}" for line in [first, *rest])  # one journal entry per line
+        return "\n".join([first, *rest])
 
 
 def stderr_is_journal(env=None) -> bool:
