@@ -244,7 +244,9 @@ class Settings:
         except (ValueError, TypeError, OverflowError) as e:
             raise ConfigError(f"bad value for '{name.replace('_', '-')}' ({source}): {e}") from None
         if opt.parse is _path and value is not None:
-            value = os.path.normpath(os.path.join(base_dir or os.getcwd(), value))
+            if not os.path.isabs(value):
+                value = os.path.join(base_dir or os.getcwd(), value)
+            value = os.path.normpath(value)
         self.values[name] = value
         self.sources[name] = source
 
