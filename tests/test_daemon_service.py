@@ -572,11 +572,12 @@ def test_umount_never_signals_a_process_that_reused_a_recorded_pid(tmp_path):
     other = subprocess.Popen(["sleep", "60"])
     try:
         os.makedirs(os.path.dirname(pid_file(str(mnt))), exist_ok=True)
-        with open(pid_file(str(mnt)), "w") as f:
-            f.write(f"{other.pid}\n{mnt}\n")
-        r = dssefs("umount", mnt)
-        assert r.returncode == 1 and "not mounted" in r.stderr
-        assert other.poll() is None  # not signalled
+        for record in (f"{other.pid}\n{mnt}\n", f"{other.pid}\n{mnt}\n12345\n"):  # no / another start time
+            with open(pid_file(str(mnt)), "w") as f:
+                f.write(record)
+            r = dssefs("umount", mnt)
+            assert r.returncode == 1 and "not mounted" in r.stderr
+            assert other.poll() is None  # not signalled
         assert dssefs("umount", "--if-dead", mnt).returncode == 0
         assert not os.path.exists(pid_file(str(mnt)))  # a stale record is cleared
     finally:

@@ -156,8 +156,8 @@ def umount_command(argv: list[str]) -> int:
     if ns.if_dead:
         return clear_dead_mount(mnt)
     pidf = pid_file(mnt)
-    pid = recorded_daemon(mnt)
-    if pid is None:
+    daemon = recorded_daemon(mnt)
+    if daemon is None:
         state = mount_state(mnt)
         if state == "none":
             _print_error(f"{mnt} is not mounted")
@@ -165,6 +165,7 @@ def umount_command(argv: list[str]) -> int:
         rc = subprocess.run([fusermount(), "-uz" if ns.lazy or state == "dead" else "-u", mnt],
                             check=False).returncode
         return 0 if rc == 0 else 1
+    pid, started = daemon
     if ns.lazy:
         subprocess.run([fusermount(), "-uz", mnt], check=False)
     try:  # ask the daemon to leave its exit status behind (nobody else would remove it)
@@ -174,7 +175,7 @@ def umount_command(argv: list[str]) -> int:
         pass
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + ns.timeout
-    while alive(pid):
+    while alive(pid, started):
         if time.monotonic() > deadline:
             _print_error(f"the daemon (pid {pid}) is still storing files after {ns.timeout:.0f} s; "
                          "it keeps running")
@@ -202,12 +203,17 @@ def clear_dead_mount(mnt: str) -> int:
     and remove the runtime files of a daemon that is gone; 0 when no dead mount is left, 1 when
     one could not be cleared."""
     pidf = pid_file(mnt)
-    if recorded_daemon(mnt) is None and os.path.exists(pidf):
-        with contextlib.suppress(OSError, ValueError):
+    if recorded_daemon(mnt) is None:  # the daemon is gone: so are its pid file and socket
+        try:
             with open(pidf) as f:
-                remove_if_mine(pidf, int(f.readline().strip()))
-        with contextlib.suppress(OSError):
-            os.unlink(control_socket(mnt))
+                recorded_pid = int(f.readline().strip())
+        except (OSError, ValueError):
+            recorded_pid = None
+        if recorded_pid is not None:
+            remove_if_mine(pidf, recorded_pid)  # unless a new daemon wrote it meanwhile
+            if recorded_daemon(mnt) is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(control_socket(mnt))
     for _ in range(8):
         if mount_state(mnt) != "dead":
             return 0

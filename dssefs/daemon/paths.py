@@ -35,27 +35,50 @@ def ensure_runtime_dir() -> str:
     return base
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a running (not zombie) dssefs process: a recorded pid may have been
-    reused by an unrelated program since."""
+def start_time(pid: int) -> str | None:
+    """When process ``pid`` started (field 22 of /proc/PID/stat, clock ticks since boot), or None
+    if there is no such process.  A pid and its start time name one process, even after reuse."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] == "Z":
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def write_pid_file(path: str, mountpoint: str) -> None:
+    pid = os.getpid()
+    with open(path, "w") as f:
+        f.write(f"{pid}\n{mountpoint}\n{start_time(pid) or ''}\n")
+
+
+def alive(pid: int, started: str | None) -> bool:
+    """Whether the process recorded as (``pid``, ``started``) still runs (not a zombie, and not
+    another program that was given the same pid since)."""
+    now = start_time(pid)
+    if now is None:
+        return False
+    if started is not None:
+        return now == started
+    try:  # a record without a start time: at least the program must be dssefs
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"dssefs" in f.read()
-    except (OSError, IndexError):
+    except OSError:
         return False
 
 
-def recorded_daemon(mountpoint: str) -> int | None:
-    """The pid of the live daemon the pid file names for ``mountpoint``, if any."""
+def recorded_daemon(mountpoint: str) -> tuple[int, str | None] | None:
+    """(pid, start time) of the live daemon the pid file names for ``mountpoint``, if any."""
     try:
         with open(pid_file(mountpoint)) as f:
-            pid = int(f.readline().strip())
+            lines = f.read().split("\n")
+        pid = int(lines[0].strip())
     except (OSError, ValueError):
         return None
-    return pid if alive(pid) else None
+    started = lines[2].strip() if len(lines) > 2 and lines[2].strip() else None
+    return (pid, started) if alive(pid, started) else None
 
 
 def remove_if_mine(path: str, pid: int) -> None:

@@ -27,7 +27,8 @@ from . import report
 from .control import control_socket, serve_control
 from .mounts import mount_entries
 from .notify import Notifier
-from .paths import default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon, remove_if_mine
+from .paths import (default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon, remove_if_mine,
+                    write_pid_file)
 from .request import MountRequest
 from .stopsignals import StartInterrupted, StopSignals
 
@@ -155,8 +156,7 @@ class Daemon:
                 for leftover in (pidf + ".status", pidf + ".wait"):
                     if os.path.exists(leftover):
                         os.unlink(leftover)
-            with open(pidf, "w") as f:
-                f.write(f"{os.getpid()}\n{mnt}\n")
+            write_pid_file(pidf, mnt)
         except (OSError, DssefsError) as e:
             log.warning("event=pid_file_failed path=%s reason=%s effect='dssefs umount and status will not "
                         "find this daemon'", pidf, e)
