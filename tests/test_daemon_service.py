@@ -657,11 +657,36 @@ def test_an_early_stop_signal_never_leaves_a_dead_mount(service, delay):
     time.sleep(delay)
     d.proc.send_signal(signal.SIGTERM)
     rc = d.proc.wait(60)
-    # killed before the handlers exist (still importing), stopped before mounting, or stopped cleanly
-    assert rc in (-signal.SIGTERM, 1, 0), d.log()
-    if rc == 1:
-        assert "stopped by SIGTERM before the mount existed" in d.log()
+    # killed before the handlers exist (still importing), or stopped (before or after mounting)
+    assert rc in (-signal.SIGTERM, 0), d.log()
     assert not mounted(d.mnt), d.log()
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_a_stop_signal_while_the_store_does_not_answer_ends_the_start_at_once(service, tmp_path):
+    """Start-up hangs on a store that accepts connections and never answers; SIGTERM ends it at
+    once, exit 0 (it was asked to stop), without READY=1 and without a mount."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel accepts; nobody ever reads or answers
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        d, listener = service(source="s3://silent-bucket", args=[
+            "--kms-key-id", "alias/none", "--endpoint-url", endpoint, "--region", "us-east-1"],
+            env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+        time.sleep(2)
+        assert d.proc.poll() is None, d.log()  # still waiting for the store
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log()
+        assert time.monotonic() - t0 < 5
+        listener.drain(0.2)
+        assert not any("READY=1" in m.split("\n") for m in listener.messages)
+        assert any("STATUS=stopped by SIGTERM before the mount existed" in m for m in listener.messages)
+        assert not mounted(d.mnt)
+    finally:
+        silent.close()
 
 
 @requires_fuse
@@ -681,3 +706,21 @@ def test_repeated_signals_while_stopping_do_not_kill_the_daemon(service, local_s
         close_quietly(fd)
     assert not mounted(d.mnt)
     assert stored(local_source, tmp_path, "big") == data
+
+
+def test_service_manager_detection(monkeypatch):
+    from dssefs.daemon.commands import started_by_service_manager
+
+    monkeypatch.setenv("NOTIFY_SOCKET", "@x")
+    monkeypatch.setenv("SYSTEMD_EXEC_PID", str(os.getpid()))
+    assert started_by_service_manager()
+    monkeypatch.setenv("SYSTEMD_EXEC_PID", "1")  # inherited from the service that started a parent
+    assert not started_by_service_manager()
+    monkeypatch.delenv("SYSTEMD_EXEC_PID")  # systemd before 248: the manager is the parent
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    assert started_by_service_manager()
+    monkeypatch.setattr(os, "getppid", lambda: 4242)
+    assert not started_by_service_manager()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    assert not started_by_service_manager()

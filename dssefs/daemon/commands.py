@@ -56,9 +56,16 @@ def mount_command(argv: list[str]) -> int:
 
 
 def started_by_service_manager() -> bool:
-    """systemd (v248+) sets $SYSTEMD_EXEC_PID to the pid it started; a $NOTIFY_SOCKET inherited
-    from a service further up (one that ran mount(8), say) comes with another pid or none."""
-    return bool(os.environ.get("NOTIFY_SOCKET")) and os.environ.get("SYSTEMD_EXEC_PID") == str(os.getpid())
+    """Whether systemd started this very process with a notify socket.  systemd 248 and later
+    set $SYSTEMD_EXEC_PID to that pid; older ones do not, but then the system manager is our
+    parent (PID 1).  A $NOTIFY_SOCKET inherited from a service further up (one that ran mount(8),
+    say) comes with another $SYSTEMD_EXEC_PID and another parent."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return False
+    exec_pid = os.environ.get("SYSTEMD_EXEC_PID")
+    if exec_pid is not None:
+        return exec_pid == str(os.getpid())
+    return os.getppid() == 1
 
 
 def _daemonize(req: MountRequest) -> int:

@@ -120,6 +120,8 @@ class Daemon:
     # ---- start ----------------------------------------------------------------------------------
 
     def _fail_start(self, msg: str, code: int = errno.EIO) -> int:
+        if self.signals is not None:
+            self.signals.ignore()  # exiting anyway: a stop signal now must not interrupt the report
         self.notifier.send(f"STATUS=failed: {msg}", f"ERRNO={code}")
         self._ready_cb(msg)
         return 1
@@ -130,14 +132,19 @@ class Daemon:
         from ..fs.fuse_ops import FuseOps
 
         req = self.req
-        self.signals = StopSignals().install()
+        self.signals = StopSignals()
         try:
+            self.signals.install()
             self.store, self.keys, prefix = open_backend(req, self.meter)
             self.fs = build_filesystem(req, self.store, self.keys, prefix)
             self.fs.load_root()
         except StartInterrupted as e:
+            # asked to stop before anything was mounted: not a failure (exit 0, no READY=1)
+            self.signals.ignore()
             log.info("event=start_interrupted reason='%s'", e)
-            return self._fail_start(str(e), errno.EINTR)
+            self.notifier.send(f"STATUS={e}")
+            self._ready_cb(str(e))
+            return 0
         except DssefsError as e:
             return self._fail_start(str(e), e.errno)
         except Exception as e:  # noqa: BLE001 - an unmapped failure still gets one clear line
