@@ -65,13 +65,16 @@ def test_failures_and_aborts_leave_nothing_in_flight(store):
     up2.abort()
     s = snap(store)
     assert (s["failures"], s["writes_in_flight"], s["objects_written"]) == (3, 0, 1)
-    assert s["requests"]["abort_upload"] == 1 and s["requests"]["put"] == 1
+    # failed requests are requests too
+    assert {k: s["requests"][k] for k in ("put", "copy", "upload_part", "complete_upload", "abort_upload")} \
+        == {"put": 2, "copy": 1, "upload_part": 1, "complete_upload": 1, "abort_upload": 1}
     with pytest.raises(ObjectNotFound):
         store.head("missing")
     with pytest.raises(ObjectNotFound):
         store.get_range("missing", 0, 1)
     s = snap(store)
     assert (s["not_found"], s["failures"]) == (2, 3)  # a missing object is an answer, not a failure
+    assert (s["requests"]["head"], s["requests"]["get"]) == (1, 1)
 
 
 class FailingParts(LocalStore):
@@ -102,6 +105,7 @@ def test_a_failing_part_counts_and_abort_ends_the_write(tmp_path):
     up.abort()  # twice: counted as requests, but the write ends once
     s = snap(store)
     assert (s["failures"], s["writes_in_flight"], s["bytes_written"], s["objects_written"]) == (1, 0, 0, 0)
+    assert s["requests"]["upload_part"] == 1
 
 
 def test_store_attributes_pass_through(store):

@@ -65,7 +65,8 @@ def format_text(r: dict) -> str:
         f"uploads:    {store['writes_in_flight']} in flight; {r['flushes']['done']} files stored, "
         f"{r['flushes']['failed']} failed",
         f"store:      {store['objects_written']} objects written ({size(store['bytes_written'])}), "
-        f"{size(store['bytes_read'])} read; requests: {reqs}; {store['failures']} failed",
+        f"{size(store['bytes_read'])} read; requests: {reqs}; {store['not_found']} not found, "
+        f"{store['failures']} failed",
         f"kms:        {kms['provider']}: {kms_calls}",
         f"files:      {r['open_files']} open, {r['inodes']} inodes known",
         f"errors:     {errors['total']}" + (f" ({by_errno})" if by_errno else ""),

@@ -37,8 +37,15 @@ class StoreMeter:
             self.bytes_read += read
             self.bytes_written += written
 
-    def failed(self, exc: BaseException) -> None:
-        self.add(**({"not_found": 1} if isinstance(exc, ObjectNotFound) else {"failures": 1}))
+    def failed(self, exc: BaseException, kind: str | None = None) -> None:
+        """A request of ``kind`` (counted like any other) that raised ``exc``."""
+        with self._lock:
+            if kind is not None:
+                self.requests[kind] += 1
+            if isinstance(exc, ObjectNotFound):
+                self.not_found += 1
+            else:
+                self.failures += 1
 
     def add(self, **deltas: int) -> None:
         with self._lock:
@@ -66,7 +73,7 @@ class _MeteredUpload(Upload):
         try:
             self._inner.put_part(number, data)
         except BaseException as e:
-            self._meter.failed(e)
+            self._meter.failed(e, "upload_part")
             raise
         self._meter.count("upload_part", written=len(data))
 
@@ -74,7 +81,7 @@ class _MeteredUpload(Upload):
         try:
             etag = self._inner.complete()
         except BaseException as e:
-            self._meter.failed(e)
+            self._meter.failed(e, "complete_upload")
             self._finish()
             raise
         self._meter.count("complete_upload")
@@ -99,14 +106,14 @@ class MeteredStore(ObjectStore):
         self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
         self.parallel_requests = getattr(inner, "parallel_requests", True)
 
-    def _failed(self, exc: BaseException) -> None:
-        self.meter.failed(exc)
+    def _failed(self, exc: BaseException, kind: str | None = None) -> None:
+        self.meter.failed(exc, kind)
 
     def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:
         try:
             info = self.inner.head(key, prefix=prefix)
         except BaseException as e:
-            self._failed(e)
+            self._failed(e, "get" if prefix else "head")
             raise
         self.meter.count("get" if prefix else "head", read=len(info.prefix or b""))
         return info
@@ -116,7 +123,7 @@ class MeteredStore(ObjectStore):
         try:
             data, total = self.inner.get_range(key, start, length, if_match=if_match)
         except BaseException as e:
-            self._failed(e)
+            self._failed(e, "get")
             raise
         self.meter.count("get", read=len(data))
         return data, total
@@ -126,7 +133,7 @@ class MeteredStore(ObjectStore):
         try:
             etag = call()
         except BaseException as e:
-            self._failed(e)
+            self._failed(e, kind)
             raise
         finally:
             self.meter.add(writes_in_flight=-1)
@@ -160,7 +167,7 @@ class MeteredStore(ObjectStore):
         try:
             self.inner.delete(key)
         except BaseException as e:
-            self._failed(e)
+            self._failed(e, "delete")
             raise
         self.meter.count("delete")
 
