@@ -724,3 +724,54 @@ def test_service_manager_detection(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET")
     monkeypatch.setattr(os, "getppid", lambda: 1)
     assert not started_by_service_manager()
+
+
+def test_status_query_waits_while_the_listen_backlog_is_full(tmp_path):
+    """A daemon busy accepting (a full backlog makes a Unix connect fail with EAGAIN at once on a
+    socket with a timeout): the query waits and retries instead of failing."""
+    import threading
+
+    path = str(tmp_path / "c.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(path)  # takes the one place in the backlog
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        probe.connect(path)  # the condition the retry is for
+    probe.close()
+
+    def serve_later():
+        time.sleep(0.3)
+        server.accept()[0].close()  # the filler
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.sendall(b'{"state": "serving"}\n')
+        conn.close()
+
+    t = threading.Thread(target=serve_later)
+    t.start()
+    try:
+        assert query("/mnt/x", timeout=10, path=path) == {"state": "serving"}
+    finally:
+        t.join(10)
+        filler.close()
+        server.close()
+
+
+@requires_fuse
+@pytest.mark.fuse
+def test_a_new_daemon_removes_handshake_files_nobody_waits_for(mount_factory, local_source, tmp_path):
+    source, args = local_source
+    mnt = tmp_path / "mnt"
+    pidf = pid_file(str(mnt))
+    os.makedirs(os.path.dirname(pidf), exist_ok=True)
+    for leftover in (pidf + ".status", pidf + ".wait"):  # of a daemon killed long ago
+        with open(leftover, "w") as f:
+            f.write("1\n")
+    m = mount_factory(mnt, source, *args)
+    m.start()
+    assert not os.path.exists(pidf + ".status") and not os.path.exists(pidf + ".wait")
+    assert m.stop() == 0
