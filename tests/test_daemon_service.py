@@ -440,16 +440,22 @@ def test_redact_removes_signatures_and_credentials():
         assert redact(line) == line
 
 
+def log_to_journal(out, code: str) -> str:
+    """Run ``code`` with stderr going to the file ``out``, announced as the journal stream
+    ($JOURNAL_STREAM names its device and inode, as systemd does); return what it wrote."""
+    with open(out, "wb") as f:
+        st = os.fstat(f.fileno())
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
+                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    return out.read_text()
+
+
 def test_journal_format_when_stderr_is_the_journal(tmp_path):
     out = tmp_path / "stderr"
     code = ("import logging, sys; from dssefs.daemon.logs import setup_logging; setup_logging('info'); "
             "logging.getLogger('dssefs.t').warning('event=x key=%s', 'v'); "
             "logging.getLogger('dssefs.t').info('event=y')")
-    with open(out, "wb") as f:
-        st = os.fstat(f.fileno())
-        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
-                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
-    lines = out.read_text().splitlines()
+    lines = log_to_journal(out, code).splitlines()
     assert lines == ["<4>level=WARNING logger=dssefs.t event=x key=v", "<6>level=INFO logger=dssefs.t event=y"]
     with open(out, "wb") as f:  # another stream: the plain format with time and pid
         subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
@@ -519,11 +525,7 @@ def test_log_lines_cannot_be_forged_through_object_names(tmp_path):
             "log.warning('op=open object=%s errno=EACCES', 's3://b/evil\\nevent=unmounted dirty_files_lost=0'); "
             "log.warning('op=open object=%s', 's3://b/u\\u2028event=x\\x85event=y'); "
             "\ntry:\n    raise ValueError('multi\\nline')\nexcept ValueError:\n    log.exception('event=failed')")
-    with open(out, "wb") as f:
-        st = os.fstat(f.fileno())
-        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60,
-                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
-    lines = out.read_text().split("\n")[:-1]
+    lines = log_to_journal(out, code).split("\n")[:-1]
     assert lines[0] == "<4>level=WARNING logger=dssefs.fs op=open object=s3://b/evil\\x0aevent=unmounted " \
                        "dirty_files_lost=0 errno=EACCES"
     assert not any(line.startswith("<4>event=") or line.startswith("event=") for line in lines)
