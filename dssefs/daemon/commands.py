@@ -14,10 +14,11 @@ import time
 
 from ..errors import DssefsError
 from ..session import default_keyring_path, default_source, default_store_dir
-from .control import control_socket, query
+from .control import query
 from .logs import setup_logging
-from .mounts import fusermount, mount_state
-from .paths import alive, ensure_runtime_dir, log_file, pid_file, recorded_daemon, remove_if_mine, runtime_dir
+from .mounts import clear_dead, fusermount, mount_state
+from .paths import (alive, ensure_runtime_dir, forget_gone_daemon, log_file, pid_file, recorded_daemon,
+                    runtime_dir)
 from .report import format_text, status_line
 from .request import MountRequest, check_mountpoint, parse_mount
 from .serve import serve
@@ -206,28 +207,10 @@ def umount_command(argv: list[str]) -> int:
 
 
 def clear_dead_mount(mnt: str) -> int:
-    """Lazily unmount a dead FUSE mount at ``mnt`` (repeatedly: crashes may have stacked several)
-    and remove the runtime files of a daemon that is gone; 0 when no dead mount is left, 1 when
-    one could not be cleared."""
-    pidf = pid_file(mnt)
-    if recorded_daemon(mnt) is None:  # the daemon is gone: so are its pid file and socket
-        try:
-            with open(pidf) as f:
-                recorded_pid = int(f.readline().strip())
-        except (OSError, ValueError):
-            recorded_pid = None
-        if recorded_pid is not None:
-            remove_if_mine(pidf, recorded_pid)  # unless a new daemon wrote it meanwhile
-            if recorded_daemon(mnt) is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(control_socket(mnt))
-    for _ in range(8):
-        if mount_state(mnt) != "dead":
-            return 0
-        log.warning("event=dead_mount mountpoint=%s action='%s -uz'", mnt, fusermount())
-        subprocess.run([fusermount(), "-uz", mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       check=False)
-    if mount_state(mnt) == "dead":
+    """``umount --if-dead``: clear dead mounts at ``mnt`` and the runtime files of the daemon that
+    left them; 0 when no dead mount is left, 1 when one could not be cleared."""
+    forget_gone_daemon(mnt)
+    if not clear_dead(mnt):
         _print_error(f"{mnt}: a dead mount could not be cleared (try 'umount -l {mnt}')")
         return 1
     return 0

@@ -3,7 +3,8 @@
 A Unix stream socket next to the pid file (``/run/dssefs/NAME-HASH.sock``, mode 0600; peers
 other than root and the daemon's own user are refused by their credentials).  One request per
 connection: the client sends a command line (``status``), the daemon answers one JSON line and
-closes.  The answer is computed on the daemon's event loop, so it is a consistent snapshot.
+closes.  The answer is built on the daemon's event loop (the figures that need the cache lock
+in a worker thread).
 """
 
 from __future__ import annotations
@@ -15,21 +16,19 @@ import os
 import socket
 import struct
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
 from ..errors import DssefsError
-from .paths import ensure_runtime_dir, pid_file
+from .paths import control_socket, ensure_runtime_dir
 
 log = logging.getLogger("dssefs.daemon")
 
+__all__ = ["control_socket", "query", "serve_control"]
+
 COMMANDS = ("status",)
 MAX_REQUEST = 1024
-
-
-def control_socket(mountpoint: str) -> str:
-    return pid_file(mountpoint)[:-4] + ".sock"
 
 
 def _peer_uid(sock) -> int | None:
@@ -40,7 +39,7 @@ def _peer_uid(sock) -> int | None:
         return None
 
 
-async def serve_control(path: str, answer: Callable[[str], dict], *,
+async def serve_control(path: str, answer: Callable[[str], Awaitable[dict]], *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``path`` until cancelled; ``answer(command)`` builds the reply (event loop)."""
     ensure_runtime_dir()
@@ -73,7 +72,7 @@ async def serve_control(path: str, answer: Callable[[str], dict], *,
                         data += chunk
                 command = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
                 if command in COMMANDS:
-                    reply = answer(command)
+                    reply = await answer(command)
                 else:
                     reply = {"error": f"unknown command {command[:40]!r}; known: {', '.join(COMMANDS)}"}
             with trio.move_on_after(5):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import subprocess
 import threading
+
+log = logging.getLogger("dssefs.daemon")
 
 FUSERMOUNT_CANDIDATES = ("/usr/bin/fusermount3", "/bin/fusermount3", "/usr/local/bin/fusermount3",
                          "/usr/bin/fusermount", "/bin/fusermount")
@@ -70,3 +74,16 @@ def mount_state(mountpoint: str, timeout: float = 2.0) -> str:
     worker.start()
     worker.join(timeout)
     return "dead" if result.get("errno") in DEAD else "live"
+
+
+def clear_dead(mountpoint: str, attempts: int = 8) -> bool:
+    """Lazily unmount dead FUSE mounts at ``mountpoint`` (crashes may have stacked several; a live
+    one is never touched); True when no dead mount is left."""
+    for _ in range(attempts):
+        if mount_state(mountpoint) != "dead":
+            return True
+        log.warning("event=dead_mount mountpoint=%s action='%s -uz' reason='left by a daemon that died'",
+                    mountpoint, fusermount())
+        subprocess.run([fusermount(), "-uz", mountpoint], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+    return mount_state(mountpoint) != "dead"

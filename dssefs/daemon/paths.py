@@ -69,16 +69,35 @@ def alive(pid: int, started: str | None) -> bool:
         return False
 
 
-def recorded_daemon(mountpoint: str) -> tuple[int, str | None] | None:
-    """(pid, start time) of the live daemon the pid file names for ``mountpoint``, if any."""
+def read_pid_file(mountpoint: str) -> tuple[int, str | None] | None:
+    """(pid, start time or None) as the pid file for ``mountpoint`` records them, if it does."""
     try:
         with open(pid_file(mountpoint)) as f:
             lines = f.read().split("\n")
         pid = int(lines[0].strip())
     except (OSError, ValueError):
         return None
-    started = lines[2].strip() if len(lines) > 2 and lines[2].strip() else None
-    return (pid, started) if alive(pid, started) else None
+    return pid, (lines[2].strip() or None) if len(lines) > 2 else None
+
+
+def recorded_daemon(mountpoint: str) -> tuple[int, str | None] | None:
+    """(pid, start time) of the live daemon the pid file names for ``mountpoint``, if any."""
+    record = read_pid_file(mountpoint)
+    return record if record is not None and alive(*record) else None
+
+
+def forget_gone_daemon(mountpoint: str) -> None:
+    """Remove the pid file and control socket of a daemon that no longer runs (killed: nothing
+    removed them), keeping those of a newer daemon that took the mount point meanwhile."""
+    record = read_pid_file(mountpoint)
+    if record is None or alive(*record):
+        return
+    remove_if_mine(pid_file(mountpoint), record[0])
+    if recorded_daemon(mountpoint) is None:
+        try:
+            os.unlink(control_socket(mountpoint))
+        except OSError:
+            pass
 
 
 def remove_if_mine(path: str, pid: int) -> None:
@@ -90,6 +109,11 @@ def remove_if_mine(path: str, pid: int) -> None:
         os.unlink(path)
     except (OSError, ValueError):
         pass
+
+
+def control_socket(mountpoint: str) -> str:
+    """Where the daemon serving ``mountpoint`` answers 'dssefs status'."""
+    return pid_file(mountpoint)[:-4] + ".sock"
 
 
 def log_file(mountpoint: str) -> str:

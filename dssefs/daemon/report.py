@@ -11,7 +11,7 @@ from .. import __version__
 from ..fs.activity import snapshot
 
 
-def collect(daemon) -> dict:
+async def collect(daemon) -> dict:
     """``daemon``: the serving :class:`~dssefs.daemon.serve.Daemon`."""
     req = daemon.req
     report = {
@@ -23,10 +23,18 @@ def collect(daemon) -> dict:
         "state": daemon.state,
         "read_only": bool(req.settings.read_only),
     }
-    report.update(snapshot(daemon.fs))
+    report.update(await snapshot(daemon.fs))
     report["store"] = daemon.meter.snapshot()
     report["kms"] = {"provider": getattr(daemon.keys, "kind", "?"), **daemon.keys.stats}
     return report
+
+
+def summary(daemon, dirty_files: int, dirty_bytes: int) -> dict:
+    """The part of the report :func:`status_line` reads, without the rest."""
+    return {"state": daemon.state, "name": daemon.req.settings.name or daemon.req.source,
+            "dirty": {"files": dirty_files, "bytes": dirty_bytes},
+            "store": {"writes_in_flight": daemon.meter.snapshot()["writes_in_flight"]},
+            "errors": {"total": daemon.fs.activity.errors}}
 
 
 def size(n: float) -> str:

@@ -7,11 +7,10 @@ import errno
 import logging
 import os
 import stat
-import subprocess
 
 from .. import config
 from ..errors import DssefsError
-from .mounts import fusermount, mount_state
+from .mounts import clear_dead, mount_state
 
 log = logging.getLogger("dssefs.daemon")
 
@@ -102,14 +101,9 @@ def check_mountpoint(mnt: str) -> None:
     if state == "live":
         raise DssefsError(f"mount point {mnt} is busy: a FUSE file system is already mounted there "
                           f"(run 'dssefs umount {mnt}' first)", errno=errno.EBUSY)
-    if state == "dead":
-        log.warning("event=dead_mount mountpoint=%s action='%s -uz' reason='left by a crashed daemon'",
-                    mnt, fusermount())
-        subprocess.run([fusermount(), "-uz", mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       check=False)
-        if mount_state(mnt) == "dead":
-            raise DssefsError(f"mount point {mnt} holds a dead mount that could not be cleared",
-                              errno=errno.EBUSY)
+    if state == "dead" and not clear_dead(mnt):
+        raise DssefsError(f"mount point {mnt} holds a dead mount that could not be cleared "
+                          f"(try 'umount -l {mnt}')", errno=errno.EBUSY)
     try:
         st = os.stat(mnt)
     except OSError as e:

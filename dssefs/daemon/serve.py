@@ -23,12 +23,13 @@ import trio
 from ..errors import DssefsError
 from ..session import default_source, default_store_dir, key_provider, store_options, vault_for
 from ..store.metered import MeteredStore, StoreMeter
+from ..fs.activity import dirty_figures
 from . import report
-from .control import control_socket, serve_control
+from .control import serve_control
 from .mounts import mount_entries
 from .notify import Notifier
-from .paths import (default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon, remove_if_mine,
-                    write_pid_file)
+from .paths import (control_socket, default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon,
+                    remove_if_mine, write_pid_file)
 from .request import MountRequest
 from .stopsignals import StartInterrupted, StopSignals
 
@@ -199,7 +200,8 @@ class Daemon:
         self.live = True
         self.state = "serving"
         self._ready_cb(None)
-        self.notifier.ready(self.status_line())
+        # nothing can be dirty before the kernel's first request
+        self.notifier.ready(report.status_line(report.summary(self, 0, 0)))
 
     def _close(self) -> None:
         self.fs.close()
@@ -211,14 +213,14 @@ class Daemon:
 
     # ---- reports ----------------------------------------------------------------------------------
 
-    def report(self) -> dict:
-        return report.collect(self)
+    async def report(self) -> dict:
+        return await report.collect(self)
 
-    def status_line(self) -> str:
-        return report.status_line(self.report())
+    async def status_line(self) -> str:
+        return report.status_line(report.summary(self, *await dirty_figures(self.fs)))
 
-    def _answer(self, command: str) -> dict:
-        return self.report()
+    async def _answer(self, command: str) -> dict:
+        return await self.report()
 
     # ---- the event loop ------------------------------------------------------------------------------
 
@@ -239,16 +241,15 @@ class Daemon:
             await pyfuse3.main()
             # unmounted (umount, fusermount -u, or terminate() after a signal): store what is left
             if self.state != "stopping":
-                self._stopping("unmounted")
+                await self._stopping("unmounted")
             self.failures = await self._flush(final=True)
             nursery.cancel_scope.cancel()
 
-    def _stopping(self, why: str) -> None:
+    async def _stopping(self, why: str) -> None:
         self.state = "stopping"
-        dirty = self.fs.dirty_inodes()
         log.info("event=stopping reason=%s action='store dirty files and unmount' dirty_files=%d",
-                 why, len(dirty))
-        self.notifier.stopping(self.status_line())
+                 why, len(self.fs.dirty_inodes()))
+        self.notifier.stopping(await self.status_line())
 
     async def _signals(self) -> None:
         import pyfuse3
@@ -258,7 +259,7 @@ class Daemon:
             if self.state == "stopping":
                 log.info("event=signal signal=%s effect='already stopping: storing dirty files'", name)
                 continue
-            self._stopping(f"signal={name}")
+            await self._stopping(f"signal={name}")
             await self._flush()
             pyfuse3.terminate()
 
@@ -283,7 +284,7 @@ class Daemon:
         while True:
             await trio.sleep(PROGRESS_INTERVAL)
             now = self._progress_mark()
-            self.notifier.status(self.status_line())
+            self.notifier.status(await self.status_line())
             if now != last:
                 self.notifier.extend_timeout(EXTEND_BY)
             last = now
@@ -297,7 +298,7 @@ class Daemon:
         while True:
             await trio.sleep(STATUS_INTERVAL)
             if self.live:
-                self.notifier.status(self.status_line())
+                self.notifier.status(await self.status_line())
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` from the event loop itself: a stalled loop stops the pings."""

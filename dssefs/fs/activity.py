@@ -3,7 +3,7 @@
 :class:`Activity` counts errors handed to applications (by errno, with the last few as one-line
 records naming the operation and object: never file contents), stores in progress and stores done.
 :func:`snapshot` adds the cache and dirty-data figures.  Everything here runs on the trio thread
-except the cache figures, which take the cache lock for a moment.
+except those figures: they need the cache lock, so they are read in a worker thread.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import errno
 import time
+
+import trio
 
 
 class Activity:
@@ -34,17 +36,28 @@ class Activity:
                             "reason": " ".join(reason.split())[:300]})
 
 
-def snapshot(fs) -> dict:
+def unsaved_bytes(nodes) -> int:
+    """Bytes written to ``nodes`` and not stored yet.  Takes the cache lock, which a worker may
+    hold while it spills to disk: call it from a worker thread, never on the event loop."""
+    return sum(n.content.dirty_bytes() for n in nodes if n.content is not None)
+
+
+async def dirty_figures(fs) -> tuple[int, int]:
+    """(files, bytes) not stored yet."""
+    nodes = fs.dirty_inodes()
+    return len(nodes), (await trio.to_thread.run_sync(unsaved_bytes, nodes) if nodes else 0)
+
+
+async def snapshot(fs) -> dict:
     """Plain-data state of a :class:`~dssefs.fs.Filesystem` (no secrets, no file contents)."""
     act: Activity = fs.activity
-    dirty = fs.dirty_inodes()
-    dirty_bytes = sum(n.content.dirty_bytes() for n in dirty if n.content is not None)
-    cache = fs.cache.stats()
+    nodes = fs.dirty_inodes()
+    cache, dirty_bytes = await trio.to_thread.run_sync(lambda: (fs.cache.stats(), unsaved_bytes(nodes)))
     spill = fs.cache.spill_area
     return {
         "uptime_s": round(time.time() - act.started, 1),
         "cache": {**cache, "spill_bytes_written": spill.bytes_written if spill else 0},
-        "dirty": {"files": len(dirty), "bytes": dirty_bytes},
+        "dirty": {"files": len(nodes), "bytes": dirty_bytes},
         "flushes": {"in_flight": act.flushes_in_flight, "done": act.flushes_done,
                     "failed": act.flush_failures},
         "open_files": len(fs.handles),
