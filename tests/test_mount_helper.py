@@ -10,6 +10,7 @@ mount(8) must return 0 only once the mount answers, and a failed mount must leav
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -54,6 +55,18 @@ def dssefs_umount(mnt: Path) -> subprocess.CompletedProcess:
     return subprocess.run([dssefs_executable(), "umount", str(mnt)], capture_output=True, text=True, timeout=60)
 
 
+@contextlib.contextmanager
+def mounted_by_mount8(source: str, mnt: Path, options: str):
+    """Mount through mount(8) (asserting success), then 'dssefs umount' (asserting success)."""
+    r = mount8(source, mnt, options)
+    assert r.returncode == 0, r.stderr
+    try:
+        yield
+    finally:
+        u = dssefs_umount(mnt)
+    assert u.returncode == 0, u.stderr
+
+
 def local_options(args: list[str]) -> str:
     """``--keyring K --spill-dir S`` as mount options."""
     return ",".join(f"{flag.lstrip('-')}={value}" for flag, value in zip(args[::2], args[1::2]))
@@ -81,21 +94,11 @@ def test_fstab_style_options_and_data_survive_a_remount(local_source, mnt):
     and adds dev,suid); the file written in one mount is read in the next."""
     source, args = local_source
     opts = f"rw,_netdev,nofail,noauto,x-systemd.mount-timeout=90s,{local_options(args)},attr_timeout=2,name=team"
-    r = mount8(source, mnt, opts)
-    assert r.returncode == 0, r.stderr
-    try:
+    with mounted_by_mount8(source, mnt, opts):
         (mnt / "kept").write_bytes(b"x" * 100_000)
-    finally:
-        u = dssefs_umount(mnt)
-    assert u.returncode == 0, u.stderr  # dssefs umount waits until the daemon has stored everything
-    assert not mounted(mnt) and not daemons(mnt)
-    r = mount8(source, mnt, local_options(args))
-    assert r.returncode == 0, r.stderr
-    try:
+    assert not mounted(mnt) and not daemons(mnt)  # dssefs umount waited until everything was stored
+    with mounted_by_mount8(source, mnt, local_options(args)):
         assert (mnt / "kept").read_bytes() == b"x" * 100_000
-    finally:
-        u = dssefs_umount(mnt)
-    assert u.returncode == 0, u.stderr
 
 
 def test_mount8_with_a_configuration_file(local_source, mnt, tmp_path):
@@ -104,16 +107,11 @@ def test_mount8_with_a_configuration_file(local_source, mnt, tmp_path):
     cfg = tmp_path / "mnt.toml"
     cfg.write_text(f'source = "{source}"\nkeyring = "{args[1]}"\nspill_dir = "{args[3]}"\nname = "cfgtest"\n')
     cfg.chmod(0o600)
-    r = mount8(source, mnt, f"_netdev,config={cfg}")
-    assert r.returncode == 0, r.stderr
-    try:
+    with mounted_by_mount8(source, mnt, f"_netdev,config={cfg}"):
         assert mounted(mnt) == ["fuse.dssefs"]
         with open("/proc/self/mountinfo") as f:
             entry = next(line for line in f if f" {mnt} " in line)
         assert " - fuse.dssefs cfgtest " in entry  # the name is the source df and mount(8) show
-    finally:
-        u = dssefs_umount(mnt)
-    assert u.returncode == 0, u.stderr
 
 
 def test_failed_mount8_says_why_in_one_line_and_leaves_nothing(local_source, mnt, tmp_path):
