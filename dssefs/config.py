@@ -84,6 +84,34 @@ def _nonneg_float(text: Any) -> float:
     return value
 
 
+def _positive_float(text: Any) -> float:
+    """A number of seconds greater than zero (plain seconds: ``3600``, ``86400``, ``0.5``)."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a number of seconds")
+    try:
+        value = float(str(text).strip()) if isinstance(text, str) else float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds (e.g. 86400 for one day)") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    if value <= 0:
+        raise ValueError("must be greater than 0 seconds")
+    return value
+
+
+def _positive_int(text: Any) -> int:
+    """A whole number of at least 1."""
+    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+        raise ValueError(f"{text!r} is not a whole number")
+    try:
+        value = int(str(text).strip()) if isinstance(text, str) else int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
 def _path(text: Any) -> str:
     """A file or directory; relative paths are resolved by :meth:`Settings.set`."""
     if not isinstance(text, str) or not text.strip():
@@ -150,10 +178,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("kms_key_id_outer", str, None, "a second KMS key (or keyring key name) for the outer layer "
            "(split custody); defaults to --kms-key-id", "KEY", groups=("keys",)),
     Option("kms_allowed_key_ids", _list, (), "further KMS keys trusted when reading (comma-separated), "
-           "e.g. the previous key while re-keying", "KEYS", groups=("keys",)),
+           "e.g. the previous key while re-keying; with --kms-key-id-outer (split custody) for the inner "
+           "layer only", "KEYS", groups=("keys",)),
+    Option("kms_allowed_key_ids_outer", _list, (), "further KMS keys trusted when reading the outer layer "
+           "under split custody (comma-separated; the outer layer's counterpart of --kms-allowed-key-ids, "
+           "and no key may be in both); without --kms-key-id-outer both lists apply to both layers",
+           "KEYS", groups=("keys",)),
     Option("keyring", _path, None, "local keyring file to use instead of AWS KMS", "PATH", groups=("keys",)),
     Option("keyring_passphrase_file", _path, None, "file holding the keyring passphrase (else "
            "$DSSEFS_KEYRING_PASSPHRASE, else a prompt)", "PATH", groups=("keys",)),
+    Option("epoch_max_age", _positive_float, 86400.0, "start a new epoch key pair after this many "
+           "seconds (default 1 day); see docs/format.md", "SECONDS", groups=("keys",)),
+    Option("epoch_max_objects", _positive_int, 1_000_000, "start a new epoch key pair after this many "
+           "objects (default 1,000,000)", "N", groups=("keys",)),
     # store / AWS
     Option("endpoint_url", str, None, "S3/KMS endpoint (default: boto3's, honouring AWS_ENDPOINT_URL, "
            "AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL_KMS)", "URL", groups=("store", "keys")),
@@ -293,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> N
 
 
 def _show(opt: Option) -> str:
+    if isinstance(opt.default, float) and opt.default.is_integer():
+        return str(int(opt.default))
     if opt.parse is _octal:
         return f"{opt.default:04o}"
     if opt.parse in (_size, _chunk_size) and opt.default >= 1024:
@@ -322,9 +361,9 @@ def file_types(opt: Option) -> tuple[tuple[type, ...], str]:
         return (bool, str), "true or false"
     if opt.parse in (_size, _chunk_size):
         return (int, str), 'a size such as "512M" or a number of bytes'
-    if opt.parse is _nonneg_int:
+    if opt.parse in (_nonneg_int, _positive_int):
         return (int,), "a whole number"
-    if opt.parse is _nonneg_float:
+    if opt.parse in (_nonneg_float, _positive_float):
         return (int, float), "a number"
     if opt.parse is _list:
         return (list, str), 'a list of strings such as ["a", "b"]'

@@ -52,6 +52,9 @@ name = "team-vault"
 kms_key_id = "alias/dssefs-inner"
 kms-key-id-outer = "alias/dssefs-outer"
 kms_allowed_key_ids = ["alias/dssefs-previous", "alias/older"]
+kms_allowed_key_ids_outer = ["alias/dssefs-previous-outer"]
+epoch_max_age = 3600
+epoch-max-objects = 5000
 keyring = "/etc/dssefs/keyring"
 keyring_passphrase_file = "/etc/dssefs/keyring.pass"
 endpoint_url = "http://127.0.0.1:9000"
@@ -94,6 +97,8 @@ def test_every_option_is_a_file_key(tmp_path):
     s = config.settings_from(argparse.Namespace(), None, values, file_name=path)
     assert (s.source, s.name, s.kms_key_id_outer) == ("s3://team-bucket/vault", "team-vault", "alias/dssefs-outer")
     assert s.kms_allowed_key_ids == ("alias/dssefs-previous", "alias/older")
+    assert s.kms_allowed_key_ids_outer == ("alias/dssefs-previous-outer",)
+    assert (s.epoch_max_age, s.epoch_max_objects) == (3600.0, 5000)
     assert (s.chunk_size, s.cache_size, s.small_file_prefetch) == (4 << 20, 1 << 30, 128 << 10)
     assert (s.file_mode, s.dir_mode, s.attr_timeout, s.attr_delay) == (0o640, 0o750, 2.5, 0.0)
     assert s.path_style is True and s.read_only is False and s.foreground is True
@@ -131,6 +136,12 @@ def test_precedence_cli_over_o_over_file_over_default(tmp_path):
     ("fraction", 'max_attempts = 2.5\n', 0o644, "key 'max_attempts' has a float value; write a whole number"),
     ("boolean count", 'workers = true\n', 0o644, "key 'workers' has a bool value"),
     ("list of numbers", 'kms_allowed_key_ids = [1, 2]\n', 0o644, "key 'kms_allowed_key_ids' has a list value"),
+    ("outer list of numbers", 'kms_allowed_key_ids_outer = [1]\n', 0o644,
+     "key 'kms_allowed_key_ids_outer' has a list value"),
+    ("age as a string", 'epoch_max_age = "1d"\n', 0o644, "key 'epoch_max_age' has a str value; write a number"),
+    ("count as a fraction", 'epoch_max_objects = 2.5\n', 0o644,
+     "key 'epoch_max_objects' has a float value; write a whole number"),
+    ("count as a boolean", 'epoch_max_objects = true\n', 0o644, "key 'epoch_max_objects' has a bool value"),
     ("aws secret", 'aws_secret_access_key = "x"\n', 0o644, "key 'aws_secret_access_key' is a secret"),
     ("passphrase", 'keyring-passphrase = "x"\n', 0o644, "key 'keyring-passphrase' is a secret"),
     ("given twice", 'cache_size = "1G"\ncache-size = "2G"\n', 0o644, "key 'cache-size' is given twice"),
@@ -159,6 +170,12 @@ def test_bad_files_are_refused_naming_the_problem(tmp_path, case, text, mode, ex
     ('entry_timeout = inf\n', "entry-timeout"),
     ('source = "s3://b\\nREADY=1"\n', "source"),
     ('name = "a\\tb"\n', "name"),
+    ('epoch_max_age = 0\n', "epoch-max-age"),
+    ('epoch_max_age = -5\n', "epoch-max-age"),
+    ('epoch_max_age = inf\n', "epoch-max-age"),
+    ('epoch_max_age = nan\n', "epoch-max-age"),
+    ('epoch_max_objects = 0\n', "epoch-max-objects"),
+    ('epoch_max_objects = -1\n', "epoch-max-objects"),
 ])
 def test_bad_values_are_refused_naming_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
@@ -189,3 +206,77 @@ def test_relative_paths_are_taken_from_the_file_or_the_current_directory(tmp_pat
     monkeypatch.chdir(tmp_path)
     s = parse(["--spill-dir", "sp"], "keyring=kr")
     assert (s.spill_dir, s.keyring) == (str(tmp_path / "sp"), str(tmp_path / "kr"))
+
+
+# ---- epoch and per-layer key options ------------------------------------------------------------
+
+def keys_parse(argv: list[str], groups=("store", "keys")) -> config.Settings:
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, groups)
+    return config.settings_from(p.parse_args(argv))
+
+
+def test_epoch_and_outer_key_options_defaults():
+    s = keys_parse([])
+    assert (s.epoch_max_age, s.epoch_max_objects) == (86400.0, 1_000_000)
+    assert s.kms_allowed_key_ids_outer == ()
+
+
+@pytest.mark.parametrize("argv, opts, age, count", [
+    (["--epoch-max-age", "3600"], None, 3600.0, 1_000_000),
+    (["--epoch-max-age", "0.5", "--epoch-max-objects", "10"], None, 0.5, 10),
+    ([], "epoch_max_age=600,epoch-max-objects=1", 600.0, 1),
+    (["--epoch-max-objects", "7"], "epoch_max_objects=9", 86400.0, 7),  # the flag wins
+])
+def test_epoch_options(argv, opts, age, count):
+    from dssefs.daemon.request import MOUNT_GROUPS
+
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, MOUNT_GROUPS)
+    s = config.settings_from(p.parse_args(argv), opts)  # the mount takes them
+    assert (s.epoch_max_age, s.epoch_max_objects) == (age, count)
+    s = config.settings_from(keys_parse_ns(argv), opts)
+    assert (s.epoch_max_age, s.epoch_max_objects) == (age, count)  # and so do object commands
+
+
+def keys_parse_ns(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, ("store", "keys"))
+    return p.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv, name, text", [
+    (["--epoch-max-age", "0"], "epoch-max-age", "greater than 0"),
+    (["--epoch-max-age", "-1"], "epoch-max-age", "greater than 0"),
+    (["--epoch-max-age", "1d"], "epoch-max-age", "not a number of seconds"),
+    (["--epoch-max-age", "inf"], "epoch-max-age", "not a finite number"),
+    (["--epoch-max-objects", "0"], "epoch-max-objects", "at least 1"),
+    (["--epoch-max-objects", "1.5"], "epoch-max-objects", "not a whole number"),
+    (["--epoch-max-objects", "many"], "epoch-max-objects", "not a whole number"),
+])
+def test_bad_epoch_values_are_one_line_errors(argv, name, text):
+    with pytest.raises(ConfigError) as e:
+        keys_parse(argv)
+    msg = str(e.value)
+    assert f"bad value for '{name}' (cli)" in msg and text in msg and "\n" not in msg, msg
+
+
+def test_outer_allowed_keys_option():
+    s = keys_parse(["--kms-allowed-key-ids-outer", "alias/a, alias/b"])
+    assert s.kms_allowed_key_ids_outer == ("alias/a", "alias/b")
+    s = config.settings_from(argparse.Namespace(), "kms_allowed_key_ids_outer=alias/c")
+    assert s.kms_allowed_key_ids_outer == ("alias/c",)
+
+
+def test_new_options_are_in_the_keys_group_with_help():
+    for name in ("kms_allowed_key_ids_outer", "epoch_max_age", "epoch_max_objects"):
+        assert config.BY_NAME[name].groups == ("keys",)
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, ("store",))
+    assert "--epoch-max-age" not in p.format_help()
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, ("keys",))
+    text = " ".join(p.format_help().split())
+    assert "start a new epoch key pair after this many seconds (default 1 day); see docs/format.md" in text
+    assert "start a new epoch key pair after this many objects (default 1,000,000)" in text
+    assert "split custody" in text and "--kms-allowed-key-ids-outer" in text

@@ -14,11 +14,13 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dssefs.errors import ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError
-from dssefs.kms._common import WrappedKeyMismatch
-from dssefs.kms.base import DATA_KEY_BYTES, Layer, WrappedKey, context
-from dssefs.kms.local import (DEFAULT_KDF, PASSPHRASE_ENV, WRAPPED_KEY_BYTES, KdfParams, Keyring,
-                              LocalKeyringProvider, add_key, change_passphrase, create_keyring,
-                              list_keys, load_keyring, passphrase_from_env_or_file)
+from dssefs.kms._common import WrappedKeyMismatch, WrongKeyring, describe_context
+from dssefs.kms.base import (DATA_KEY_BYTES, Layer, WrappedKey, context, epoch_context,
+                             object_context_v2)
+from dssefs.kms.local import (DEFAULT_KDF, PASSPHRASE_ENV, WRAPPED_KEY_BYTES,
+                              WRAPPED_KEY_BYTES_V2, KdfParams, Keyring, LocalKeyringProvider,
+                              add_key, change_passphrase, create_keyring, list_keys, load_keyring,
+                              passphrase_from_env_or_file)
 from threads import run_in_threads
 
 FAST = KdfParams(memory_kib=256, iterations=1, lanes=1)
@@ -457,8 +459,8 @@ def test_split_keys(keyring):
     dk_out, w_out = p.generate(Layer.OUTER, CTX_OUT)
     assert (w_in.key_id, w_out.key_id) == ("default", "second")
     assert p.unwrap(Layer.OUTER, w_out, CTX_OUT) == dk_out
-    # the outer wrapped key claims to be under "default": refused
-    with pytest.raises(WrappedKeyMismatch):
+    # the outer wrapped key claims to be under "default", the inner layer's key: refused
+    with pytest.raises(KeyAccessDenied, match="trusts only for the inner layer"):
         p.unwrap(Layer.OUTER, WrappedKey(w_out.blob, "default"), CTX_OUT)
 
 
@@ -621,3 +623,159 @@ def test_ensure_kind(provider):
     ensure_kind(provider, "local")
     with pytest.raises(KeyNotFound, match="'kms' key provider"):
         ensure_kind(provider, "kms", "'b/k'")
+
+
+# ---------------------------------------------------------------------------- wrapping format 2
+
+EPOCH = "0123abcd" * 4
+ECTX_IN = epoch_context(Layer.INNER, "bucket", "photos/", EPOCH)
+ECTX_OUT = epoch_context(Layer.OUTER, "bucket", "photos/", EPOCH)
+OCTX_IN = object_context_v2(Layer.INNER, "bucket", "photos/a.jpg", EPOCH)
+
+
+def test_v2_contexts():
+    assert ECTX_OUT == {"dssefs:v": "2", "dssefs:layer": "outer", "dssefs:bucket": "bucket",
+                        "dssefs:prefix": "photos/", "dssefs:epoch": EPOCH}
+    assert OCTX_IN == {"dssefs:v": "2", "dssefs:layer": "inner", "dssefs:bucket": "bucket",
+                       "dssefs:key": "photos/a.jpg", "dssefs:epoch": EPOCH}
+    assert context(Layer.INNER, "b", "k")["dssefs:v"] == "1"
+    assert describe_context(ECTX_OUT) == "'bucket/photos/' (epoch 0123abcd)"
+    assert describe_context(OCTX_IN) == "'bucket/photos/a.jpg'"
+    assert describe_context(CTX_IN) == "'bucket/dir/file.txt'"
+    weird = {**ECTX_OUT, "dssefs:epoch": "zz\nzz", "dssefs:prefix": "a\nb"}
+    assert "\n" not in describe_context(weird) and describe_context({"x": "y"}) == "this object"
+
+
+@pytest.mark.parametrize("ctx", [ECTX_IN, ECTX_OUT, OCTX_IN])
+def test_v2_blob_layout(keyring, provider, ctx):
+    layer = Layer(ctx["dssefs:layer"])
+    dk, w = provider.generate(layer, ctx)
+    assert len(w.blob) == WRAPPED_KEY_BYTES_V2 == 69 and w.blob[0] == 0x02
+    check = {i.name: i.check for i in list_keys(keyring)}["default"]
+    assert w.blob[1:9] == bytes.fromhex(check)
+    # independent decoding with the documented AAD
+    aad = (b"\x02" + b"default" + b"\x00"
+           + json.dumps(ctx, sort_keys=True, separators=(",", ":")).encode())
+    assert AESGCM(keyring.master_key("default")).decrypt(w.blob[9:21], w.blob[21:], aad) == dk
+    assert provider.unwrap(layer, w, ctx) == dk
+
+
+def test_v1_context_still_gives_v1_blobs(provider):
+    dk, w = provider.generate(Layer.OUTER, CTX_OUT)
+    assert len(w.blob) == 61 and w.blob[0] == 0x01
+    w2 = provider.rewrap(Layer.OUTER, w, CTX_OUT, context(Layer.OUTER, "bucket", "x"))
+    assert len(w2.blob) == 61 and w2.blob[0] == 0x01
+
+
+def test_v2_rewrap(provider):
+    dk, w = provider.generate(Layer.INNER, CTX_IN)
+    other = epoch_context(Layer.INNER, "bucket", "photos/", "f" * 32)
+    w2 = provider.rewrap(Layer.INNER, w, CTX_IN, ECTX_IN, new_key_id="second")  # format 1 -> 2
+    assert len(w2.blob) == 69 and w2.key_id == "second"
+    assert provider.unwrap(Layer.INNER, w2, ECTX_IN) == dk
+    w3 = provider.rewrap(Layer.INNER, w2, ECTX_IN, other)
+    assert provider.unwrap(Layer.INNER, w3, other) == dk
+    with pytest.raises(WrappedKeyMismatch, match="encryption context"):
+        provider.unwrap(Layer.INNER, w3, ECTX_IN)
+    w4 = provider.rewrap(Layer.INNER, w3, other, CTX_IN)  # and back to format 1
+    assert len(w4.blob) == 61 and provider.unwrap(Layer.INNER, w4, CTX_IN) == dk
+
+
+def test_v2_wrong_keyring(tmp_path, provider, keyring):
+    """Two keyrings, each with its own 'default': the check value tells which one is needed."""
+    dk, w = provider.generate(Layer.OUTER, ECTX_OUT)
+    other_path = str(tmp_path / "other-keyring")
+    other = create_keyring(other_path, ["default"])
+    reader = LocalKeyringProvider(other)
+    with pytest.raises(WrongKeyring) as ei:
+        reader.unwrap(Layer.OUTER, w, ECTX_OUT)
+    err = ei.value
+    assert isinstance(err, KeyNotFound) and err.errno == errno.EACCES
+    mine, theirs = keyring.keys()[0].check, other.keys()[0].check
+    assert str(err) == (
+        f"the outer epoch key of 'bucket/photos/' (epoch 0123abcd) needs keyring key 'default' "
+        f"with check value {mine}, but keyring {other_path} has a different key of that name "
+        f"(check {theirs}): use the keyring that wrote it (dssefs keyring list shows check values)")
+    assert_no_secrets(str(err), dk, *master_keys(keyring), *master_keys(other))
+    assert reader.stats["errors"] == 1
+    from dssefs.kms import WrongKeyring as exported
+    assert exported is WrongKeyring
+
+
+def test_v1_wrong_keyring_names_both_causes(tmp_path, provider, keyring):
+    _, w = provider.generate(Layer.INNER, CTX_IN)
+    other_path = str(tmp_path / "other-keyring")
+    other = create_keyring(other_path, ["default"])
+    with pytest.raises(WrappedKeyMismatch) as ei:
+        LocalKeyringProvider(other).unwrap(Layer.INNER, w, CTX_IN)
+    msg = str(ei.value)
+    assert msg.startswith(f"wrapped inner data key of 'bucket/dir/file.txt' does not open with "
+                          f"keyring key 'default' of {other_path} (check {other.keys()[0].check}"
+                          "): either this keyring is not the one that wrote it (compare check "
+                          "values with dssefs keyring list on the writer's keyring) or the object "
+                          "was altered")
+    assert "\n" not in msg
+
+
+def test_every_v2_blob_byte_is_authenticated(provider):
+    """Whatever byte is changed, the blob is refused as altered, never as a wrong keyring."""
+    dk, w = provider.generate(Layer.OUTER, ECTX_OUT)
+    for i in range(len(w.blob)):
+        for bit in (0x01, 0x80):
+            blob = bytearray(w.blob)
+            blob[i] ^= bit
+            with pytest.raises(WrappedKeyMismatch) as ei:
+                provider.unwrap(Layer.OUTER, WrappedKey(bytes(blob), w.key_id), ECTX_OUT)
+            msg = str(ei.value)
+            assert "altered" in msg and "\n" not in msg
+            if 1 <= i < 9:
+                assert "check value" in msg
+            assert_no_secrets(msg, dk)
+
+
+@pytest.mark.parametrize("writer_ctx, reader_ctx", [(CTX_IN, OCTX_IN), (OCTX_IN, CTX_IN)])
+def test_blob_of_the_other_format_refused(provider, writer_ctx, reader_ctx):
+    _, w = provider.generate(Layer.INNER, writer_ctx)
+    with pytest.raises(WrappedKeyMismatch) as ei:
+        provider.unwrap(Layer.INNER, w, reader_ctx)
+    want, got = reader_ctx["dssefs:v"], writer_ctx["dssefs:v"]
+    assert f"is in keyring wrapping format {got}, but its encryption context asks for format " \
+        f"{want}: the object's metadata was altered" in str(ei.value)
+
+
+@pytest.mark.parametrize("blob, text", [
+    (b"\x02" * 68, "has 68 bytes, not 69"), (b"\x02" * 70, "has 70 bytes, not 69"),
+    (b"", "has 0 bytes, not 69"), (b"\x01" * 69, "starts with wrapping version byte 1"),
+], ids=["short", "long", "empty", "version-byte"])
+def test_v2_malformed_blob_refused(provider, blob, text):
+    with pytest.raises(WrappedKeyMismatch, match=text):
+        provider.unwrap(Layer.INNER, WrappedKey(blob, "default"), ECTX_IN)
+
+
+@pytest.mark.parametrize("version", ["0", "3", "", "1.0", None])
+def test_unknown_context_version_is_a_value_error(provider, version):
+    dk, w = provider.generate(Layer.INNER, CTX_IN)
+    bad = {**CTX_IN, "dssefs:v": version} if version is not None else \
+        {k: v for k, v in CTX_IN.items() if k != "dssefs:v"}
+    with pytest.raises(ValueError, match="dssefs:v"):
+        provider.generate(Layer.INNER, bad)
+    with pytest.raises(ValueError):
+        provider.unwrap(Layer.INNER, w, bad)
+    with pytest.raises(ValueError):
+        provider.rewrap(Layer.INNER, w, CTX_IN, bad)
+    with pytest.raises(ValueError):
+        provider.rewrap(Layer.INNER, w, bad, CTX_IN)
+
+
+def test_v2_unknown_key_name(provider, kr_path, keyring):
+    add_key(kr_path, "retired")
+    writer = LocalKeyringProvider(load_keyring(kr_path), "retired")
+    _, w = writer.generate(Layer.OUTER, ECTX_OUT)
+    check = load_keyring(kr_path).info("retired").check
+    with pytest.raises(KeyNotFound) as ei:
+        provider.unwrap(Layer.OUTER, w, ECTX_OUT)  # the keyring as it was before the key was added
+    assert str(ei.value) == (
+        f"outer epoch key of 'bucket/photos/' (epoch 0123abcd) is wrapped by keyring key "
+        f"'retired' (check {check}), which keyring {kr_path} does not have (it has default, "
+        "second): use the keyring that wrote it")
+    assert not isinstance(ei.value, WrongKeyring)

@@ -5,9 +5,13 @@
 * :class:`~dssefs.kms.local.LocalKeyringProvider` (kind ``local``): AES-256-GCM key wrapping under
   named master keys from a keyring file, for offline use.
 
-Both bind every wrapped key to its encryption context (:func:`context`); a wrapped key that does not
+Both bind every wrapped key to its encryption context (:func:`context` for format-1 objects,
+:func:`object_context_v2` and :func:`epoch_context` for format 2); a wrapped key that does not
 open under the context given raises :class:`WrappedKeyMismatch` (a ``KeyAccessDenied``, errno
-``EACCES``).  Use :func:`make_provider` to build one from configuration.
+``EACCES``).  A keyring that has another key of the name a format-2 wrapped key needs raises
+:class:`WrongKeyring` (a ``KeyNotFound``).  Both bind each layer to its own trusted keys under split
+custody (two different keys for the two layers): a key trusted for one layer is refused for the
+other.  Use :func:`make_provider` to build one from configuration.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import os
 from typing import Iterable
 
 from ..errors import ConfigError, KeyNotFound
-from ._common import WrappedKeyMismatch
+from ._common import WrappedKeyMismatch, WrongKeyring
 from .aws import AwsKmsProvider, KmsKeyStatus, looks_like_kms_key_id, parse_kms_key_id
-from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey, context
+from .base import (DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey, context, epoch_context,
+                   object_context_v2)
 from .local import (DEFAULT_KDF, PASSPHRASE_ENV, KdfParams, KeyInfo, Keyring,
                     LocalKeyringProvider, LocalKeyStatus, add_key, change_passphrase,
                     create_keyring, list_keys, load_keyring, passphrase_from_env_or_file,
                     validate_key_name)
 
 __all__ = [
-    "KeyProvider", "Layer", "WrappedKey", "context", "DATA_KEY_BYTES", "WrappedKeyMismatch",
+    "KeyProvider", "Layer", "WrappedKey", "context", "epoch_context", "object_context_v2",
+    "DATA_KEY_BYTES", "WrappedKeyMismatch", "WrongKeyring",
     "AwsKmsProvider", "KmsKeyStatus", "parse_kms_key_id", "looks_like_kms_key_id",
     "LocalKeyringProvider", "LocalKeyStatus", "Keyring", "KeyInfo", "KdfParams", "DEFAULT_KDF",
     "PASSPHRASE_ENV",
@@ -42,7 +48,8 @@ def make_provider(*, kms_key_id: str | None = None, kms_key_id_outer: str | None
                   keyring: Keyring | str | os.PathLike | None = None,
                   keyring_passphrase: str | None = None, region: str | None = None,
                   profile: str | None = None, endpoint_url: str | None = None,
-                  kms_allowed_key_ids: Iterable[str] = (), **kms_options) -> KeyProvider:
+                  kms_allowed_key_ids: Iterable[str] = (),
+                  kms_allowed_key_ids_outer: Iterable[str] = (), **kms_options) -> KeyProvider:
     """Build the key provider the configuration asks for.
 
     The rule:
@@ -56,12 +63,14 @@ def make_provider(*, kms_key_id: str | None = None, kms_key_id_outer: str | None
     * Otherwise ``kms_key_id`` selects AWS KMS and must be a KMS key id, key ARN, alias name or
       alias ARN; ``kms_key_id_outer`` optionally names a second KMS key for the outer layer
       (split custody).  ``kms_allowed_key_ids`` lists further keys trusted for reading (e.g. the
-      previous target of an alias) and ``kms_options`` are passed to :class:`AwsKmsProvider`
-      (``session``, ``retries_mode``, ``max_attempts``, timeouts...).
+      previous target of an alias): for the inner layer under split custody, for both layers
+      otherwise; ``kms_allowed_key_ids_outer`` does the same for the outer layer.  Under split
+      custody the two layers' trusted keys must not overlap.  ``kms_options`` are passed to
+      :class:`AwsKmsProvider` (``session``, ``retries_mode``, ``max_attempts``, timeouts...).
     * Neither: :class:`~dssefs.errors.ConfigError`.
     """
     if keyring is not None:
-        allowed = list(kms_allowed_key_ids)
+        allowed = list(kms_allowed_key_ids) + list(kms_allowed_key_ids_outer)
         if allowed:
             raise ConfigError("allowed KMS key ids were given with a keyring: they apply to AWS "
                               "KMS only; drop them or drop the keyring")
@@ -86,7 +95,7 @@ def make_provider(*, kms_key_id: str | None = None, kms_key_id_outer: str | None
                               "fix it, or give a keyring path to use a local key of that name")
     return AwsKmsProvider(kms_key_id, kms_key_id_outer, region=region, profile=profile,
                           endpoint_url=endpoint_url, allowed_key_ids=kms_allowed_key_ids,
-                          **kms_options)
+                          allowed_key_ids_outer=kms_allowed_key_ids_outer, **kms_options)
 
 
 def ensure_kind(provider: KeyProvider, kind: str, where: str = "this object") -> None:

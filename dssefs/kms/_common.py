@@ -1,4 +1,4 @@
-"""Pieces shared by the key providers: the wrapped-key mismatch error, context checks, counters."""
+"""Pieces shared by the key providers: the wrapped-key errors, context checks, counters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import threading
 from typing import Mapping
 
-from ..errors import KeyAccessDenied
+from ..errors import KeyAccessDenied, KeyNotFound
 from .base import Layer
 
 #: Key ids that may be written into object metadata (``dsse-w``); both providers enforce it.
@@ -26,6 +26,17 @@ class WrappedKeyMismatch(KeyAccessDenied):
     cannot be told apart (that is the point of binding the context), so callers get one error.
     It is a :class:`~dssefs.errors.KeyAccessDenied` (errno ``EACCES``): the reader is refused the
     key.
+    """
+
+
+class WrongKeyring(KeyNotFound):
+    """A wrapped key names a keyring key that this keyring has, but with other key bytes.
+
+    Raised by the local keyring for wrapping format 2, whose blobs carry the key check value of
+    the master key that wrapped them: the check value differs, so the key was wrapped by another
+    keyring's key of the same name (e.g. two hosts that each created their own default keyring).
+    Tampering with a blob whose check value matches raises :class:`WrappedKeyMismatch` instead.
+    It is a :class:`~dssefs.errors.KeyNotFound` (errno ``EACCES``): the key needed is not here.
     """
 
 
@@ -51,13 +62,29 @@ def canonical_context(ctx: Mapping[str, str]) -> bytes:
                       ensure_ascii=True).encode("ascii")
 
 
+_HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+
+
 def describe_context(ctx: Mapping[str, str]) -> str:
-    """Where a context points, for messages: ``bucket/key`` (object keys are not secret)."""
+    """Where a context points, for messages: ``'bucket/key'`` for an object, ``'bucket/prefix'
+    (epoch 0123abcd)`` for an epoch key (object keys, prefixes and epoch ids are not secret)."""
     bucket = ctx.get("dssefs:bucket")
     key = ctx.get("dssefs:key")
-    if bucket is None or key is None:
-        return "this object"
-    return one_line(f"'{bucket}/{key}'", 300)
+    if bucket is not None and key is not None:
+        return one_line(f"'{bucket}/{key}'", 300)
+    prefix = ctx.get("dssefs:prefix")
+    epoch = ctx.get("dssefs:epoch")
+    if bucket is not None and prefix is not None and epoch is not None:
+        shown = epoch[:8] if _HEX_RE.fullmatch(epoch[:8] or "-") else one_line(repr(epoch), 20)
+        return one_line(f"'{bucket}/{prefix}'", 280) + f" (epoch {shown})"
+    return "this object"
+
+
+def key_noun(ctx: Mapping[str, str]) -> str:
+    """What a wrapped key of this context is, for messages: ``epoch key`` or ``data key``."""
+    if "dssefs:epoch" in ctx and "dssefs:prefix" in ctx and "dssefs:key" not in ctx:
+        return "epoch key"
+    return "data key"
 
 
 def one_line(text: str, limit: int = 200) -> str:

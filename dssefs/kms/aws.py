@@ -16,10 +16,22 @@ The KMS key id of each wrapped data key is stored in object metadata, which anyo
 to the bucket can change.  Calling ``Decrypt`` with whatever key id an object names would let such
 a writer point it at a KMS key of their own (any account can grant everyone ``kms:Decrypt``) and
 have forged objects accepted.  So :meth:`AwsKmsProvider.unwrap` and :meth:`AwsKmsProvider.rewrap`
-only use keys this provider trusts: the configured inner and outer keys (aliases are resolved to
-their current target with ``DescribeKey``), keys passed in ``allowed_key_ids`` (e.g. the previous
-key after an alias was moved to a new one) and destinations this process re-wrapped to.  Any other
-key id is refused with :class:`~dssefs.errors.KeyAccessDenied` before KMS is called.
+only use keys this provider trusts *for the layer being unwrapped*:
+
+* one key for both layers (no separate outer key): both layers share one set, the configured key
+  plus ``allowed_key_ids`` plus ``allowed_key_ids_outer``;
+* split custody (a separate outer key): the inner layer trusts the inner key and
+  ``allowed_key_ids``, the outer layer the outer key and ``allowed_key_ids_outer``.  The two sets
+  must be disjoint (a key named for both is a ConfigError), so whoever controls one of the two
+  keys cannot wrap both layers of a forged object, nor swap them.
+
+Aliases are resolved to their current target with ``DescribeKey`` (at most every 30 s); a bare key
+id matches the key ARN with that id in the client's region; keys this process generated with or
+re-wrapped to are trusted for that layer.  An object naming a key not trusted for the layer is
+refused with :class:`~dssefs.errors.KeyAccessDenied` before KMS is called.  After ``Decrypt``
+(``ReEncrypt``), the key ARN KMS reports as the one that actually decrypted (``KeyId`` /
+``SourceKeyId``) is checked against the same layer's set again, and the result is discarded if it
+is not there.
 
 Error mapping (every message is one line, names the problem and the fix, never key material)
 --------------------------------------------------------------------------------------------
@@ -39,6 +51,8 @@ InvalidCiphertextException                   WrappedKeyMismatch (a KeyAccessDeni
 IncorrectKeyException                        WrappedKeyMismatch
 InvalidKeyUsageException, other errors       KeyProviderError
 key not trusted for reading (see above)      KeyAccessDenied, before KMS is called
+KMS decrypted with a key not trusted (above)  KeyAccessDenied, the key is discarded
+one key named for both layers (split)        ConfigError (raised by the constructor)
 key ARN region differs from the client's     ConfigError (raised by the constructor)
 ===========================================  =========================================
 
@@ -65,7 +79,7 @@ from .. import __version__
 from ..errors import (ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError,
                       KeyUnavailable)
 from ._common import (METADATA_KEY_ID_RE, Stats, WrappedKeyMismatch, check_context,
-                      describe_context, layer_value, one_line)
+                      describe_context, key_noun, layer_value, one_line)
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
 
 __all__ = ["AwsKmsProvider", "KmsKeyRef", "KmsKeyStatus", "parse_kms_key_id",
@@ -150,6 +164,31 @@ def looks_like_kms_key_id(value: str) -> bool:
     return True
 
 
+def _identity(ref: KmsKeyRef) -> tuple[str, str | None]:
+    """What a configured id names, for comparing ids given in different forms: a key ARN and a
+    bare key id name the same key when the key ids match (the region was checked), an alias name
+    and an alias ARN the same alias."""
+    return ("alias" if ref.is_alias else "key", ref.name)
+
+
+def _other(layer: Layer) -> Layer:
+    return Layer.OUTER if layer is Layer.INNER else Layer.INNER
+
+
+class _TrustSet:
+    """The KMS keys one layer accepts on read (shared by both layers without split custody)."""
+
+    def __init__(self, refs: list[KmsKeyRef]):
+        refs = list(dict.fromkeys(refs))
+        self.refs = refs
+        self.raw: frozenset[str] = frozenset(r.raw for r in refs)
+        # Key ARNs: configured, resolved from this set's aliases, or answered by KMS for a call
+        # this process made for this layer.  Guarded by the provider's lock.
+        self.arns: set[str] = {r.raw for r in refs if r.form == "key-arn"}
+        self.bare: frozenset[str] = frozenset(r.name for r in refs if r.form == "key-id")
+        self.aliases: tuple[str, ...] = tuple(r.raw for r in refs if r.is_alias)
+
+
 @dataclass(frozen=True)
 class KmsKeyStatus:
     """What ``DescribeKey`` says about one configured key (no secrets)."""
@@ -206,13 +245,32 @@ class AwsKmsProvider(KeyProvider):
                  endpoint_url: str | None = None, session: boto3.Session | None = None,
                  retries_mode: str = "standard", max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  connect_timeout: float = 5.0, read_timeout: float = 15.0,
-                 max_pool_connections: int = 32, allowed_key_ids: Iterable[str] = ()):
+                 max_pool_connections: int = 32, allowed_key_ids: Iterable[str] = (),
+                 allowed_key_ids_outer: Iterable[str] = ()):
         inner = parse_kms_key_id(key_id_inner, what="inner KMS key id")
         outer = parse_kms_key_id(key_id_outer, what="outer KMS key id") \
             if key_id_outer is not None else inner
         if isinstance(allowed_key_ids, str):
             allowed_key_ids = [allowed_key_ids]
+        if isinstance(allowed_key_ids_outer, str):
+            allowed_key_ids_outer = [allowed_key_ids_outer]
         extra = [parse_kms_key_id(k, what="allowed KMS key id") for k in allowed_key_ids]
+        extra_out = [parse_kms_key_id(k, what="allowed outer KMS key id")
+                     for k in allowed_key_ids_outer]
+        split = _identity(inner) != _identity(outer)
+        if split:
+            named_in = [(inner, "--kms-key-id")] + [(r, "--kms-allowed-key-ids") for r in extra]
+            named_out = [(outer, "--kms-key-id-outer")] + \
+                [(r, "--kms-allowed-key-ids-outer") for r in extra_out]
+            for ref_in, opt_in in named_in:
+                for ref_out, opt_out in named_out:
+                    if _identity(ref_in) == _identity(ref_out):
+                        shown = ref_in.raw if ref_in.raw == ref_out.raw \
+                            else f"{ref_in.raw} (= {ref_out.raw})"
+                        raise ConfigError(
+                            f"KMS key {shown} is trusted for both layers ({opt_in} and {opt_out}), "
+                            f"but split custody (inner {inner.raw}, outer {outer.raw}) needs each "
+                            "key to serve one layer only: remove it from one of the two options")
         if retries_mode not in RETRY_MODES:
             raise ConfigError(f"KMS retry mode {retries_mode!r} is unknown: use "
                               + " or ".join(RETRY_MODES))
@@ -228,7 +286,7 @@ class AwsKmsProvider(KeyProvider):
                 raise ConfigError(f"AWS profile {profile!r} not found: check AWS_PROFILE and "
                                   "~/.aws/config") from None
 
-        refs = [inner, outer, *extra]
+        refs = [inner, outer, *extra, *extra_out]
         arn_regions = {r.region for r in refs if r.is_arn}
         client_region = region or session.region_name
         if client_region is None:
@@ -263,18 +321,22 @@ class AwsKmsProvider(KeyProvider):
                 from None
 
         self._ids = {Layer.INNER: inner, Layer.OUTER: outer}
-        self._extra = extra
+        self._split = split
+        if split:
+            self._sets = {Layer.INNER: _TrustSet([inner, *extra]),
+                          Layer.OUTER: _TrustSet([outer, *extra_out])}
+        else:
+            shared = _TrustSet([inner, outer, *extra, *extra_out])
+            self._sets = {Layer.INNER: shared, Layer.OUTER: shared}
         self.region: str = client_region
         self.endpoint_url: str = self._client.meta.endpoint_url
         self.max_attempts = max_attempts
         self._stats = Stats()
         self._lock = threading.Lock()
         self._resolve_lock = threading.Lock()
-        # Trusted key ARNs for unwrap/rewrap; aliases are looked up lazily.
-        self._trusted: set[str] = {r.raw for r in refs if r.form == "key-arn"}
-        self._bare_ids: set[str] = {r.name for r in refs if r.form == "key-id"}
+        # Aliases of either layer, looked up lazily: alias as configured -> key ARN.
         self._aliases: list[KmsKeyRef] = [r for r in dict.fromkeys(refs) if r.is_alias]
-        self._configured: frozenset[str] = frozenset(r.raw for r in refs)
+        self._resolved: dict[str, str] = {}
         self._resolve_errors: dict[str, KeyProviderError] = {}
         self._last_resolve = float("-inf")
 
@@ -311,8 +373,11 @@ class AwsKmsProvider(KeyProvider):
                 or not METADATA_KEY_ID_RE.fullmatch(arn):
             raise KeyProviderError(f"KMS GenerateDataKey on {kid} returned a malformed answer: "
                                    "check AWS_ENDPOINT_URL_KMS points at AWS KMS", errno=_errno.EIO)
+        if self._split and self._known(_other(layer), arn):
+            del plaintext
+            raise self._same_key_error(arn)
         with self._lock:
-            self._trusted.add(arn)  # KMS says this is what the configured id names
+            self._sets[layer].arns.add(arn)  # KMS says this is what the configured id names
         return plaintext, WrappedKey(blob=blob, key_id=arn)
 
     def unwrap(self, layer: Layer, wrapped: WrappedKey, ctx: dict[str, str]) -> bytes:
@@ -323,12 +388,24 @@ class AwsKmsProvider(KeyProvider):
         resp = self._call("Decrypt", dict(CiphertextBlob=wrapped.blob, EncryptionContext=ctx,
                                           KeyId=wrapped.key_id),
                           key=wrapped.key_id, layer=layer, ctx=ctx)
-        plaintext = resp.get("Plaintext")
+        # Taken out of the answer so that a refusal below leaves no reference to it behind.
+        plaintext = resp.pop("Plaintext", None)
+        used = resp.get("KeyId")
+        try:
+            if not isinstance(used, str) or not METADATA_KEY_ID_RE.fullmatch(used):
+                raise KeyProviderError(f"KMS Decrypt on {wrapped.key_id} did not say which key "
+                                       "decrypted: check AWS_ENDPOINT_URL_KMS points at AWS KMS",
+                                       errno=_errno.EIO)
+            self._require_decrypted_by_trusted(used, wrapped.key_id, layer, ctx)
+        except KeyProviderError:
+            self._stats.add("errors")
+            del plaintext  # never handed out: drop the only reference at once
+            raise
         if not isinstance(plaintext, bytes) or len(plaintext) != DATA_KEY_BYTES:
             n = len(plaintext) if isinstance(plaintext, bytes) else 0
             raise WrappedKeyMismatch(
-                f"wrapped {layer.value} data key of {describe_context(ctx)} opens to {n} bytes, "
-                f"not {DATA_KEY_BYTES}: the object's metadata was altered")
+                f"wrapped {layer.value} {key_noun(ctx)} of {describe_context(ctx)} opens to {n} "
+                f"bytes, not {DATA_KEY_BYTES}: the object's metadata was altered")
         return plaintext
 
     def rewrap(self, layer: Layer, wrapped: WrappedKey, old_ctx: dict[str, str],
@@ -346,6 +423,7 @@ class AwsKmsProvider(KeyProvider):
             dest_id = dest.raw
         else:
             dest_id = wrapped.key_id or self._ids[layer].raw
+        self._check_destination(dest_id, layer, new_ctx)
         self._stats.add("rewrap")
         resp = self._call("ReEncrypt", dict(
             CiphertextBlob=wrapped.blob, SourceEncryptionContext=old_ctx,
@@ -354,13 +432,35 @@ class AwsKmsProvider(KeyProvider):
             key=wrapped.key_id, dest=dest_id, layer=layer, ctx=old_ctx)
         blob = resp.get("CiphertextBlob")
         arn = resp.get("KeyId")
+        source = resp.get("SourceKeyId")
         if not isinstance(blob, bytes) or not blob or not isinstance(arn, str) \
-                or not METADATA_KEY_ID_RE.fullmatch(arn):
+                or not METADATA_KEY_ID_RE.fullmatch(arn) or not isinstance(source, str) \
+                or not METADATA_KEY_ID_RE.fullmatch(source):
             raise KeyProviderError(f"KMS ReEncrypt to {dest_id} returned a malformed answer: "
                                    "check AWS_ENDPOINT_URL_KMS points at AWS KMS", errno=_errno.EIO)
+        try:
+            self._require_decrypted_by_trusted(source, wrapped.key_id, layer, old_ctx)
+            self._check_destination(arn, layer, new_ctx)
+        except KeyProviderError:
+            self._stats.add("errors")
+            raise
         with self._lock:
-            self._trusted.add(arn)  # chosen by the caller, so trusted for reading back
+            self._sets[layer].arns.add(arn)  # chosen by the caller, so trusted for reading back
         return WrappedKey(blob=blob, key_id=arn)
+
+    @property
+    def split_custody(self) -> bool:
+        """Whether the outer layer has its own KMS key (and its own trusted set)."""
+        return self._split
+
+    def trusted_description(self, layer: Layer) -> str:
+        """The KMS keys configured as trusted for ``layer``, e.g. ``KMS key arn:... (inner layer
+        only)``; keys learnt at run time (resolved aliases, re-wrap destinations) are left out."""
+        layer = Layer(layer)
+        refs = self._sets[layer].refs
+        which = f"{layer.value} layer only" if self._split else "both layers"
+        return (f"KMS key{'s' if len(refs) > 1 else ''} {', '.join(r.raw for r in refs)} "
+                f"({which})")
 
     def describe(self) -> list[KmsKeyStatus]:
         """``DescribeKey`` for each configured key; raises only if a key cannot be described."""
@@ -373,7 +473,8 @@ class AwsKmsProvider(KeyProvider):
             meta = self._call("DescribeKey", dict(KeyId=kid), key=kid)["KeyMetadata"]
             arn = meta.get("Arn", kid)
             with self._lock:
-                self._trusted.add(arn)
+                for layer in layers:
+                    self._sets[Layer(layer)].arns.add(arn)
             out.append(KmsKeyStatus(
                 layers=tuple(layers), key_id=kid, arn=arn, state=meta.get("KeyState", "Unknown"),
                 key_spec=meta.get("KeySpec") or meta.get("CustomerMasterKeySpec"),
@@ -383,6 +484,8 @@ class AwsKmsProvider(KeyProvider):
     def check(self) -> list[KmsKeyStatus]:
         """Verify at mount time that each configured key exists, is enabled and can wrap keys."""
         statuses = self.describe()
+        if self._split and len({st.arn for st in statuses}) < len(statuses):
+            raise self._same_key_error(statuses[0].arn)
         for st in statuses:
             if st.state == "Disabled":
                 raise KeyUnavailable(f"KMS key {st.key_id} is disabled: enable it "
@@ -412,41 +515,130 @@ class AwsKmsProvider(KeyProvider):
 
     # ---------------------------------------------------------------------------- trust
 
+    def _option(self, layer: Layer) -> str:
+        """The option that adds a key to ``layer``'s trusted set."""
+        if self._split and layer is Layer.OUTER:
+            return "--kms-allowed-key-ids-outer"
+        return "--kms-allowed-key-ids"
+
+    def _split_text(self) -> str:
+        return (f"split custody: inner {self._ids[Layer.INNER].raw}, "
+                f"outer {self._ids[Layer.OUTER].raw}")
+
+    def _same_key_error(self, arn: str) -> ConfigError:
+        return ConfigError(
+            f"the inner KMS key {self._ids[Layer.INNER].raw} and the outer KMS key "
+            f"{self._ids[Layer.OUTER].raw} both name KMS key {arn}, but split custody needs two "
+            "different keys: point --kms-key-id-outer at another key, or drop it to use one key "
+            "for both layers")
+
+    def _ambiguous_error(self, arn: str, layer: Layer, ctx: Mapping[str, str]) -> KeyAccessDenied:
+        return KeyAccessDenied(
+            f"KMS key {one_line(arn, 300)} of the {layer.value} {key_noun(ctx)} of "
+            f"{describe_context(ctx)} is trusted for both layers, through an alias or an allowed "
+            f"key id ({self._split_text()}): refusing it; give each layer its own keys "
+            "(--kms-allowed-key-ids / --kms-allowed-key-ids-outer)")
+
     def _require_trusted(self, key_id: str, layer: Layer, ctx: Mapping[str, str]) -> None:
-        if self._is_trusted(key_id):
+        """Before KMS is called: ``key_id`` (named by the object) must be trusted for ``layer``."""
+        if self._trusted_for(layer, key_id):
+            if self._split and self._known(_other(layer), key_id):
+                raise self._ambiguous_error(key_id, layer, ctx)
             return
         where = describe_context(ctx)
-        shown = one_line(repr(key_id), 300)
+        shown = one_line(key_id if isinstance(key_id, str) else repr(key_id), 300)
+        what = f"{layer.value} {key_noun(ctx)} of {where} is wrapped by KMS key {shown}"
+        other = _other(layer)
+        if self._split and self._known(other, key_id):
+            raise KeyAccessDenied(f"{what}, which this reader trusts only for the {other.value} "
+                                  f"layer ({self._split_text()}): refusing a possible forgery")
         with self._lock:
             failures = list(self._resolve_errors.values())
         if failures:
             err = failures[0]
-            raise type(err)(f"cannot check whether KMS key {shown} of {where} is trusted: {err}",
-                            errno=err.errno)
-        raise KeyAccessDenied(
-            f"{layer.value} data key of {where} is wrapped by KMS key {shown}, which this mount "
-            "does not trust: if it is yours, add it to the allowed KMS key ids")
+            raise type(err)(f"cannot check whether KMS key {one_line(repr(key_id), 300)} of "
+                            f"{where} is trusted: {err}", errno=err.errno)
+        if self._split:
+            raise KeyAccessDenied(
+                f"{what}, which this reader does not trust for the {layer.value} layer: if it is "
+                f"yours, add it with {self._option(layer)} (or {self._option(other)} for the "
+                f"{other.value} layer)")
+        raise KeyAccessDenied(f"{what}, which this reader does not trust: if it is yours, add it "
+                              f"with {self._option(layer)}")
 
-    def _is_trusted(self, key_id: str) -> bool:
-        if not isinstance(key_id, str) or not METADATA_KEY_ID_RE.fullmatch(key_id):
-            return False
-        if key_id in self._configured:
-            return True  # Decrypt with KeyId=<configured id> lets KMS enforce the match
+    def _require_decrypted_by_trusted(self, arn: str, named: str, layer: Layer,
+                                      ctx: Mapping[str, str]) -> None:
+        """After KMS answered: the key that actually decrypted (``arn``, as KMS reports it) must be
+        trusted for ``layer`` too; the object only *named* ``named``."""
+        if self._trusted_for(layer, arn):
+            if self._split and self._known(_other(layer), arn):
+                raise self._ambiguous_error(arn, layer, ctx)
+            return
+        where = describe_context(ctx)
+        what = (f"KMS opened the {layer.value} {key_noun(ctx)} of {where} (which names KMS key "
+                f"{one_line(named, 300)}) with KMS key {one_line(arn, 300)}")
+        other = _other(layer)
+        if self._split and self._known(other, arn):
+            raise KeyAccessDenied(f"{what}, which this reader trusts only for the {other.value} "
+                                  f"layer ({self._split_text()}): refusing a possible forgery")
         with self._lock:
-            if key_id in self._trusted:
+            failures = list(self._resolve_errors.values())
+        if failures:
+            err = failures[0]
+            raise type(err)(f"cannot check whether KMS key {one_line(arn, 300)}, which opened the "
+                            f"{layer.value} {key_noun(ctx)} of {where}, is trusted: {err}",
+                            errno=err.errno)
+        raise KeyAccessDenied(f"{what}, which this reader does not trust for the {layer.value} "
+                              f"layer: refusing a possible forgery; if that key is yours, add it "
+                              f"with {self._option(layer)}")
+
+    def _check_destination(self, dest: str, layer: Layer, ctx: Mapping[str, str]) -> None:
+        """Under split custody, refuse to re-wrap a layer under a key of the other layer."""
+        if not self._split:
+            return
+        other = _other(layer)
+        if self._known(other, dest) and not self._known(layer, dest):
+            raise ConfigError(
+                f"re-wrapping the {layer.value} {key_noun(ctx)} of {describe_context(ctx)} under "
+                f"KMS key {one_line(dest, 300)} would put it under a key trusted only for the "
+                f"{other.value} layer ({self._split_text()}): choose a key of the "
+                f"{layer.value} layer")
+
+    def _known(self, layer: Layer, key_id: str) -> bool:
+        """Whether ``key_id`` is trusted for ``layer`` by what is known now (no KMS call)."""
+        if not isinstance(key_id, str):
+            return False
+        tset = self._sets[layer]
+        if key_id in tset.raw:
+            return True
+        with self._lock:
+            if key_id in tset.arns:
+                return True
+            if any(self._resolved.get(a) == key_id for a in tset.aliases):
                 return True
         m = _ARN_RE.fullmatch(key_id)
         if m is None or m.group(4) != "key" or m.group(2) != self.region:
-            return False  # only key ARNs of the client's region can be trusted
-        if m.group(5) in self._bare_ids:
-            # Key ids are assigned by KMS, so a key ARN of our region with that id is that key.
-            with self._lock:
-                self._trusted.add(key_id)
+            return False
+        # Key ids are assigned by KMS, so a key ARN of our region with that id is that key.
+        return m.group(5) in tset.bare
+
+    def _trusted_for(self, layer: Layer, key_id: str) -> bool:
+        """Whether ``key_id`` is trusted for ``layer``, looking up aliases (throttled) if need be.
+
+        A configured id as given counts (``Decrypt`` with ``KeyId=<that id>`` and the check of the
+        key KMS reports afterwards make KMS prove it); otherwise only key ARNs of the client's
+        region can be trusted.
+        """
+        if not isinstance(key_id, str) or not METADATA_KEY_ID_RE.fullmatch(key_id):
+            return False
+        if self._known(layer, key_id):
             return True
+        m = _ARN_RE.fullmatch(key_id)
+        if m is None or m.group(4) != "key" or m.group(2) != self.region:
+            return False
         if self._aliases:
             self._resolve_aliases()
-            with self._lock:
-                return key_id in self._trusted
+            return self._known(layer, key_id)
         return False
 
     def _resolve_aliases(self) -> None:
@@ -473,7 +665,7 @@ class AwsKmsProvider(KeyProvider):
                 with self._lock:
                     self._resolve_errors.pop(ref.raw, None)
                     if isinstance(meta.get("Arn"), str):
-                        self._trusted.add(meta["Arn"])
+                        self._resolved[ref.raw] = meta["Arn"]
             if not transient:
                 self._last_resolve = time.monotonic()
 

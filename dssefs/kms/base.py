@@ -30,6 +30,30 @@ def context(layer: Layer, bucket: str, key: str) -> dict[str, str]:
     }
 
 
+def epoch_context(layer: Layer, bucket: str, prefix: str, epoch_id_hex: str) -> dict[str, str]:
+    """The encryption context (format 2) that binds a wrapped epoch key to one layer of one epoch
+    of one prefix."""
+    return {
+        "dssefs:v": "2",
+        "dssefs:layer": Layer(layer).value,
+        "dssefs:bucket": bucket,
+        "dssefs:prefix": prefix,
+        "dssefs:epoch": epoch_id_hex,
+    }
+
+
+def object_context_v2(layer: Layer, bucket: str, key: str, epoch_id_hex: str) -> dict[str, str]:
+    """The encryption context (format 2) that binds a wrapped key to one layer of one object
+    written under epoch ``epoch_id_hex``."""
+    return {
+        "dssefs:v": "2",
+        "dssefs:layer": Layer(layer).value,
+        "dssefs:bucket": bucket,
+        "dssefs:key": key,
+        "dssefs:epoch": epoch_id_hex,
+    }
+
+
 @dataclass(frozen=True)
 class WrappedKey:
     blob: bytes  # opaque, provider-specific
@@ -60,6 +84,18 @@ class KeyProvider(abc.ABC):
                new_ctx: dict[str, str], new_key_id: str | None = None) -> WrappedKey:
         """Re-wrap under ``new_ctx`` and optionally another master key, without exposing the key
         where the provider allows it (KMS ReEncrypt)."""
+
+    @property
+    def split_custody(self) -> bool:
+        """Whether the two layers use different master keys, each trusted for its own layer only
+        (a key trusted for one layer is refused for the other)."""
+        return self.key_id(Layer.INNER) != self.key_id(Layer.OUTER)
+
+    def trusted_description(self, layer: Layer) -> str:
+        """Short text naming the master keys accepted for ``layer`` on read (no secrets), for
+        messages and help output."""
+        which = f"{Layer(layer).value} layer only" if self.split_custody else "both layers"
+        return f"{self.key_id(layer)} ({which})"
 
     @property
     def stats(self) -> dict[str, int]:

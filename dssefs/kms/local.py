@@ -23,23 +23,46 @@ every other top-level field as associated data, so parameters, salt and nonce ca
 unnoticed.  Salt and nonce are fresh on every write.  Files are written atomically (temporary file
 in the same directory, fsync, rename, directory fsync); creating never overwrites.
 
-Wrapped data keys
------------------
-``blob = 0x01 || nonce (12) || AES-256-GCM(master key, nonce, data key, AAD)`` = 61 bytes, with
-``AAD = 0x01 || key name (ASCII) || 0x00 || canonical JSON of the encryption context`` (sorted keys,
-no spaces, ASCII with ``\\u`` escapes).  A NUL cannot occur in a key name or in that JSON, so the
-encoding is unambiguous.  ``WrappedKey.key_id`` is the key name.
+Wrapped keys
+------------
+The encryption context's ``dssefs:v`` value selects the wrapping format (any other value is a
+``ValueError``, a programming error):
+
+* ``"1"``: ``blob = 0x01 || nonce (12) || AES-256-GCM(master key, nonce, key, AAD)`` = 61 bytes,
+  with ``AAD = 0x01 || key name (ASCII) || 0x00 || canonical JSON of the encryption context``.
+* ``"2"``: ``blob = 0x02 || check (8) || nonce (12) || AES-256-GCM(...)`` = 69 bytes, with
+  ``AAD = 0x02 || key name (ASCII) || 0x00 || canonical JSON of the encryption context``.
+  ``check`` is the wrapping master key's key check value (the keyring file's ``check`` field as
+  8 bytes), so a reader can tell "this keyring has another key of that name" from tampering.
+
+Canonical JSON has sorted keys, no spaces and is ASCII with ``\\u`` escapes.  A NUL cannot occur
+in a key name or in that JSON, so the encoding is unambiguous.  ``WrappedKey.key_id`` is the key
+name.  A blob is only accepted in the format its context names: a format-1 blob presented under a
+format-2 context (or any other length or version byte) is refused as altered metadata.
+
+Which keyring keys are trusted on read
+--------------------------------------
+The key name of each wrapped key is stored in object metadata, which anyone who can write to the
+bucket can change.  With one key name for both layers (the usual set-up), every key of the keyring
+is accepted for both layers, so a key rotated inside the keyring keeps old objects readable.  With
+two different names (split custody), the inner layer accepts only the inner name and
+``allowed_names_inner``, the outer layer only the outer name and ``allowed_names_outer``; the two
+sets must not overlap, and a key named for the wrong layer is refused with
+:class:`~dssefs.errors.KeyAccessDenied`.
 
 Errors
 ------
 A wrapped key that does not open, because the context differs (object copied or renamed outside
 dssefs, another layer) or the blob was altered, raises
 :class:`~dssefs.kms.WrappedKeyMismatch`, a :class:`~dssefs.errors.KeyAccessDenied` with errno
-``EACCES``: the same class the AWS KMS provider raises for ``InvalidCiphertextException``.  An
-unknown key name raises :class:`~dssefs.errors.KeyNotFound` naming the key and the keyring.  A wrong
-passphrase raises ``KeyAccessDenied``; a missing, unsafe (group/other-accessible) or damaged keyring
-file raises :class:`~dssefs.errors.ConfigError`.  No message, ``repr`` or log line carries key
-bytes; master keys live only as ``bytes`` in process memory.
+``EACCES``: the same class the AWS KMS provider raises for ``InvalidCiphertextException``.  A
+format-2 blob whose check value differs from this keyring's key of that name raises
+:class:`~dssefs.kms.WrongKeyring` (a :class:`~dssefs.errors.KeyNotFound`) naming both check values;
+a format-1 blob cannot tell the two causes apart and its message names both.  An unknown key name
+raises ``KeyNotFound`` naming the key, the layer and the keyring.  A wrong passphrase raises
+``KeyAccessDenied``; a missing, unsafe (group/other-accessible) or damaged keyring file raises
+:class:`~dssefs.errors.ConfigError`.  No message, ``repr`` or log line carries key bytes; master
+keys live only as ``bytes`` in process memory.
 """
 
 from __future__ import annotations
@@ -66,14 +89,14 @@ from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError
-from ._common import (Stats, WrappedKeyMismatch, canonical_context, check_context,
-                      describe_context)
+from ._common import (Stats, WrappedKeyMismatch, WrongKeyring, canonical_context,
+                      check_context, describe_context, key_noun, one_line)
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
 
 __all__ = ["Keyring", "KeyInfo", "LocalKeyStatus", "KdfParams", "LocalKeyringProvider",
            "create_keyring", "add_key", "load_keyring", "list_keys", "change_passphrase",
            "passphrase_from_env_or_file", "validate_key_name", "PASSPHRASE_ENV", "DEFAULT_KDF",
-           "WRAPPED_KEY_BYTES"]
+           "WRAPPED_KEY_BYTES", "WRAPPED_KEY_BYTES_V2", "CHECK_BYTES"]
 
 KEYRING_FORMAT = "dssefs-keyring"
 KEYRING_VERSION = 1
@@ -82,10 +105,15 @@ PROTECTION_PASSPHRASE = "argon2id+aes-256-gcm"
 PASSPHRASE_ENV = "DSSEFS_KEYRING_PASSPHRASE"
 
 MASTER_KEY_BYTES = 32
-WRAP_VERSION = 0x01
+WRAP_VERSION = 0x01  # wrapping format 1 (context "dssefs:v": "1")
+WRAP_VERSION_V2 = 0x02  # wrapping format 2 (context "dssefs:v": "2"), with a key check value
 NONCE_BYTES = 12
 TAG_BYTES = 16
+CHECK_BYTES = 8
 WRAPPED_KEY_BYTES = 1 + NONCE_BYTES + DATA_KEY_BYTES + TAG_BYTES  # 61
+WRAPPED_KEY_BYTES_V2 = 1 + CHECK_BYTES + NONCE_BYTES + DATA_KEY_BYTES + TAG_BYTES  # 69
+_BLOB_BYTES = {WRAP_VERSION: WRAPPED_KEY_BYTES, WRAP_VERSION_V2: WRAPPED_KEY_BYTES_V2}
+_CONTEXT_VERSIONS = {"1": WRAP_VERSION, "2": WRAP_VERSION_V2}
 SALT_BYTES = 16
 MAX_KEYRING_BYTES = 1 << 20
 MAX_PASSPHRASE_FILE_BYTES = 64 << 10
@@ -241,10 +269,20 @@ class Keyring:
         try:
             return self._keys[name]
         except (KeyError, TypeError):
-            shown = repr(name)[:80]
-            raise KeyNotFound(f"key {shown} not found in keyring {self.path} (it has "
-                              f"{', '.join(self.names()) or 'no keys'}): use the keyring that "
-                              "wrote this data or add the key") from None
+            raise self._not_found(name) from None
+
+    def info(self, name: str) -> KeyInfo:
+        """Name, creation time and check value of key ``name``; KeyNotFound otherwise."""
+        try:
+            return self._info[name]
+        except (KeyError, TypeError):
+            raise self._not_found(name) from None
+
+    def _not_found(self, name: object) -> KeyNotFound:
+        shown = repr(name)[:80]
+        return KeyNotFound(f"key {shown} not found in keyring {self.path} (it has "
+                           f"{', '.join(self.names()) or 'no keys'}): use the keyring that "
+                           "wrote this data or add the key")
 
     def __repr__(self) -> str:
         return (f"Keyring(path={self.path!r}, keys={self.names()!r}, "
@@ -582,25 +620,74 @@ def passphrase_from_env_or_file(passphrase_file: str | os.PathLike | None = None
 # The provider
 
 
-def _aad(name: str, ctx: Mapping[str, str]) -> bytes:
-    return bytes([WRAP_VERSION]) + name.encode("ascii") + b"\x00" + canonical_context(ctx)
+def wrap_version(ctx: Mapping[str, str]) -> int:
+    """The wrapping format an encryption context asks for: its ``dssefs:v`` value, 1 or 2.
+
+    Any other value is a ``ValueError``: contexts are built by dssefs itself, so an unknown
+    version is a programming error, not something read from an object.
+    """
+    value = ctx.get("dssefs:v")
+    try:
+        return _CONTEXT_VERSIONS[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"encryption context names format dssefs:v={one_line(repr(value), 40)}; "
+                         "the local keyring wraps keys for formats '1' and '2' only") from None
+
+
+def _aad(version: int, name: str, ctx: Mapping[str, str]) -> bytes:
+    return bytes([version]) + name.encode("ascii") + b"\x00" + canonical_context(ctx)
+
+
+def _other(layer: Layer) -> Layer:
+    return Layer.OUTER if layer is Layer.INNER else Layer.INNER
+
+
+def _name_list(names: Iterable[str] | str, what: str) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for name in names:
+        try:
+            out.append(validate_key_name(name))
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    return out
 
 
 class LocalKeyringProvider(KeyProvider):
-    """Data keys wrapped locally with AES-256-GCM under keyring master keys.  Thread-safe."""
+    """Data keys wrapped locally with AES-256-GCM under keyring master keys.  Thread-safe.
+
+    ``allowed_names_inner`` / ``allowed_names_outer`` name further keyring keys trusted on read for
+    one layer each; they only matter under split custody (see the module docstring).
+    """
 
     kind = "local"
 
     def __init__(self, keyring: Keyring | str | os.PathLike, key_name_inner: str = "default",
-                 key_name_outer: str | None = None, *, passphrase: str | None = None):
+                 key_name_outer: str | None = None, *, passphrase: str | None = None,
+                 allowed_names_inner: Iterable[str] = (), allowed_names_outer: Iterable[str] = ()):
+        inner = validate_key_name(key_name_inner)
+        outer = validate_key_name(key_name_outer) if key_name_outer is not None else inner
+        extra_in = _name_list(allowed_names_inner, "allowed inner keyring key")
+        extra_out = _name_list(allowed_names_outer, "allowed outer keyring key")
+        self._split = inner != outer
+        # Per-layer trusted names under split custody; None: every key of the keyring, both
+        # layers.  The configured names are only needed to wrap new data keys: generate() and
+        # check() raise KeyNotFound naming the key and the keyring.
+        self._trusted: dict[Layer, set[str]] | None = None
+        if self._split:
+            names_in = {inner, *extra_in}
+            names_out = {outer, *extra_out}
+            both = sorted(names_in & names_out)
+            if both:
+                raise ConfigError(
+                    f"keyring key {both[0]!r} is trusted for both layers, but the inner layer uses "
+                    f"{inner!r} and the outer layer {outer!r} (split custody), where each key may "
+                    "serve one layer only: remove it from the inner or the outer allowed names")
+            self._trusted = {Layer.INNER: names_in, Layer.OUTER: names_out}
         if not isinstance(keyring, Keyring):
             keyring = load_keyring(keyring, passphrase)
         self._keyring = keyring
-        inner = validate_key_name(key_name_inner)
-        outer = validate_key_name(key_name_outer) if key_name_outer is not None else inner
-        # The configured names are only needed to wrap new data keys: generate() and check()
-        # raise KeyNotFound naming the key and the keyring, while reading works with any key of
-        # the keyring that an object names.
         self._names = {Layer.INNER: inner, Layer.OUTER: outer}
         self._aeads: dict[str, AESGCM] = {}
         self._lock = threading.Lock()
@@ -615,20 +702,37 @@ class LocalKeyringProvider(KeyProvider):
         """Counts of wrap operations: generate, unwrap, rewrap, describe, and errors."""
         return self._stats.snapshot()
 
+    @property
+    def split_custody(self) -> bool:
+        return self._split
+
     def key_id(self, layer: Layer) -> str:
         return self._names[Layer(layer)]
+
+    def trusted_description(self, layer: Layer) -> str:
+        layer = Layer(layer)
+        if self._trusted is None:
+            return f"every key of keyring {self._keyring.path} (both layers)"
+        with self._lock:
+            names = sorted(self._trusted[layer])
+        names.remove(self._names[layer])
+        shown = ", ".join(repr(n) for n in [self._names[layer], *names])
+        return (f"keyring key{'s' if names else ''} {shown} of {self._keyring.path} "
+                f"({layer.value} layer only)")
 
     def generate(self, layer: Layer, ctx: dict[str, str]) -> tuple[bytes, WrappedKey]:
         layer = Layer(layer)
         ctx = check_context(ctx)
+        version = wrap_version(ctx)
         self._stats.add("generate")
         name = self._names[layer]
         data_key = os.urandom(DATA_KEY_BYTES)
-        return data_key, WrappedKey(blob=self._wrap(name, data_key, ctx), key_id=name)
+        return data_key, WrappedKey(blob=self._wrap(version, name, data_key, ctx), key_id=name)
 
     def unwrap(self, layer: Layer, wrapped: WrappedKey, ctx: dict[str, str]) -> bytes:
         layer = Layer(layer)
         ctx = check_context(ctx)
+        wrap_version(ctx)
         self._stats.add("unwrap")
         try:
             return self._unwrap(layer, wrapped, ctx)
@@ -641,12 +745,21 @@ class LocalKeyringProvider(KeyProvider):
         layer = Layer(layer)
         old_ctx = check_context(old_ctx)
         new_ctx = check_context(new_ctx)
+        wrap_version(old_ctx)
+        new_version = wrap_version(new_ctx)
         self._stats.add("rewrap")
         try:
+            if isinstance(wrapped.key_id, str) and KEY_NAME_RE.fullmatch(wrapped.key_id):
+                self._require_trusted(layer, wrapped.key_id, old_ctx)  # the source first
             dest = validate_key_name(new_key_id) if new_key_id is not None else wrapped.key_id
+            self._check_destination(layer, dest, new_ctx)
             self._aead(dest)  # unknown destination: fail before touching the data key
             data_key = self._unwrap(layer, wrapped, old_ctx)
-            return WrappedKey(blob=self._wrap(dest, data_key, new_ctx), key_id=dest)
+            blob = self._wrap(new_version, dest, data_key, new_ctx)
+            if self._trusted is not None:
+                with self._lock:
+                    self._trusted[layer].add(dest)  # chosen by the caller for this layer
+            return WrappedKey(blob=blob, key_id=dest)
         except KeyProviderError:
             self._stats.add("errors")
             raise
@@ -677,7 +790,44 @@ class LocalKeyringProvider(KeyProvider):
     def __reduce__(self):
         raise TypeError("LocalKeyringProvider holds master keys and cannot be pickled")
 
-    # ------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------ trust
+
+    def _split_text(self) -> str:
+        return (f"split custody: inner {self._names[Layer.INNER]!r}, "
+                f"outer {self._names[Layer.OUTER]!r}")
+
+    def _require_trusted(self, layer: Layer, name: str, ctx: Mapping[str, str]) -> None:
+        if self._trusted is None:
+            return  # one key for both layers: any key of this keyring
+        other = _other(layer)
+        with self._lock:
+            if name in self._trusted[layer]:
+                return
+            other_layer_only = name in self._trusted[other]
+        where = describe_context(ctx)
+        what = f"{layer.value} {key_noun(ctx)} of {where} is wrapped by keyring key {name!r}"
+        if other_layer_only:
+            raise KeyAccessDenied(f"{what}, which this reader trusts only for the {other.value} "
+                                  f"layer ({self._split_text()}): refusing a possible forgery")
+        raise KeyAccessDenied(
+            f"{what}, which this reader does not trust for the {layer.value} layer "
+            f"({self._split_text()}): if it is yours, read with it as the {layer.value} key "
+            f"({'--kms-key-id' if layer is Layer.INNER else '--kms-key-id-outer'} {name})")
+
+    def _check_destination(self, layer: Layer, dest: str, ctx: Mapping[str, str]) -> None:
+        if self._trusted is None:
+            return
+        other = _other(layer)
+        with self._lock:
+            wrong = dest in self._trusted[other] and dest not in self._trusted[layer]
+        if wrong:
+            raise ConfigError(
+                f"re-wrapping the {layer.value} {key_noun(ctx)} of {describe_context(ctx)} under "
+                f"keyring key {dest!r} would put it under a key trusted only for the "
+                f"{other.value} layer ({self._split_text()}): choose a key of the "
+                f"{layer.value} layer")
+
+    # ------------------------------------------------------------------------------------ crypto
 
     def _aead(self, name: str) -> AESGCM:
         with self._lock:
@@ -688,34 +838,87 @@ class LocalKeyringProvider(KeyProvider):
                 self._aeads.setdefault(name, aead)
         return aead
 
-    def _wrap(self, name: str, data_key: bytes, ctx: Mapping[str, str]) -> bytes:
+    def _check_hex(self, name: str) -> str:
+        """The key check value of keyring key ``name`` (16 hex digits, as ``keyring list``)."""
+        try:
+            return self._keyring.info(name).check
+        except KeyNotFound:  # a Keyring built in memory without key facts
+            return _check_value(self._keyring.master_key(name))
+
+    def _check8(self, name: str) -> bytes:
+        return bytes.fromhex(self._check_hex(name))[:CHECK_BYTES]
+
+    def _wrap(self, version: int, name: str, data_key: bytes, ctx: Mapping[str, str]) -> bytes:
+        aead = self._aead(name)
         nonce = os.urandom(NONCE_BYTES)
-        blob = bytes([WRAP_VERSION]) + nonce + self._aead(name).encrypt(nonce, data_key,
-                                                                         _aad(name, ctx))
-        assert len(blob) == WRAPPED_KEY_BYTES
+        sealed = aead.encrypt(nonce, data_key, _aad(version, name, ctx))
+        if version == WRAP_VERSION:
+            blob = bytes([WRAP_VERSION]) + nonce + sealed
+        else:
+            blob = bytes([WRAP_VERSION_V2]) + self._check8(name) + nonce + sealed
+        assert len(blob) == _BLOB_BYTES[version]
         return blob
 
     def _unwrap(self, layer: Layer, wrapped: WrappedKey, ctx: Mapping[str, str]) -> bytes:
+        version = wrap_version(ctx)
         name = wrapped.key_id
         if not isinstance(name, str) or not KEY_NAME_RE.fullmatch(name):
             raise KeyNotFound(f"key {repr(name)[:80]} is not a keyring key name: this object was "
                               f"not wrapped by a local keyring ({self._keyring.path})")
-        aead = self._aead(name)
+        self._require_trusted(layer, name, ctx)
         blob = wrapped.blob
         where = describe_context(ctx)
-        if not isinstance(blob, (bytes, bytearray)) or len(blob) != WRAPPED_KEY_BYTES:
+        what = f"wrapped {layer.value} {key_noun(ctx)} of {where}"
+        size = _BLOB_BYTES[version]
+        if not isinstance(blob, (bytes, bytearray)) or len(blob) != size:
             n = len(blob) if isinstance(blob, (bytes, bytearray)) else 0
-            raise WrappedKeyMismatch(f"wrapped {layer.value} data key of {where} has {n} bytes, "
-                                     f"not {WRAPPED_KEY_BYTES}: the object's metadata was altered")
-        if blob[0] != WRAP_VERSION:
-            raise KeyProviderError(f"wrapped {layer.value} data key of {where} uses local wrapping "
-                                   f"version {blob[0]}, unknown to this dssefs: upgrade dssefs",
-                                   errno=_errno.EIO)
-        nonce = bytes(blob[1:1 + NONCE_BYTES])
+            if n and n == _BLOB_BYTES.get(blob[0]):
+                raise WrappedKeyMismatch(
+                    f"{what} is in keyring wrapping format {blob[0]}, but its encryption context "
+                    f"asks for format {version}: the object's metadata was altered")
+            raise WrappedKeyMismatch(f"{what} has {n} bytes, not {size} (keyring wrapping format "
+                                     f"{version}, as its encryption context asks): the object's "
+                                     "metadata was altered")
+        if blob[0] != version:
+            raise WrappedKeyMismatch(f"{what} starts with wrapping version byte {blob[0]}, but its "
+                                     f"encryption context asks for version {version}: the "
+                                     "object's metadata was altered")
+        blob = bytes(blob)
+        check = blob[1:1 + CHECK_BYTES] if version == WRAP_VERSION_V2 else None
+        if name not in self._keyring:
+            needed = f" (check {check.hex()})" if check is not None else ""
+            raise KeyNotFound(
+                f"{layer.value} {key_noun(ctx)} of {where} is wrapped by keyring key {name!r}"
+                f"{needed}, which keyring {self._keyring.path} does not have (it has "
+                f"{', '.join(self._keyring.names()) or 'no keys'}): use the keyring that wrote it")
+        aead = self._aead(name)
+        start = 1 + (CHECK_BYTES if check is not None else 0)
+        nonce = blob[start:start + NONCE_BYTES]
         try:
-            return aead.decrypt(nonce, bytes(blob[1 + NONCE_BYTES:]), _aad(name, ctx))
+            data_key = aead.decrypt(nonce, blob[start + NONCE_BYTES:], _aad(version, name, ctx))
         except InvalidTag:
+            mine = self._check_hex(name)
+            if check is None:
+                raise WrappedKeyMismatch(
+                    f"{what} does not open with keyring key {name!r} of {self._keyring.path} "
+                    f"(check {mine}): either this keyring is not the one that wrote it (compare "
+                    "check values with dssefs keyring list on the writer's keyring) or the "
+                    "object was altered, or copied or renamed outside dssefs (its encryption "
+                    "context differs)") from None
+            if not hmac.compare_digest(check, self._check8(name)):
+                raise WrongKeyring(
+                    f"the {layer.value} {key_noun(ctx)} of {where} needs keyring key {name!r} "
+                    f"with check value {check.hex()}, but keyring {self._keyring.path} has a "
+                    f"different key of that name (check {mine}): use the keyring that wrote it "
+                    "(dssefs keyring list shows check values)") from None
             raise WrappedKeyMismatch(
-                f"wrapped {layer.value} data key does not match the encryption context of {where} "
-                f"under keyring key {name!r} (object copied or renamed outside dssefs, or altered)"
-                ": restore it or copy it with dssefs") from None
+                f"{what} does not match its encryption context under keyring key {name!r} "
+                f"(check {mine}, the key that wrapped it): it was altered, or copied or renamed "
+                "outside dssefs; restore it or copy it with dssefs") from None
+        if check is not None and not hmac.compare_digest(check, self._check8(name)):
+            # It opened, so this is the right key: only the check value was changed.
+            mine = self._check_hex(name)
+            raise WrappedKeyMismatch(f"{what} carries check value {check.hex()}, not {mine} of "
+                                     f"keyring key {name!r} that wrapped it: the object's "
+                                     "metadata was altered")
+        return data_key
