@@ -1,6 +1,6 @@
 """``dssefs bench``: envelope throughput next to each library's raw AES-256-GCM throughput.
 
-In the spirit of ``gocryptfs -speed``: one run prints encrypt and decrypt MB/s of the DSSEFS v1
+In the spirit of ``gocryptfs -speed``: one run prints encrypt and decrypt MB/s of the DSSEFS v2
 envelope (both layers, with key derivation, AAD and buffers) with 1 and 2 worker threads, and the
 raw single-layer GCM speed of ``cryptography`` and ``pycryptodome`` on the same buffers.  The
 *overhead* column is envelope time divided by the sum of the two raw passes, minus one: what the

@@ -16,7 +16,9 @@ import tempfile
 from typing import Iterator
 
 from . import __version__, config, store
-from .errors import ConfigError, DssefsError, IntegrityError, NotDssefsObject, ObjectNotFound
+from .errors import (ConfigError, DssefsError, IntegrityError, NotDssefsObject, ObjectNotFound,
+                     PreconditionFailed)
+from .envelope.epoch import is_reserved_key
 from .session import announce_keyring, key_provider, store_options, vault_for
 
 EXIT_FAIL = 1
@@ -97,7 +99,7 @@ def _targets(object_store: store.ObjectStore, key: str) -> list[str]:
             return [key]
         except ObjectNotFound:
             key += "/"
-    keys = list(store.iter_keys(object_store, key))
+    keys = [k for k in store.iter_keys(object_store, key) if not is_reserved_key(k)]
     if not keys:
         raise ObjectNotFound(f"{object_store.url}/{key}: no such object or prefix")
     return keys
@@ -132,14 +134,50 @@ def cmd_put(ns: argparse.Namespace) -> int:
         size = os.fstat(f.fileno()).st_size
         vault, key = _object(ns, s, ns.uri, writing=True)
         try:
+            chain = {"if_none_match": True} if ns.no_clobber else _successor_of(vault, key)
             with _progress(size, f"put {os.path.basename(ns.file)}") as bar:
-                result = vault.write(key, file_source(f.fileno()), size, progress=bar.update,
-                                     if_none_match=ns.no_clobber)
+                try:
+                    result = vault.write(key, file_source(f.fileno()), size, progress=bar.update,
+                                         **chain)
+                except PreconditionFailed:
+                    if ns.no_clobber:
+                        raise PreconditionFailed(f"{ns.uri} exists (--no-clobber)") from None
+                    raise PreconditionFailed(f"{ns.uri} was changed by someone else while it was "
+                                             "being written: run put again") from None
         finally:
             vault.close()
     if not ns.quiet:
         print(f"{ns.uri}: {size} bytes stored as {result.body_size} encrypted bytes", file=sys.stderr)
     return 0
+
+
+def _successor_of(vault, key: str) -> dict:
+    """How a put over ``key`` continues what is there, like a rewrite through the mount: the
+    same file id, the next generation and the attributes, conditional on the ETag replaced (so
+    a reader's rollback high-water mark sees CLI overwrites too).  Nothing there: a new file,
+    conditional on absence."""
+    from . import envelope
+
+    try:
+        info = vault.store.head(key)
+    except ObjectNotFound:
+        return {"if_none_match": True}
+    if not envelope.is_dssefs(info.metadata):
+        return {"if_match": info.etag}  # a foreign object is replaced by a new file
+    try:
+        old = vault.open(key, info)
+        attrs = old.attrs()
+    except DssefsError:
+        # not readable with these keys (or damaged): continue its numbering from the header,
+        # which cannot be authenticated here; its attributes cannot be carried over
+        try:
+            header = envelope.parse(info.metadata).header
+        except IntegrityError:
+            return {"if_match": info.etag}
+        return {"if_match": info.etag, "file_id": header.file_id,
+                "generation": min(header.generation + 1, (1 << 64) - 1)}
+    return {"if_match": info.etag, "file_id": old.file_id, "attrs": attrs,
+            "generation": min(old.generation + 1, (1 << 64) - 1)}
 
 
 def _read_all(vault, key: str, out_fd: int, desc: str) -> None:
@@ -195,6 +233,8 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         items = list(object_store.list(prefix, None if ns.recursive else "/"))
     rows = []
     for item in items:
+        if is_reserved_key(item if isinstance(item, str) else item.key):
+            continue  # dssefs's own records (epochs), never files
         if isinstance(item, str):
             rows.append({"key": item, "type": "prefix"})
             continue
@@ -205,7 +245,9 @@ def cmd_ls(ns: argparse.Namespace) -> int:
                 try:
                     env = envelope.parse(meta)
                     row.update(size=env.header.plaintext_len, generation=env.header.generation,
-                               provider=env.provider, type="dssefs")
+                               format_version=env.version, type="dssefs")
+                    if env.provider:
+                        row["provider"] = env.provider
                 except IntegrityError as e:
                     row.update(type="damaged", error=str(e))
             else:
@@ -294,23 +336,57 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 def cmd_rekey(ns: argparse.Namespace) -> int:
     s = _settings(ns)
     if s.kms_key_id is None:
-        raise ConfigError("rekey needs the new key: --kms-key-id NEW (and optionally --kms-key-id-outer)")
+        raise ConfigError("rekey needs the new key: --kms-key-id NEW (and optionally --kms-key-id-outer); "
+                          "the old key must be trusted too: --kms-allowed-key-ids OLD")
     object_store, key = _prefix(s, ns.uri)
     keys = _targets(object_store, key)
     setup = key_provider(s)
     vault = vault_for(s, object_store, setup.provider)
+    from . import envelope
+    from .envelope.metadata import EpochRef
     from .kms import Layer
 
+    new_in, new_out = setup.provider.key_id(Layer.INNER), setup.provider.key_id(Layer.OUTER)
+    epochs: dict[tuple[str, bytes], int] = {}
+    upgraded = 0
     try:
         with _progress(len(keys), "rekey", unit="obj") as bar:
             for k in keys:
-                vault.rekey(k, key_id_inner=setup.provider.key_id(Layer.INNER),
-                            key_id_outer=setup.provider.key_id(Layer.OUTER))
+                info = object_store.head(k)
+                env = envelope.parse(info.metadata)
+                if env.version == 1:
+                    vault.upgrade(vault.open(k, info))  # rewritten as version 2 under the new keys
+                    upgraded += 1
+                else:
+                    ref: EpochRef = env.epoch
+                    ek = (ref.prefix_of(k), ref.epoch_id)
+                    epochs[ek] = epochs.get(ek, 0) + 1
                 bar.update(1)
+        changed = 0
+        for (prefix, epoch_id) in _epoch_records(object_store, key, epochs):
+            changed += vault.epochs.rewrap(prefix, epoch_id, new_in, new_out)
     finally:
         vault.close()
-    print(f"re-wrapped the data keys of {len(keys)} object(s); bodies untouched", file=sys.stderr)
+    print(f"re-wrapped {changed} epoch record(s) (covering {sum(epochs.values())} version 2 object(s): "
+          f"bodies and metadata untouched) and rewrote {upgraded} version 1 object(s) as version 2",
+          file=sys.stderr)
     return 0
+
+
+def _epoch_records(object_store, key: str, named: dict) -> list[tuple[str, bytes]]:
+    """The epochs named by the objects re-keyed, and every epoch record stored below ``key``
+    (records no object names any more still hold keys)."""
+    from .envelope.epoch import EPOCH_DIR
+
+    out = dict.fromkeys(named)
+    base = key if not key or key.endswith("/") else key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    for k in store.iter_keys(object_store, base):
+        i = k.find(EPOCH_DIR)
+        if i >= 0 and (i == 0 or k[i - 1] == "/"):
+            name = k[i + len(EPOCH_DIR):]
+            if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
+                out.setdefault((k[:i], bytes.fromhex(name)), None)
+    return list(out)
 
 
 # ---- keyring ------------------------------------------------------------------------------------
@@ -347,7 +423,7 @@ def cmd_keyring(ns: argparse.Namespace) -> int:
         print(f"added key {ns.key_name} to {path}")
         return 0
     for info in kms.list_keys(path, passphrase):
-        print(f"{info.name}\tcreated {info.created}")
+        print(f"{info.name}\tcreated {info.created}\tcheck {info.check}")
     return 0
 
 
@@ -418,8 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_verify)
 
-    sp = command("rekey", "re-wrap the data keys of an object (or every object under a prefix) under "
-                 "the key(s) given by --kms-key-id / --kms-key-id-outer; bodies are not touched")
+    sp = command("rekey", "move an object (or every object under a prefix) to the key(s) given by "
+                 "--kms-key-id / --kms-key-id-outer: the epoch records their keys hang on are "
+                 "re-wrapped (KMS ReEncrypt; version 2 objects themselves are not touched), and "
+                 "version 1 objects are rewritten as version 2",
+                 epilog="The old key must be trusted for reading while its epochs are re-wrapped: "
+                        "name it with --kms-allowed-key-ids OLD (and --kms-allowed-key-ids-outer "
+                        "OLD_OUTER under split custody), e.g.\n  dssefs rekey s3://bucket/docs/ "
+                        "--kms-key-id alias/new --kms-allowed-key-ids alias/old\nAn epoch record "
+                        "covers every object written with it, also outside URI when they share it.")
     sp.add_argument("uri", metavar="URI")
     sp.set_defaults(func=cmd_rekey)
 
@@ -486,6 +569,9 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .process import forbid_core_dumps
+
+    forbid_core_dumps()  # before any key or plaintext is in memory
     try:
         return _run(argv)
     except KeyboardInterrupt:

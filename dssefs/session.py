@@ -4,7 +4,9 @@ Shared by the object commands and the mount daemon, so both pick keys and stores
 
 * ``--keyring PATH`` selects the local keyring; ``--kms-key-id`` / ``--kms-key-id-outer`` then name
   keys inside it.
-* otherwise ``--kms-key-id`` selects AWS KMS (boto3's credential chain and endpoint variables).
+* otherwise ``--kms-key-id`` selects AWS KMS (boto3's credential chain and endpoint variables);
+  ``--kms-allowed-key-ids`` / ``--kms-allowed-key-ids-outer`` add keys trusted on read, per layer
+  under split custody (``--kms-key-id-outer``).
 * neither: the embedded default keyring ``$XDG_CONFIG_HOME/dssefs/keyring``, created on first use
   when the caller writes (``create_default=True``).
 """
@@ -77,6 +79,7 @@ def key_provider(s: Settings, *, create_default: bool = False) -> KeySetup:
     else:
         provider = kms.make_provider(kms_key_id=s.kms_key_id, kms_key_id_outer=s.kms_key_id_outer,
                                      kms_allowed_key_ids=s.kms_allowed_key_ids,
+                                     kms_allowed_key_ids_outer=s.kms_allowed_key_ids_outer,
                                      region=s.region, profile=s.profile, endpoint_url=s.endpoint_url,
                                      retries_mode=s.retry_mode, max_attempts=max(1, s.max_attempts))
     return KeySetup(provider, created)
@@ -84,7 +87,8 @@ def key_provider(s: Settings, *, create_default: bool = False) -> KeySetup:
 
 def vault_for(s: Settings, object_store: store.ObjectStore, provider: kms.KeyProvider) -> Vault:
     chunk_log2 = s.chunk_size.bit_length() - 1
-    return Vault(object_store, provider, chunk_log2=chunk_log2, workers=max(1, s.workers))
+    return Vault(object_store, provider, chunk_log2=chunk_log2, workers=max(1, s.workers),
+                 epoch_max_age=s.epoch_max_age, epoch_max_objects=s.epoch_max_objects)
 
 
 def announce_keyring(setup: KeySetup) -> None:

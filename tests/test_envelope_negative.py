@@ -30,6 +30,11 @@ from dssefs.errors import IntegrityError, UnsupportedFormat
 
 import refdecoder
 
+
+def _new_v1(*args, **kw):
+    """These tests pin format version 1 (v1 objects must stay readable); v2 has its own."""
+    return ObjectCipher.new_version(*args, version=1, **kw)
+
 CL = 12
 CS = 1 << CL
 SENTINEL = 0xA5
@@ -60,7 +65,7 @@ def make(length: int = 3 * CS - 5, *, dk_in: bytes | None = None, dk_out: bytes 
     dk_in = dk_in or os.urandom(32)
     dk_out = dk_out or os.urandom(32)
     pt = pattern(length, seed)
-    c = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=length, file_id=file_id or os.urandom(16),
+    c = _new_v1(dk_in, dk_out, plaintext_len=length, file_id=file_id or os.urandom(16),
                                  generation=generation, chunk_log2=chunk_log2)
     body = bytearray(c.body_size)
     view = memoryview(body)
@@ -173,7 +178,7 @@ def _set(raw: bytes, field: str, value: int) -> bytes:
     return raw[:off] + value.to_bytes(size, "big") + raw[off + size:]
 
 
-@pytest.mark.parametrize("field,value", [("version", 0), ("version", 2), ("version", 0xFF),
+@pytest.mark.parametrize("field,value", [("version", 0), ("version", 3), ("version", 0xFF),
                                          ("suite", 0x0000), ("suite", 0x0002), ("suite", 0x0073),
                                          ("flags", 0x01), ("flags", 0x80)])
 def test_unknown_version_suite_or_flags_is_unsupported_never_downgraded(obj, field, value):
@@ -248,7 +253,7 @@ def test_forged_header_length_and_generation_fail_at_open():
     header forged to plaintext_len=0 over a 32-byte garbage body opened fine and every read
     returned EOF without authenticating anything."""
     dk_in, dk_out = os.urandom(32), os.urandom(32)
-    c = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=3 << 12, file_id=os.urandom(16),
+    c = _new_v1(dk_in, dk_out, plaintext_len=3 << 12, file_id=os.urandom(16),
                                  generation=9, chunk_log2=12)
     for change in ({"plaintext_len": 0}, {"plaintext_len": 1}, {"generation": 10}, {"generation": 0},
                    {"chunk_log2": 13}, {"file_id": os.urandom(16)}):
@@ -427,10 +432,10 @@ def test_commitment_mismatch_fires_before_any_decryption(obj, monkeypatch):
 def test_writer_refuses_equal_or_malformed_data_keys():
     k = os.urandom(32)
     with pytest.raises(ValueError):
-        ObjectCipher.new_version(k, k, plaintext_len=1, file_id=bytes(16))
+        _new_v1(k, k, plaintext_len=1, file_id=bytes(16))
     for bad in (b"", bytes(31), bytes(33)):
         with pytest.raises(ValueError):
-            ObjectCipher.new_version(bad, k, plaintext_len=1, file_id=bytes(16))
+            _new_v1(bad, k, plaintext_len=1, file_id=bytes(16))
         with pytest.raises(ValueError):
             ObjectCipher.open_version(make(1).header, bad, k)
 
@@ -558,7 +563,7 @@ def test_invisible_salamander_two_layer_ciphertext_is_rejected_by_the_commitment
     msg_id, fid = os.urandom(32), os.urandom(16)
     dk_a = (os.urandom(32), os.urandom(32))
     dk_b = (os.urandom(32), os.urandom(32))
-    c_a = ObjectCipher.new_version(*dk_a, plaintext_len=32, file_id=fid, chunk_log2=CL, msg_id=msg_id)
+    c_a = _new_v1(*dk_a, plaintext_len=32, file_id=fid, chunk_log2=CL, msg_id=msg_id)
     header = c_a.header
     ref_h = refdecoder.parse_header(header.pack())
     nonce = refdecoder.nonce(0)
@@ -607,7 +612,7 @@ def test_invisible_salamander_two_layer_ciphertext_is_rejected_by_the_commitment
     with pytest.raises(refdecoder.Integrity):
         refdecoder.open_version(ref_h, *dk_b)
     # and a header recomputed for B (its own commitments) no longer matches the chunk AAD
-    c_b = ObjectCipher.new_version(*dk_b, plaintext_len=32, file_id=fid, chunk_log2=CL, msg_id=msg_id)
+    c_b = _new_v1(*dk_b, plaintext_len=32, file_id=fid, chunk_log2=CL, msg_id=msg_id)
     with pytest.raises(IntegrityError):
         open_chunk_checked(c_b, 0, body)
 

@@ -25,6 +25,11 @@ from dssefs.errors import IntegrityError
 
 import refdecoder
 
+
+def _new_v1(*args, **kw):
+    """These tests pin format version 1 (v1 objects must stay readable); v2 has its own."""
+    return ObjectCipher.new_version(*args, version=1, **kw)
+
 FAST = settings(max_examples=40, deadline=None)
 
 
@@ -63,7 +68,7 @@ def test_round_trip(obj, attrs):
     chunk_log2, length, seed = obj
     pt = plaintext(length, seed)
     dk_in, dk_out = os.urandom(32), os.urandom(32)
-    w = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=length, file_id=os.urandom(16),
+    w = _new_v1(dk_in, dk_out, plaintext_len=length, file_id=os.urandom(16),
                                  generation=seed, chunk_log2=chunk_log2)
     body = seal_all(w, pt)
     assert len(body) == length + 32 * max(1, -(-length // (1 << chunk_log2)))
@@ -88,7 +93,7 @@ def _fixture(chunk_log2: int, length: int):
     """One sealed object per (chunk size, length): (plaintext, body, cipher, data keys)."""
     pt = plaintext(length, 5)
     dks = (os.urandom(32), os.urandom(32))
-    c = ObjectCipher.new_version(*dks, plaintext_len=length, file_id=os.urandom(16), chunk_log2=chunk_log2)
+    c = _new_v1(*dks, plaintext_len=length, file_id=os.urandom(16), chunk_log2=chunk_log2)
     return pt, seal_all(c, pt), c, dks
 
 
@@ -127,7 +132,7 @@ def test_identical_content_gives_distinct_versions():
     seen_msg, seen_hdr, seen_body, seen_commit, seen_attrs = set(), set(), set(), set(), set()
     n = 25
     for _ in range(n):
-        c = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=len(pt), file_id=fid, chunk_log2=12)
+        c = _new_v1(dk_in, dk_out, plaintext_len=len(pt), file_id=fid, chunk_log2=12)
         seen_msg.add(c.header.msg_id)
         seen_hdr.add(c.header_bytes)
         seen_commit.add(c.header.commit_inner)
@@ -170,7 +175,7 @@ def test_no_key_nonce_pair_ever_repeats(monkeypatch):
     pt = plaintext(3 * 4096 - 1, 2)
     versions = 60
     for gen in range(versions):
-        c = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=len(pt), file_id=fid,
+        c = _new_v1(dk_in, dk_out, plaintext_len=len(pt), file_id=fid,
                                      generation=gen, chunk_log2=12)
         seal_all(c, pt)
         for _ in range(3):

@@ -74,7 +74,7 @@ def test_generator_reproduces_the_committed_file():
 def test_reencrypt_reproduces_every_byte(case):
     pt = plaintext(case["plaintext_len"])
     dk_in, dk_out = dks(case)
-    cipher = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=len(pt), file_id=H(case["file_id"]),
+    cipher = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=len(pt), file_id=H(case["file_id"]), version=1,
                                       generation=case["generation"], chunk_log2=case["chunk_log2"],
                                       msg_id=H(case["msg_id"]))
     assert cipher.header_bytes.hex() == case["header_hex"]

@@ -14,6 +14,8 @@ from dssefs.errors import (DssefsError, IntegrityError, KeyProviderError, NotDss
 from dssefs.objects import Vault, bytes_source
 from dssefs.store import LocalStore
 
+from v1objects import write_v1
+
 
 @pytest.fixture(params=["local", "s3"])
 def env(request, tmp_path):
@@ -155,18 +157,37 @@ def test_copy_outside_dssefs_is_refused(env):
         vault.open("copy")
 
 
-def test_rekey_keeps_body_and_changes_key_ids(env):
+def test_rekey_of_a_v1_object_rewrites_it_as_v2(env):
+    """Version 1 objects stay readable; re-keying one upgrades it to version 2 (same file id,
+    next generation, same attributes), conditional on the ETag it replaced."""
+    store, provider, _ = env
+    vault = _vault(store, provider)
+    data = os.urandom(7000)
+    write_v1(store, provider, "k", data, attrs=b"mode", generation=4, file_id=b"F" * 16)
+    old = vault.open("k")
+    assert (old.envelope.version, old.read(0, 10000), old.attrs()) == (1, data, b"mode")
+    new = vault.upgrade(old)
+    assert new.envelope.version == 2
+    obj = vault.open("k")
+    assert (obj.read(0, 10000), obj.attrs(), obj.file_id, obj.generation) == (data, b"mode", b"F" * 16, 5)
+    assert "dsse-w" not in store.head("k").metadata and "dsse-e" in store.head("k").metadata
+
+
+def test_rekey_of_v2_epochs_changes_key_ids_and_keeps_objects(env):
     store, provider, second = env
     vault = _vault(store, provider)
     data = os.urandom(7000)
-    vault.write("k", bytes_source(data), len(data))
-    body = store.get_range("k", 0, 1 << 20)[0]
-    vault.rekey("k", key_id_inner=second, key_id_outer=second)
-    assert store.get_range("k", 0, 1 << 20)[0] == body
-    desc = vault.describe("k")
+    vault.write("d/k", bytes_source(data), len(data))
+    meta = store.head("d/k").metadata
+    body = store.get_range("d/k", 0, 1 << 20)[0]
+    ep = vault.open("d/k").data_keys.epoch
+    assert vault.epochs.rewrap(ep.prefix, ep.epoch_id, second, second) is True
+    assert store.get_range("d/k", 0, 1 << 20)[0] == body and store.head("d/k").metadata == meta
+    desc = vault.describe("d/k")
     assert second in (desc["key_id_inner"], desc["key_id_inner"].split("/")[-1])
     assert desc["key_id_inner"] == desc["key_id_outer"]
-    assert vault.open("k").read(0, 10000) == data
+    fresh = _vault(store, provider)  # nothing cached: the epoch is read and unwrapped again
+    assert fresh.open("d/k").read(0, 10000) == data
 
 
 def test_attrs_update_and_swap(env):
@@ -184,14 +205,17 @@ def test_attrs_update_and_swap(env):
         vault.open("p").attrs()
 
 
-def test_data_key_reuse_gives_fresh_versions(env):
+def test_every_version_gets_fresh_data_keys(env):
     store, provider, _ = env
     vault = _vault(store, provider)
     first = vault.write("v", bytes_source(b"same"), 4)
     second = vault.write("v", bytes_source(b"same"), 4, data_keys=first.data_keys, generation=1,
                          if_match=first.etag)
-    assert first.envelope.wrapped_inner == second.envelope.wrapped_inner
+    assert first.data_keys.inner != second.data_keys.inner
+    assert first.data_keys.outer != second.data_keys.outer
+    assert first.envelope.wrapped_inner != second.envelope.wrapped_inner
     assert first.envelope.header.msg_id != second.envelope.header.msg_id
+    assert first.data_keys.epoch is second.data_keys.epoch  # one epoch: no KMS call per version
     obj = vault.open("v")
     assert (obj.read(0, 4), obj.generation) == (b"same", 1)
 

@@ -512,7 +512,8 @@ EVERY_FLAG = {
     "small_file_prefetch": "128K", "spill_dir": "/var/cache/dssefs/x", "attr_timeout": "1e-1",
     "entry_timeout": "3", "attr_delay": "0", "allow_other": None, "read_only": None, "uid": "0",
     "gid": "1000", "file_mode": "640", "dir_mode": "0750", "foreign_objects": "read-only",
-    "log_level": "debug",
+    "log_level": "debug", "kms_allowed_key_ids_outer": "alias/older-outer", "epoch_max_age": "3600",
+    "epoch_max_objects": "5000",
 }
 
 

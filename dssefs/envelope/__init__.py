@@ -1,4 +1,4 @@
-"""The DSSEFS v1 on-object format: pure functions, no I/O.
+"""The DSSEFS on-object format (versions 1 and 2): pure functions, no I/O.
 
 ``inner`` uses only ``cryptography``; ``outer`` uses only ``pycryptodome``.  See docs/format.md.
 """

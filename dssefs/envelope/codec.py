@@ -45,35 +45,45 @@ def _prk_outer(dk: bytes, msg_id: bytes) -> bytes:
     return outer_extract(dk, msg_id)
 
 
-def _key_inner(prk: bytes, suite: int, label: bytes) -> bytes:
-    return inner_expand(prk, fmt.kdf_info(suite, fmt.LAYER_INNER, label))
+def _key_inner(prk: bytes, suite: int, label: bytes, version: int) -> bytes:
+    return inner_expand(prk, fmt.kdf_info(suite, fmt.LAYER_INNER, label, version))
 
 
-def _key_outer(prk: bytes, suite: int, label: bytes) -> bytes:
-    return outer_expand(prk, fmt.kdf_info(suite, fmt.LAYER_OUTER, label))
+def _key_outer(prk: bytes, suite: int, label: bytes, version: int) -> bytes:
+    return outer_expand(prk, fmt.kdf_info(suite, fmt.LAYER_OUTER, label, version))
 
 
-def _commit_inner(prk: bytes, suite: int, bound: bytes) -> bytes:
+def _commit_inner(prk: bytes, suite: int, bound: bytes, version: int) -> bytes:
     """``bound`` is the header's first 69 bytes: the commitment covers them, so a verified
     commitment authenticates the header."""
-    return inner_expand(prk, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound))
+    return inner_expand(prk, fmt.commit_info(suite, fmt.LAYER_INNER, LABEL_COMMIT, bound, version))
 
 
-def _commit_outer(prk: bytes, suite: int, bound: bytes) -> bytes:
-    return outer_expand(prk, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound))
+def _commit_outer(prk: bytes, suite: int, bound: bytes, version: int) -> bytes:
+    return outer_expand(prk, fmt.commit_info(suite, fmt.LAYER_OUTER, LABEL_COMMIT, bound, version))
 
 
-def _derive_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
+def _derive_inner(dk: bytes, msg_id: bytes, suite: int, bound: bytes,
+                  version: int = fmt.FORMAT_V1) -> tuple[bytes, bytes, bytes]:
     """(content key, commitment, attribute key) of the inner layer, all at once."""
     prk = _prk_inner(dk, msg_id)
-    return (_key_inner(prk, suite, LABEL_DERIVE), _commit_inner(prk, suite, bound),
-            _key_inner(prk, suite, LABEL_ATTRS))
+    return (_key_inner(prk, suite, LABEL_DERIVE, version), _commit_inner(prk, suite, bound, version),
+            _key_inner(prk, suite, LABEL_ATTRS, version))
 
 
-def _derive_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes) -> tuple[bytes, bytes, bytes]:
+def _derive_outer(dk: bytes, msg_id: bytes, suite: int, bound: bytes,
+                  version: int = fmt.FORMAT_V1) -> tuple[bytes, bytes, bytes]:
     prk = _prk_outer(dk, msg_id)
-    return (_key_outer(prk, suite, LABEL_DERIVE), _commit_outer(prk, suite, bound),
-            _key_outer(prk, suite, LABEL_ATTRS))
+    return (_key_outer(prk, suite, LABEL_DERIVE, version), _commit_outer(prk, suite, bound, version),
+            _key_outer(prk, suite, LABEL_ATTRS, version))
+
+
+def _committed(draft: Header, prks: tuple[bytes, bytes]) -> Header:
+    """``draft`` with both commitments computed over its bound fields."""
+    bound = draft.bound_fields()
+    c_in = _commit_inner(prks[0], draft.suite, bound, draft.version)
+    c_out = _commit_outer(prks[1], draft.suite, bound, draft.version)
+    return dataclasses.replace(draft, commit_inner=c_in, commit_outer=c_out)
 
 
 def _check_dk(dk: bytes, name: str) -> bytes:
@@ -89,7 +99,8 @@ def _wipe(buf) -> None:
 
 class ObjectCipher:
     __slots__ = ("header", "header_bytes", "digest", "chunk_size", "n_chunks", "_prk_inner", "_prk_outer",
-                 "_inner", "_outer", "_inner_attrs", "_outer_attrs", "_aad_in", "_aad_out")
+                 "_inner", "_outer", "_inner_attrs", "_outer_attrs", "_aad_in", "_aad_out",
+                 "_attrs_aad_in", "_attrs_aad_out")
 
     def __init__(self, header: Header, keys_inner: tuple[bytes, bytes] | None = None,
                  keys_outer: tuple[bytes, bytes] | None = None, *,
@@ -110,15 +121,22 @@ class ObjectCipher:
             self._outer, self._outer_attrs = OuterAEAD(keys_outer[0]), OuterAEAD(keys_outer[1])
         if prks is None and (keys_inner is None or keys_outer is None):
             raise ValueError("derived keys or pseudorandom keys are required")
-        self._aad_in = fmt.aad_prefix(header.suite, fmt.LAYER_INNER, self.digest)
-        self._aad_out = fmt.aad_prefix(header.suite, fmt.LAYER_OUTER, self.digest)
+        v = header.version
+        self._attrs_aad_in = fmt.attrs_aad(fmt.aad_prefix(header.suite, fmt.LAYER_INNER, self.digest, v))
+        self._attrs_aad_out = fmt.attrs_aad(fmt.aad_prefix(header.suite, fmt.LAYER_OUTER, self.digest, v))
+        if v == fmt.FORMAT_V1:
+            self._aad_in = fmt.aad_prefix(header.suite, fmt.LAYER_INNER, self.digest, v)
+            self._aad_out = fmt.aad_prefix(header.suite, fmt.LAYER_OUTER, self.digest, v)
+        else:  # version 2: chunk AADs do not depend on the length, generation or attributes
+            self._aad_in = fmt.chunk_aad_prefix_v2(header.suite, fmt.LAYER_INNER, header.file_id, header.msg_id)
+            self._aad_out = fmt.chunk_aad_prefix_v2(header.suite, fmt.LAYER_OUTER, header.file_id, header.msg_id)
 
     def _content(self) -> tuple[InnerAEAD, OuterAEAD]:
         inner, outer = self._inner, self._outer
         if inner is None or outer is None:  # two threads may both derive: same keys, either wins
             h = self.header
-            inner = InnerAEAD(_key_inner(self._prk_inner, h.suite, LABEL_DERIVE))
-            outer = OuterAEAD(_key_outer(self._prk_outer, h.suite, LABEL_DERIVE))
+            inner = InnerAEAD(_key_inner(self._prk_inner, h.suite, LABEL_DERIVE, h.version))
+            outer = OuterAEAD(_key_outer(self._prk_outer, h.suite, LABEL_DERIVE, h.version))
             self._inner, self._outer = inner, outer
         return inner, outer
 
@@ -126,8 +144,8 @@ class ObjectCipher:
         inner, outer = self._inner_attrs, self._outer_attrs
         if inner is None or outer is None:
             h = self.header
-            inner = InnerAEAD(_key_inner(self._prk_inner, h.suite, LABEL_ATTRS))
-            outer = OuterAEAD(_key_outer(self._prk_outer, h.suite, LABEL_ATTRS))
+            inner = InnerAEAD(_key_inner(self._prk_inner, h.suite, LABEL_ATTRS, h.version))
+            outer = OuterAEAD(_key_outer(self._prk_outer, h.suite, LABEL_ATTRS, h.version))
             self._inner_attrs, self._outer_attrs = inner, outer
         return inner, outer
 
@@ -143,9 +161,12 @@ class ObjectCipher:
     @classmethod
     def new_version(cls, dk_inner: bytes, dk_outer: bytes, *, plaintext_len: int, file_id: bytes,
                     generation: int = 0, chunk_log2: int = fmt.DEFAULT_CHUNK_LOG2,
-                    msg_id: bytes | None = None) -> "ObjectCipher":
+                    msg_id: bytes | None = None, version: int = fmt.FORMAT_VERSION,
+                    with_attrs: bool = False) -> "ObjectCipher":
         """Keys for a new object version.  ``msg_id`` defaults to 32 fresh random bytes; pass one
-        only to reproduce test vectors."""
+        only to reproduce test vectors.  ``version`` 1 is for test vectors and for reading old
+        objects' successors only; new objects are version 2.  ``with_attrs`` (version 2): the
+        version carries an attribute blob (the header's FLAG_ATTRS)."""
         dk_inner = _check_dk(dk_inner, "inner")
         dk_outer = _check_dk(dk_outer, "outer")
         if hmac.compare_digest(dk_inner, dk_outer):
@@ -153,16 +174,33 @@ class ObjectCipher:
         if msg_id is None:
             msg_id = os.urandom(fmt.MSG_ID_BYTES)
         suite = fmt.SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT
+        if version == fmt.FORMAT_V1 and with_attrs:
+            flags = 0  # version 1 has no flag: its attribute blob is optional
+        else:
+            flags = fmt.FLAG_ATTRS if with_attrs else 0
         # validates every field; the commitments are filled in below
         draft = Header(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
                        file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=bytes(fmt.COMMIT_BYTES),
-                       commit_outer=bytes(fmt.COMMIT_BYTES), suite=suite)
-        bound = draft.bound_fields()
+                       commit_outer=bytes(fmt.COMMIT_BYTES), suite=suite, version=version, flags=flags)
         prks = (_prk_inner(dk_inner, draft.msg_id), _prk_outer(dk_outer, draft.msg_id))
-        c_in = _commit_inner(prks[0], suite, bound)
-        c_out = _commit_outer(prks[1], suite, bound)
-        header = dataclasses.replace(draft, commit_inner=c_in, commit_outer=c_out)
-        return cls(header, prks=prks)
+        return cls(_committed(draft, prks), prks=prks)
+
+    def successor(self, *, generation: int, with_attrs: bool) -> "ObjectCipher":
+        """Version 2: the same content (body, message id, keys) under a new header with another
+        generation and attribute flag, its commitments recomputed.  An attribute change stores
+        this header with a newly sealed blob and leaves the body alone: version 2 chunk AADs do
+        not cover the header, while the attribute AAD does (so an old blob cannot be put back
+        without its old header, whose generation is lower)."""
+        if self.header.version != fmt.FORMAT_V2:
+            raise ValueError("only version 2 headers have successors without a new body")
+        if self._prk_inner is None or self._prk_outer is None:
+            raise ValueError("this cipher was built from derived keys: no successor possible")
+        draft = dataclasses.replace(self.header, generation=generation,
+                                    flags=fmt.FLAG_ATTRS if with_attrs else 0)
+        prks = (self._prk_inner, self._prk_outer)
+        out = ObjectCipher(_committed(draft, prks), prks=prks)
+        out._inner, out._outer = self._inner, self._outer  # same content keys
+        return out
 
     @classmethod
     def open_version(cls, header: Header, dk_inner: bytes, dk_outer: bytes) -> "ObjectCipher":
@@ -175,8 +213,8 @@ class ObjectCipher:
         dk_outer = _check_dk(dk_outer, "outer")
         bound = header.bound_fields()
         prks = (_prk_inner(dk_inner, header.msg_id), _prk_outer(dk_outer, header.msg_id))
-        c_in = _commit_inner(prks[0], header.suite, bound)
-        c_out = _commit_outer(prks[1], header.suite, bound)
+        c_in = _commit_inner(prks[0], header.suite, bound, header.version)
+        c_out = _commit_outer(prks[1], header.suite, bound, header.version)
         ok_in = hmac.compare_digest(c_in, header.commit_inner)
         ok_out = hmac.compare_digest(c_out, header.commit_outer)
         if not (ok_in and ok_out):
@@ -279,8 +317,10 @@ class ObjectCipher:
         out[:fmt.NONCE_BYTES] = nonce
         body = memoryview(out)[fmt.NONCE_BYTES:]
         inner, outer = self._attrs()
-        inner.encrypt_into(nonce, data, fmt.attrs_aad(self._aad_in), body[:n + fmt.TAG_BYTES])
-        outer.encrypt_into(nonce, body[:n + fmt.TAG_BYTES], fmt.attrs_aad(self._aad_out), body)
+        if self.header.version == fmt.FORMAT_V2 and not self.header.has_attrs:
+            raise ValueError("this version 2 header says the version has no attribute blob")
+        inner.encrypt_into(nonce, data, self._attrs_aad_in, body[:n + fmt.TAG_BYTES])
+        outer.encrypt_into(nonce, body[:n + fmt.TAG_BYTES], self._attrs_aad_out, body)
         return bytes(out)
 
     def open_attrs(self, blob: bytes) -> bytes:
@@ -291,10 +331,10 @@ class ObjectCipher:
         n = len(body) - fmt.CHUNK_OVERHEAD
         mid = memoryview(body)[:n + fmt.TAG_BYTES]
         inner, outer = self._attrs()
-        if not outer.decrypt_into(nonce, body, fmt.attrs_aad(self._aad_out), mid):
+        if not outer.decrypt_into(nonce, body, self._attrs_aad_out, mid):
             raise IntegrityError("attributes failed authentication (outer layer)")
         out = bytearray(n)
-        if not inner.decrypt_into(nonce, mid, fmt.attrs_aad(self._aad_in), out):
+        if not inner.decrypt_into(nonce, mid, self._attrs_aad_in, out):
             _wipe(out)
             raise IntegrityError("attributes failed authentication (inner layer)")
         return bytes(out)

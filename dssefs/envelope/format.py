@@ -1,4 +1,4 @@
-"""DSSEFS v1 constants, the binary header, the chunk layout and the per-chunk AAD.
+"""DSSEFS constants (format versions 1 and 2), the binary header, the chunk layout and the AADs.
 
 See ``docs/format.md`` for the normative specification; this module is its reference code.
 """
@@ -6,14 +6,26 @@ See ``docs/format.md`` for the normative specification; this module is its refer
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass
 
 from ..errors import IntegrityError, UnsupportedFormat
 
-FORMAT_VERSION = 1
+FORMAT_V1 = 1
+FORMAT_V2 = 2
+#: What new objects are written as.  Readers accept every version in SUPPORTED_VERSIONS.
+FORMAT_VERSION = FORMAT_V2
+SUPPORTED_VERSIONS = (FORMAT_V1, FORMAT_V2)
 SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT = 0x0001
-DOMAIN = b"dssefs1"
+DOMAIN = b"dssefs1"  # version 1's domain string
+DOMAINS = {FORMAT_V1: b"dssefs1", FORMAT_V2: b"dssefs2"}
+
+#: Header flags of version 2 (version 1 allows none).  FLAG_ATTRS: the version carries an
+#: attribute blob (``dsse-a``); a reader refuses the object if the blob is missing, or present
+#: without the flag, so deleting or adding attributes cannot go unnoticed.
+FLAG_ATTRS = 0x01
+ALLOWED_FLAGS = {FORMAT_V1: 0x00, FORMAT_V2: FLAG_ATTRS}
 
 LAYER_INNER = 0x01
 LAYER_OUTER = 0x02
@@ -53,7 +65,7 @@ class Header:
     msg_id: bytes
     commit_inner: bytes
     commit_outer: bytes
-    version: int = FORMAT_VERSION
+    version: int = FORMAT_V1
     suite: int = SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT
     flags: int = 0
 
@@ -63,6 +75,12 @@ class Header:
     @property
     def chunk_size(self) -> int:
         return 1 << self.chunk_log2
+
+    @property
+    def has_attrs(self) -> bool:
+        """Version 2: whether the header commits to an attribute blob.  Version 1: unknown (None
+        would be more honest; False is returned and the blob is optional)."""
+        return bool(self.flags & FLAG_ATTRS)
 
     def pack(self) -> bytes:
         return _HEADER.pack(self.version, self.suite, self.flags, self.chunk_log2, self.generation,
@@ -74,9 +92,9 @@ class Header:
         if len(data) != HEADER_BYTES:
             raise IntegrityError(f"header is {len(data)} bytes, expected {HEADER_BYTES}")
         version = data[0]
-        if version != FORMAT_VERSION:
-            raise UnsupportedFormat(f"unknown format version {version}; this build reads version "
-                                    f"{FORMAT_VERSION}: upgrade dssefs")
+        if version not in SUPPORTED_VERSIONS:
+            raise UnsupportedFormat(f"unknown format version {version}; this build reads versions "
+                                    f"{', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade dssefs")
         (version, suite, flags, chunk_log2, generation, plaintext_len, file_id, msg_id, ci,
          co) = _HEADER.unpack(data)
         return cls(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
@@ -92,12 +110,12 @@ class Header:
 
 
 def validate_header_fields(h: Header) -> None:
-    if h.version != FORMAT_VERSION:
+    if h.version not in SUPPORTED_VERSIONS:
         raise UnsupportedFormat(f"unknown format version {h.version}")
     if h.suite != SUITE_DUAL_AES256GCM_HKDF_SHA512_COMMIT:
         raise UnsupportedFormat(f"unknown algorithm suite 0x{h.suite:04x}; refusing to guess")
-    if h.flags != 0:
-        raise UnsupportedFormat(f"unknown header flags 0x{h.flags:02x}")
+    if not 0 <= h.flags <= 0xFF or h.flags & ~ALLOWED_FLAGS[h.version]:
+        raise UnsupportedFormat(f"unknown header flags 0x{h.flags:02x} for format version {h.version}")
     if not MIN_CHUNK_LOG2 <= h.chunk_log2 <= MAX_CHUNK_LOG2:
         raise IntegrityError(f"chunk_log2 {h.chunk_log2} outside {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
     if not 0 <= h.plaintext_len < MAX_PLAINTEXT:
@@ -161,19 +179,29 @@ def chunk_nonce(index: int) -> bytes:
     return b"\x00\x00\x00\x00" + index.to_bytes(8, "big")
 
 
-def kdf_info(suite: int, layer: int, label: bytes) -> bytes:
-    return DOMAIN + suite.to_bytes(2, "big") + bytes([layer]) + label
+def kdf_info(suite: int, layer: int, label: bytes, version: int = FORMAT_V1) -> bytes:
+    return DOMAINS[version] + suite.to_bytes(2, "big") + bytes([layer]) + label
 
 
-def commit_info(suite: int, layer: int, label: bytes, bound_fields: bytes) -> bytes:
+def commit_info(suite: int, layer: int, label: bytes, bound_fields: bytes,
+                version: int = FORMAT_V1) -> bytes:
     """HKDF info of a commitment: ``kdf_info(...) || header[0:69]``."""
     if len(bound_fields) != HEADER_BOUND_BYTES:
         raise ValueError(f"bound header fields must be {HEADER_BOUND_BYTES} bytes")
-    return kdf_info(suite, layer, label) + bound_fields
+    return kdf_info(suite, layer, label, version) + bound_fields
 
 
-def aad_prefix(suite: int, layer: int, header_digest: bytes) -> bytes:
-    return DOMAIN + suite.to_bytes(2, "big") + bytes([layer]) + header_digest
+def aad_prefix(suite: int, layer: int, header_digest: bytes, version: int = FORMAT_V1) -> bytes:
+    """Version 1: the prefix of every chunk AAD and of the attribute AAD.  Version 2: the prefix
+    of the attribute AAD only (chunks use :func:`chunk_aad_prefix_v2`)."""
+    return DOMAINS[version] + suite.to_bytes(2, "big") + bytes([layer]) + header_digest
+
+
+def chunk_aad_prefix_v2(suite: int, layer: int, file_id: bytes, msg_id: bytes) -> bytes:
+    """Version 2 chunk AAD prefix (58 bytes): nothing in it depends on the plaintext length,
+    the generation or the attributes, so chunks can be sealed while a file is still being written
+    (the length stays authenticated by the commitments and the final flag)."""
+    return DOMAINS[FORMAT_V2] + suite.to_bytes(2, "big") + bytes([layer]) + file_id + msg_id
 
 
 def chunk_aad(prefix: bytes, index: int, final: bool) -> bytes:
@@ -185,3 +213,21 @@ ATTRS_LABEL = b"attrs"
 
 def attrs_aad(prefix: bytes) -> bytes:
     return prefix + ATTRS_LABEL
+
+
+# ---- version 2: per-object data keys wrapped under epoch keys -----------------------------------
+
+EPOCH_ID_BYTES = 16
+DK_WRAP_VERSION = 0x02
+WRAPPED_DK_BYTES = 1 + NONCE_BYTES + 32 + TAG_BYTES  # 61
+
+
+def canonical_json(ctx: dict[str, str]) -> bytes:
+    """Sorted keys, no spaces, ASCII with \\u escapes: the encoding every context is bound as."""
+    return json.dumps(dict(ctx), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def dk_wrap_aad(ctx: dict[str, str]) -> bytes:
+    """AAD of a data key wrapped under an epoch key: ``0x02 || canonical JSON of the object's
+    version-2 context`` (layer, bucket, object key, epoch id)."""
+    return bytes([DK_WRAP_VERSION]) + canonical_json(ctx)

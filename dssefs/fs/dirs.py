@@ -8,6 +8,7 @@ import stat
 
 import trio
 
+from ..envelope.epoch import is_reserved_key
 from ..errors import NotDssefsObject, ObjectNotFound, PreconditionFailed
 from .attributes import Attrs
 from .common import Stat, _Locks, fail
@@ -138,6 +139,7 @@ class DirOps:
             raise fail(errno.ENOTDIR)
         if not await self._is_empty(node):
             raise fail(errno.ENOTEMPTY)
+        await self._io(self._drop_records_sync, self.dir_prefix(node))
         if node.stored:
             await self._io(self.store.delete, self.object_key(node))
         node.stored = False
@@ -230,7 +232,18 @@ class DirOps:
                                        if not isinstance(i, str)])
         async with trio.open_nursery() as nursery:
             for key in keys:
-                nursery.start_soon(self._io, self._rename_one_sync, key, dst_pfx + key[len(src_pfx):])
+                if not is_reserved_key(key[len(self.prefix):]):
+                    nursery.start_soon(self._io, self._rename_one_sync, key, dst_pfx + key[len(src_pfx):])
+        # every object moved was re-wrapped under the destination's epoch: the epoch records
+        # below the source (written there by 'dssefs put') are no longer named by any object
+        await self._io(self._drop_records_sync, src_pfx)
+
+    def _drop_records_sync(self, dirpfx: str) -> None:
+        """Delete the '.dssefs' records below an empty (or moved-away) directory: only objects
+        below it can name them."""
+        for item in list(self.store.list(dirpfx, delimiter=None)):
+            if not isinstance(item, str) and is_reserved_key(item.key[len(self.prefix):]):
+                self.store.delete(item.key)
 
     async def _reopen_tree(self, node: Inode) -> None:
         async def one(n: Inode) -> None:

@@ -28,6 +28,7 @@ import stat
 import trio
 
 from ..envelope import format as fmt
+from ..envelope.epoch import RESERVED_NAME
 from ..errors import ObjectNotFound
 from ..objects.vault import Vault
 from .activity import Activity
@@ -55,6 +56,10 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         self.vault = vault
         self.store = vault.store
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        # a name the store cannot hold is refused when it is created, never at close
+        self.name_max = min(NAME_MAX, getattr(self.store, "max_segment_bytes", None) or NAME_MAX)
+        # everything this mount writes is wrapped under the epochs of its prefix
+        vault.epoch_prefix = self.prefix
         self.cfg = config or FsConfig()
         self.io = trio.CapacityLimiter(max(1, self.cfg.io_workers))
         self.cpu = trio.CapacityLimiter(max(1, self.cfg.crypto_workers))
@@ -139,12 +144,14 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
     def _check_name(self, parent: Inode, name: str) -> str:
         if not name or name in (".", "..") or "/" in name or "\0" in name:
             raise fail(errno.EINVAL, f"invalid name {name!r}")
+        if name == RESERVED_NAME:
+            raise fail(errno.EPERM, f"'{RESERVED_NAME}' is reserved for dssefs's own records")
         try:
             encoded = name.encode("utf-8")
         except UnicodeEncodeError:
             raise fail(errno.EILSEQ, "file names must be valid UTF-8 (S3 keys are)") from None
-        if len(encoded) > NAME_MAX:
-            raise fail(errno.ENAMETOOLONG)
+        if len(encoded) > self.name_max:
+            raise fail(errno.ENAMETOOLONG, f"names are at most {self.name_max} bytes in this store")
         if len((self.dir_prefix(parent) + name + "/").encode("utf-8")) > KEY_MAX:
             raise fail(errno.ENAMETOOLONG, "path longer than S3's 1024-byte key limit")
         return name
@@ -186,7 +193,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         total = 1 << 50
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total // 4096, "f_bfree": total // 4096,
                 "f_bavail": total // 4096, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_favail": 1 << 32,
-                "f_namemax": NAME_MAX}
+                "f_namemax": self.name_max}
 
     def close(self) -> None:
         self.cache.close()

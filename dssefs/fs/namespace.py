@@ -10,6 +10,7 @@ import errno
 import logging
 import stat
 
+from ..envelope.epoch import RESERVED_NAME
 from ..errors import DssefsError, NotDssefsObject, ObjectNotFound
 from ..store.base import ObjectInfo
 from .attributes import Attrs, now_ns
@@ -98,7 +99,7 @@ class NamespaceOps:
                 name, kind = item[len(dirpfx):].rstrip("/"), "dir"
             else:
                 name, kind = item.key[len(dirpfx):], "file"
-            if not name or "/" in name or name in (".", "..") or len(name.encode()) > NAME_MAX:
+            if not name or "/" in name or name in (".", "..", RESERVED_NAME) or len(name.encode()) > NAME_MAX:
                 continue
             if names.get(name) != "file":  # a file and a directory of one name: the file wins
                 names[name] = kind
@@ -253,6 +254,8 @@ class NamespaceOps:
             node = parent
         elif name == "..":
             node = self.node(parent.parent)
+        elif name == RESERVED_NAME:  # dssefs's own records: never a file or directory
+            raise fail(errno.ENOENT)
         else:
             self._check_name(parent, name)
             node = await self._existing(parent, name)

@@ -5,8 +5,10 @@ thread-safe; the file system calls them from worker threads.  Large writes are s
 that are encrypted and uploaded in parallel with bounded memory (``workers`` parts in flight).
 
 Rules enforced here (see docs/format.md):
-- every new version gets a fresh message id, hence fresh per-version keys, whatever data keys it
-  reuses; data keys are only reused for the same object key (their wrapping binds the key);
+- new objects are format version 2: fresh random data keys per version, wrapped locally under the
+  current epoch keys of their prefix (:mod:`.epochs`: KMS calls per epoch, not per object); version
+  1 objects stay readable, and re-keying one rewrites it as version 2;
+- every new version gets a fresh message id, hence fresh per-version keys;
 - readers check the stored object size against the authenticated length before decrypting, fetch
   whole chunks pinned to the ETag they opened (``If-Match``), and release only verified plaintext;
 - rename and re-key rewrite metadata only (server-side copy); bodies are never re-encrypted.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import itertools
 import os
 import threading
@@ -24,10 +27,14 @@ from typing import Callable, Iterator
 
 from .. import envelope
 from ..envelope import format as fmt
-from ..envelope.metadata import Envelope, metadata_size
-from ..errors import IntegrityError, KeyProviderError, PreconditionFailed
-from ..kms.base import KeyProvider, Layer, WrappedKey, context
+from ..envelope.epoch import is_reserved_key
+from ..envelope.keywrap import unwrap_data_key, wrap_data_key
+from ..envelope.metadata import Envelope, EpochRef, metadata_size
+from ..errors import ConfigError, IntegrityError, KeyProviderError, PreconditionFailed
+from ..kms._common import WrappedKeyMismatch
+from ..kms.base import KeyProvider, Layer, WrappedKey, context, object_context_v2
 from ..store.base import ObjectInfo, ObjectStore
+from .epochs import DEFAULT_MAX_AGE, DEFAULT_MAX_OBJECTS, Epoch, Epochs
 
 #: ``source(offset, length) -> bytes-like`` returning exactly ``length`` plaintext bytes.
 Source = Callable[[int, int], "bytes | bytearray | memoryview"]
@@ -54,15 +61,19 @@ def file_source(fd: int) -> Source:
 
 
 class DataKeys:
-    """The two plaintext data keys of one object key and their wrapped forms.  Never printed."""
+    """The two plaintext data keys of one object key and their wrapped forms.  Never printed.
 
-    __slots__ = ("inner", "outer", "wrapped_inner", "wrapped_outer", "provider", "object_key")
+    Version 2 keys carry the epoch whose keys wrap them (``epoch``); their ``provider`` is the
+    epoch record's."""
+
+    __slots__ = ("inner", "outer", "wrapped_inner", "wrapped_outer", "provider", "object_key", "epoch")
 
     def __init__(self, inner: bytes, outer: bytes, wrapped_inner: WrappedKey, wrapped_outer: WrappedKey,
-                 provider: str, object_key: str):
+                 provider: str, object_key: str, epoch: Epoch | None = None):
         self.inner, self.outer = inner, outer
         self.wrapped_inner, self.wrapped_outer = wrapped_inner, wrapped_outer
         self.provider, self.object_key = provider, object_key
+        self.epoch = epoch
 
     def __repr__(self) -> str:
         return f"DataKeys({self.provider}, {self.object_key!r}, <redacted>)"
@@ -178,10 +189,16 @@ class Vault:
     def __init__(self, store: ObjectStore, keys: KeyProvider, *, chunk_log2: int = fmt.DEFAULT_CHUNK_LOG2,
                  workers: int = 4, part_size: int = DEFAULT_PART_SIZE,
                  multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
-                 key_resolver: Callable[[str], KeyProvider] | None = None):
-        """``keys`` wraps new data keys.  ``key_resolver(kind)`` may supply a provider for reading
+                 key_resolver: Callable[[str], KeyProvider] | None = None,
+                 epoch_prefix: str | None = None, epoch_max_age: float = DEFAULT_MAX_AGE,
+                 epoch_max_objects: int = DEFAULT_MAX_OBJECTS):
+        """``keys`` wraps new epoch keys.  ``key_resolver(kind)`` may supply a provider for reading
         objects whose keys another provider kind wrapped (e.g. a KMS-wrapped object read by a
-        command configured with a keyring); without it such objects are refused."""
+        command configured with a keyring); without it such objects are refused.
+
+        ``epoch_prefix``: the prefix whose epoch new objects below it use (a mount's prefix);
+        objects elsewhere (and every object when None) use the epoch of their parent "directory".
+        A new epoch starts after ``epoch_max_age`` seconds or ``epoch_max_objects`` objects."""
         if not fmt.MIN_CHUNK_LOG2 <= chunk_log2 <= fmt.MAX_CHUNK_LOG2:
             raise ValueError(f"chunk_log2 must be within {fmt.MIN_CHUNK_LOG2}..{fmt.MAX_CHUNK_LOG2}")
         self.store, self.keys = store, keys
@@ -199,6 +216,11 @@ class Vault:
         self._open_lock = threading.Lock()
         self._keys_cache: collections.OrderedDict[tuple, DataKeys] = collections.OrderedDict()
         self._cipher_cache: collections.OrderedDict[tuple, envelope.ObjectCipher] = collections.OrderedDict()
+        if epoch_prefix is not None and epoch_prefix and not epoch_prefix.endswith("/"):
+            raise ValueError("an epoch prefix is empty or ends with '/'")
+        self.epoch_prefix = epoch_prefix
+        self.epochs = Epochs(store, keys, lambda kind: self._provider_for("", kind), self._per_layer,
+                             max_age=epoch_max_age, max_objects=epoch_max_objects)
 
     @property
     def pool(self) -> cf.ThreadPoolExecutor:
@@ -236,22 +258,50 @@ class Vault:
         return inner, outer.result()
 
     def _ctx(self, layer: Layer, key: str) -> dict[str, str]:
+        """Version 1 wrapping context of ``key``."""
         return context(layer, self.store.context_name, key)
+
+    def _ctx2(self, layer: Layer, key: str, epoch_id: bytes) -> dict[str, str]:
+        """Version 2 context a data key of ``key`` is wrapped with under epoch ``epoch_id``."""
+        return object_context_v2(layer, self.store.context_name, key, epoch_id.hex())
 
     # ---- keys -----------------------------------------------------------------------------------
 
+    def epoch_prefix_for(self, key: str) -> str:
+        """The prefix whose epoch a new version of ``key`` is wrapped under."""
+        p = self.epoch_prefix
+        if p is not None and key.startswith(p):
+            return p  # (a prefix mount's root marker is the prefix itself)
+        base = key[:-1] if key.endswith("/") else key
+        return base[:base.rfind("/") + 1]
+
     def new_data_keys(self, key: str) -> DataKeys:
-        (dk_in, w_in), (dk_out, w_out) = self._per_layer(
-            self.keys, lambda layer: self.keys.generate(layer, self._ctx(layer, key)))
-        return DataKeys(dk_in, dk_out, w_in, w_out, self.keys.kind, key)
+        """Fresh random data keys for a new version of ``key``, wrapped under the current epoch
+        of its prefix (no KMS call unless that epoch has to be started)."""
+        if is_reserved_key(key):
+            raise ConfigError(f"{self.store.url}/{key}: '.dssefs' is reserved for dssefs's own "
+                              "records in every directory: choose another name")
+        epoch = self.epochs.for_writing(self.epoch_prefix_for(key))
+        dk_in, dk_out = os.urandom(32), os.urandom(32)
+        while dk_in == dk_out:  # pragma: no cover - 2**-256
+            dk_out = os.urandom(32)
+        return self._wrap_under(epoch, key, dk_in, dk_out)
+
+    def _wrap_under(self, epoch: Epoch, key: str, dk_in: bytes, dk_out: bytes) -> DataKeys:
+        eid = epoch.epoch_id
+        w_in = wrap_data_key(fmt.LAYER_INNER, epoch.key_inner, dk_in, self._ctx2(Layer.INNER, key, eid))
+        w_out = wrap_data_key(fmt.LAYER_OUTER, epoch.key_outer, dk_out, self._ctx2(Layer.OUTER, key, eid))
+        return DataKeys(dk_in, dk_out, WrappedKey(w_in, ""), WrappedKey(w_out, ""),
+                        epoch.record.provider, key, epoch)
 
     def _provider_for(self, key: str, kind: str) -> KeyProvider:
         if kind == self.keys.kind:
             return self.keys
         if self.key_resolver is not None:
             return self.key_resolver(kind)
+        where = f"{self.store.url}/{key}" if key else self.store.url
         raise KeyProviderError(
-            f"{self.store.url}/{key}: data keys are wrapped by '{kind}' but this command uses "
+            f"{where}: keys are wrapped by '{kind}' but this command uses "
             f"'{self.keys.kind}': pass the matching --kms-key-id or --keyring")
 
     def _cached(self, cache: collections.OrderedDict, k: tuple):
@@ -271,7 +321,7 @@ class Vault:
     @staticmethod
     def _wrapped_id(key: str, env: Envelope) -> tuple:
         return (key, env.provider, env.key_id_inner, env.key_id_outer, bytes(env.wrapped_inner),
-                bytes(env.wrapped_outer))
+                bytes(env.wrapped_outer), env.epoch)
 
     def _remember_keys(self, keys: DataKeys) -> None:
         self._remember(self._keys_cache, (keys.object_key, keys.provider, keys.wrapped_inner.key_id,
@@ -292,6 +342,8 @@ class Vault:
         return keys
 
     def _unwrap_now(self, key: str, env: Envelope) -> DataKeys:
+        if env.version == fmt.FORMAT_V2:
+            return self._unwrap_v2(key, env)
         provider = self._provider_for(key, env.provider)
         w_in = WrappedKey(env.wrapped_inner, env.key_id_inner)
         w_out = WrappedKey(env.wrapped_outer, env.key_id_outer)
@@ -299,6 +351,33 @@ class Vault:
         dk_in, dk_out = self._per_layer(
             provider, lambda layer: provider.unwrap(layer, wrapped[layer], self._ctx(layer, key)))
         return DataKeys(dk_in, dk_out, w_in, w_out, env.provider, key)
+
+    def _unwrap_v2(self, key: str, env: Envelope) -> DataKeys:
+        """Version 2: the epoch's keys (from memory, or its record and one unwrap per layer),
+        then both data keys unwrapped locally under them with this object's name."""
+        if is_reserved_key(key):
+            raise IntegrityError(f"{self.store.url}/{key}: objects below a '.dssefs' name are "
+                                 "dssefs's own records, never files")
+        ref = env.epoch
+        try:
+            prefix = ref.prefix_of(key)
+            epoch = self.epochs.for_reading(prefix, ref.epoch_id)
+        except IntegrityError as e:
+            msg = str(e)
+            raise type(e)(msg if msg.startswith(self.store.url) else f"{self.store.url}/{key}: {msg}") from None
+        try:
+            dk_in = unwrap_data_key(fmt.LAYER_INNER, epoch.key_inner, env.wrapped_inner,
+                                    self._ctx2(Layer.INNER, key, ref.epoch_id))
+            dk_out = unwrap_data_key(fmt.LAYER_OUTER, epoch.key_outer, env.wrapped_outer,
+                                     self._ctx2(Layer.OUTER, key, ref.epoch_id))
+        except IntegrityError as e:
+            # as with a KMS-wrapped key under the wrong context (version 1): EACCES
+            raise WrappedKeyMismatch(f"{self.store.url}/{key}: {e}: restore it, or copy it with "
+                                     "dssefs") from None
+        if dk_in == dk_out:
+            raise IntegrityError(f"{self.store.url}/{key}: both layers have the same data key")
+        return DataKeys(dk_in, dk_out, WrappedKey(env.wrapped_inner, ""),
+                        WrappedKey(env.wrapped_outer, ""), epoch.record.provider, key, epoch)
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -343,13 +422,15 @@ class Vault:
               progress: Progress | None = None) -> OpenObject:
         """Encrypt ``size`` bytes from ``source`` as a new version of ``key`` and store it.
 
-        Returns once the store has acknowledged the whole object (durable)."""
-        if data_keys is None or data_keys.object_key != key or data_keys.provider != self.keys.kind:
-            data_keys = self.new_data_keys(key)
+        Returns once the store has acknowledged the whole object (durable).  New versions are
+        always format version 2 with fresh data keys (``data_keys`` is accepted for callers that
+        hold the previous version's, and ignored: fresh keys cost no KMS call)."""
+        data_keys = self.new_data_keys(key)
         cipher = envelope.ObjectCipher.new_version(
             data_keys.inner, data_keys.outer, plaintext_len=size,
             file_id=file_id if file_id is not None else os.urandom(fmt.FILE_ID_BYTES),
-            generation=generation, chunk_log2=chunk_log2 or self.chunk_log2)
+            generation=generation, chunk_log2=chunk_log2 or self.chunk_log2,
+            with_attrs=attrs is not None)
         self._remember_keys(data_keys)
         self._remember_cipher(cipher, data_keys)
         env = self._envelope(cipher, data_keys, attrs)
@@ -363,10 +444,19 @@ class Vault:
         return OpenObject(self, ObjectInfo(key, cipher.body_size, etag, time.time(), meta), env, cipher, data_keys)
 
     def _envelope(self, cipher: envelope.ObjectCipher, keys: DataKeys, attrs: bytes | None) -> Envelope:
+        if cipher.header.version == fmt.FORMAT_V2:
+            return Envelope(header=cipher.header, provider="", key_id_inner="", key_id_outer="",
+                            wrapped_inner=keys.wrapped_inner.blob, wrapped_outer=keys.wrapped_outer.blob,
+                            attrs=None if attrs is None else cipher.seal_attrs(attrs),
+                            epoch=self._epoch_ref(keys))
         return Envelope(header=cipher.header, provider=keys.provider,
                         key_id_inner=keys.wrapped_inner.key_id, key_id_outer=keys.wrapped_outer.key_id,
                         wrapped_inner=keys.wrapped_inner.blob, wrapped_outer=keys.wrapped_outer.blob,
                         attrs=None if attrs is None else cipher.seal_attrs(attrs))
+
+    @staticmethod
+    def _epoch_ref(keys: DataKeys) -> EpochRef:
+        return EpochRef(keys.epoch.epoch_id, EpochRef.depth_of(keys.epoch.prefix))
 
     def _seal_range(self, cipher: envelope.ObjectCipher, chunks: range, source: Source,
                     progress: Progress | None, parallel: bool = False,
@@ -445,7 +535,17 @@ class Vault:
 
     def update_attrs(self, obj: OpenObject, attrs: bytes | None) -> OpenObject:
         """:meth:`set_attrs`, returning the new version opened (header, keys and cipher are those
-        of ``obj``: no HEAD, no unwrap, no derivation)."""
+        of ``obj``: no HEAD, no unwrap, no derivation).  Version 2: the new header has the next
+        generation and the attribute flag (commitments recomputed, body untouched)."""
+        if obj.envelope.version == fmt.FORMAT_V2:
+            cipher = obj.cipher.successor(generation=obj.generation + 1, with_attrs=attrs is not None)
+            env = dataclasses.replace(obj.envelope, header=cipher.header,
+                                      attrs=None if attrs is None else cipher.seal_attrs(attrs))
+            meta = env.to_metadata()
+            etag = self.store.copy(obj.key, obj.key, meta, if_match=obj.etag)
+            self._remember_cipher(cipher, obj.data_keys)
+            info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
+            return OpenObject(self, info, env, cipher, obj.data_keys)
         env = Envelope(header=obj.envelope.header, provider=obj.envelope.provider,
                        key_id_inner=obj.envelope.key_id_inner, key_id_outer=obj.envelope.key_id_outer,
                        wrapped_inner=obj.envelope.wrapped_inner, wrapped_outer=obj.envelope.wrapped_outer,
@@ -470,18 +570,37 @@ class Vault:
     def rename(self, obj: OpenObject, dst: str, *, dst_if_match: str | None = None,
                dst_if_none_match: bool = False, delete_source: bool = True) -> str:
         """Move an object to ``dst`` without touching its body: both data keys are re-wrapped for
-        the new object key, the body is copied server-side with the new metadata, and the source
-        is deleted.  Returns the new ETag."""
-        env = self._rewrapped(obj, dst)
+        the new object key (version 2: locally, under the current epoch of ``dst``'s prefix; no
+        KMS call), the body is copied server-side with the new metadata, and the source is
+        deleted.  Returns the new ETag."""
+        if obj.envelope.version == fmt.FORMAT_V2:
+            epoch = self.epochs.for_writing(self.epoch_prefix_for(dst))
+            keys = self._wrap_under(epoch, dst, obj.data_keys.inner, obj.data_keys.outer)
+            env = dataclasses.replace(obj.envelope, wrapped_inner=keys.wrapped_inner.blob,
+                                      wrapped_outer=keys.wrapped_outer.blob, epoch=self._epoch_ref(keys))
+        else:
+            env = self._rewrapped(obj, dst)
         etag = self.store.copy(obj.key, dst, env.to_metadata(), if_match=dst_if_match,
                                if_none_match=dst_if_none_match)
         if delete_source and dst != obj.key:
             self.store.delete(obj.key)
         return etag
 
+    def upgrade(self, obj: OpenObject, progress: Progress | None = None) -> OpenObject:
+        """Rewrite a version 1 object as version 2 (same file id, next generation, same
+        attributes), conditional on the ETag it replaces.  Plaintext is read chunk by chunk from
+        the old version as the new one is sealed: nothing reaches local disk."""
+        return self.write(obj.key, lambda off, n: obj.read(off, n), obj.size, attrs=obj.attrs(),
+                          file_id=obj.file_id, generation=obj.generation + 1, if_match=obj.etag,
+                          chunk_log2=obj.header.chunk_log2, progress=progress)
+
     def rekey(self, key: str, *, key_id_inner: str | None = None, key_id_outer: str | None = None) -> str:
-        """Re-wrap both data keys under new master keys (body untouched); returns the new ETag."""
+        """Version 1: re-wrap both data keys under new master keys (body untouched); returns the
+        new ETag.  Version 2 objects are re-keyed through their epoch records
+        (:meth:`Epochs.rewrap`), never one by one."""
         obj = self.open(key)
+        if obj.envelope.version == fmt.FORMAT_V2:
+            raise ValueError("version 2 objects are re-keyed through their epoch records")
         env = self._rewrapped(obj, key, key_id_inner or self.keys.key_id(Layer.INNER),
                               key_id_outer or self.keys.key_id(Layer.OUTER))
         try:
@@ -494,11 +613,12 @@ class Vault:
 
 
 def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None) -> dict:
-    """Everything about an object that is not secret (for ``dssefs inspect``); needs no keys."""
+    """Everything about an object that is not secret (for ``dssefs inspect``); needs no keys.
+    Version 2: the provider and key ids come from the epoch record (one more read, no KMS)."""
     info = info or object_store.head(key)
     env = envelope.parse(info.metadata)
     h = env.header
-    return {
+    out = {
         "key": key, "store": object_store.url, "etag": info.etag, "object_size": info.size,
         "format_version": h.version, "suite": f"0x{h.suite:04x}",
         "plaintext_size": h.plaintext_len, "chunk_size": h.chunk_size,
@@ -509,3 +629,14 @@ def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None
         "key_id_outer": env.key_id_outer, "wrapped_key_bytes": [len(env.wrapped_inner), len(env.wrapped_outer)],
         "has_attributes": env.attrs is not None, "metadata_bytes": metadata_size(info.metadata),
     }
+    if env.version == fmt.FORMAT_V2:
+        from .epochs import Epochs
+        prefix = env.epoch.prefix_of(key)
+        reader = Epochs(object_store, None, lambda kind: None, lambda p, c: None)  # records only
+        record, _ = reader.fetch_record(prefix, env.epoch.epoch_id)
+        out.update(epoch_id=env.epoch.hex, epoch_prefix=prefix,
+                   epoch_record=prefix + ".dssefs/epochs/" + env.epoch.hex,
+                   epoch_created=record.created, key_provider=record.provider,
+                   key_id_inner=record.key_id_inner, key_id_outer=record.key_id_outer,
+                   wrapped_epoch_key_bytes=[len(record.wrapped_inner), len(record.wrapped_outer)])
+    return out

@@ -1,0 +1,229 @@
+"""Epoch keys (format version 2): KMS calls per epoch, not per object.
+
+Each layer has an epoch key, a 32-byte key from its own ``GenerateDataKey`` (or keyring wrap)
+with a context binding bucket, prefix, layer and epoch id.  Per-object data keys are random and
+wrapped locally under the epoch keys (:mod:`dssefs.envelope.keywrap`), so writing or opening an
+object needs no KMS call once its epoch is known.  The wrapped epoch keys live in an epoch record
+(:mod:`dssefs.envelope.epoch`) that every object of the epoch names.
+
+:class:`Epochs` owns, in memory only, the unwrapped epoch keys of one process: the current epoch
+per prefix for writing (a new one after ``max_age`` seconds or ``max_objects`` objects, and for
+each new process) and every epoch read so far.  Concurrent openers of one epoch wait for a single
+fetch and unwrap.  Nothing here is ever written anywhere but the record (which holds only
+wrapped keys).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import os
+import threading
+import time
+from typing import Callable
+
+from ..envelope import format as fmt
+from ..envelope.epoch import MAX_RECORD_BYTES, EpochRecord, record_key
+from ..errors import IntegrityError, ObjectNotFound, PreconditionFailed
+from ..kms.base import KeyProvider, Layer, WrappedKey, epoch_context
+from ..store.base import ObjectStore
+
+DEFAULT_MAX_AGE = 86400.0  # seconds: one day
+DEFAULT_MAX_OBJECTS = 1_000_000
+READ_CACHE_ENTRIES = 4096
+
+
+class Epoch:
+    """One epoch's record and its two unwrapped keys.  Never printed, pickled or written."""
+
+    __slots__ = ("record", "key_inner", "key_outer", "started", "objects")
+
+    def __init__(self, record: EpochRecord, key_inner: bytes, key_outer: bytes):
+        self.record, self.key_inner, self.key_outer = record, key_inner, key_outer
+        self.started = time.monotonic()
+        self.objects = 0
+
+    @property
+    def epoch_id(self) -> bytes:
+        return self.record.epoch_id
+
+    @property
+    def prefix(self) -> str:
+        return self.record.prefix
+
+    def key(self, layer: Layer) -> bytes:
+        return self.key_inner if Layer(layer) is Layer.INNER else self.key_outer
+
+    def __repr__(self) -> str:
+        return f"Epoch({self.record.prefix!r}, {self.record.hex[:8]}, <keys redacted>)"
+
+    def __reduce__(self):
+        raise TypeError("Epoch holds keys and cannot be pickled")
+
+
+class Epochs:
+    def __init__(self, store: ObjectStore, writer: KeyProvider,
+                 provider_for: Callable[[str], KeyProvider],
+                 per_layer: Callable[[KeyProvider, Callable], tuple], *,
+                 max_age: float = DEFAULT_MAX_AGE, max_objects: int = DEFAULT_MAX_OBJECTS):
+        if not max_age > 0 or max_objects < 1:
+            raise ValueError("epoch limits must be positive")
+        self.store, self.writer = store, writer
+        self.provider_for, self.per_layer = provider_for, per_layer
+        self.max_age, self.max_objects = float(max_age), int(max_objects)
+        self._lock = threading.Lock()
+        self._current: dict[str, Epoch] = {}  # prefix -> epoch new objects are wrapped under
+        self._write_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._known: collections.OrderedDict[tuple[str, bytes], Epoch] = collections.OrderedDict()
+        self._loading: dict[tuple[str, bytes], threading.Lock] = {}
+        self.created = 0  # epochs started by this process
+        self.loaded = 0   # epochs fetched and unwrapped by this process
+
+    @property
+    def bucket(self) -> str:
+        return self.store.context_name
+
+    def _ctx(self, layer: Layer, prefix: str, epoch_id: bytes) -> dict[str, str]:
+        return epoch_context(layer, self.bucket, prefix, epoch_id.hex())
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def for_writing(self, prefix: str) -> Epoch:
+        """The epoch a new object under ``prefix`` is wrapped in, counted as one more object;
+        starts (and stores the record of) a new one when there is none yet or it is too old or
+        full.  Its record is in the store before this returns."""
+        with self._write_locks[prefix]:
+            with self._lock:
+                ep = self._current.get(prefix)
+                if ep is not None and self._fresh(ep):
+                    ep.objects += 1
+                    return ep
+            ep = self._start(prefix)
+            with self._lock:
+                ep.objects += 1
+                self._current[prefix] = ep
+                self._remember(ep)
+            return ep
+
+    def _fresh(self, ep: Epoch) -> bool:
+        return ep.objects < self.max_objects and time.monotonic() - ep.started < self.max_age
+
+    def _start(self, prefix: str) -> Epoch:
+        epoch_id = os.urandom(fmt.EPOCH_ID_BYTES)
+        provider = self.writer
+        (k_in, w_in), (k_out, w_out) = self.per_layer(
+            provider, lambda layer: provider.generate(layer, self._ctx(layer, prefix, epoch_id)))
+        if k_in == k_out:  # never from a working provider; refuse rather than weaken the layers
+            raise IntegrityError("the key provider returned the same epoch key for both layers")
+        record = EpochRecord(epoch_id=epoch_id, bucket=self.bucket, prefix=prefix,
+                             provider=provider.kind, key_id_inner=w_in.key_id,
+                             key_id_outer=w_out.key_id, wrapped_inner=w_in.blob,
+                             wrapped_outer=w_out.blob, created=_utc_now())
+        self.store.put(record_key(prefix, epoch_id), record.encode(), {}, if_none_match=True)
+        self.created += 1
+        return Epoch(record, k_in, k_out)
+
+    def retire(self) -> None:
+        """Start new epochs for later writes (after a re-key)."""
+        with self._lock:
+            self._current.clear()
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def for_reading(self, prefix: str, epoch_id: bytes) -> Epoch:
+        """The epoch ``epoch_id`` under ``prefix``: from memory, or fetched and unwrapped once
+        (concurrent callers wait for that one fetch)."""
+        k = (prefix, bytes(epoch_id))
+        with self._lock:
+            ep = self._known.get(k)
+            if ep is not None:
+                self._known.move_to_end(k)
+                return ep
+            gate = self._loading.setdefault(k, threading.Lock())
+        with gate:
+            with self._lock:
+                ep = self._known.get(k)
+                if ep is not None:
+                    return ep
+            try:
+                ep = self._load(prefix, bytes(epoch_id))
+            finally:
+                with self._lock:
+                    self._loading.pop(k, None)
+            with self._lock:
+                self._remember(ep)
+            return ep
+
+    def _remember(self, ep: Epoch) -> None:
+        k = (ep.prefix, ep.epoch_id)
+        self._known[k] = ep
+        self._known.move_to_end(k)
+        while len(self._known) > READ_CACHE_ENTRIES:
+            self._known.popitem(last=False)
+
+    def fetch_record(self, prefix: str, epoch_id: bytes) -> tuple[EpochRecord, str]:
+        """The parsed record and its ETag (no keys unwrapped)."""
+        rk = record_key(prefix, epoch_id)
+        try:
+            info = self.store.head(rk, prefix=MAX_RECORD_BYTES)
+        except ObjectNotFound:
+            raise IntegrityError(
+                f"{self.store.url}/{rk}: the epoch record this object needs is missing; without it "
+                "the object cannot be decrypted: restore the .dssefs/ objects from a backup or an "
+                "earlier S3 version") from None
+        data = info.prefix or b""
+        if len(data) != info.size:
+            raise IntegrityError(f"{self.store.url}/{rk}: {info.size} bytes is not an epoch record")
+        try:
+            record = EpochRecord.parse(data, bucket=self.bucket, prefix=prefix, epoch_id=epoch_id)
+        except IntegrityError as e:
+            raise type(e)(f"{self.store.url}/{rk}: {e}") from None
+        return record, info.etag
+
+    def _load(self, prefix: str, epoch_id: bytes) -> Epoch:
+        record, _etag = self.fetch_record(prefix, epoch_id)
+        provider = self.provider_for(record.provider)
+        wrapped = {Layer.INNER: WrappedKey(record.wrapped_inner, record.key_id_inner),
+                   Layer.OUTER: WrappedKey(record.wrapped_outer, record.key_id_outer)}
+        k_in, k_out = self.per_layer(
+            provider, lambda layer: provider.unwrap(layer, wrapped[layer],
+                                                    self._ctx(layer, prefix, epoch_id)))
+        self.loaded += 1
+        return Epoch(record, k_in, k_out)
+
+    # ---- re-keying ------------------------------------------------------------------------------
+
+    def rewrap(self, prefix: str, epoch_id: bytes, key_id_inner: str, key_id_outer: str) -> bool:
+        """Re-wrap one epoch record's keys under other master keys (KMS ReEncrypt: the epoch
+        keys never leave KMS) and store it conditionally on the ETag read.  Returns False when
+        the record already uses those keys."""
+        record, etag = self.fetch_record(prefix, epoch_id)
+        provider = self.provider_for(record.provider)
+        if provider is not self.writer:
+            raise ValueError("re-keying moves epochs to the configured provider's keys only")
+        wrapped = {Layer.INNER: WrappedKey(record.wrapped_inner, record.key_id_inner),
+                   Layer.OUTER: WrappedKey(record.wrapped_outer, record.key_id_outer)}
+        dest = {Layer.INNER: key_id_inner, Layer.OUTER: key_id_outer}
+        if record.key_id_inner == key_id_inner and record.key_id_outer == key_id_outer:
+            return False
+        ctx = {layer: self._ctx(layer, prefix, epoch_id) for layer in Layer}
+        w_in, w_out = self.per_layer(
+            provider, lambda layer: provider.rewrap(layer, wrapped[layer], ctx[layer], ctx[layer],
+                                                    dest[layer]))
+        new = EpochRecord(epoch_id=epoch_id, bucket=self.bucket, prefix=prefix,
+                          provider=record.provider, key_id_inner=w_in.key_id,
+                          key_id_outer=w_out.key_id, wrapped_inner=w_in.blob,
+                          wrapped_outer=w_out.blob, created=record.created)
+        try:
+            self.store.put(record_key(prefix, epoch_id), new.encode(), {}, if_match=etag)
+        except PreconditionFailed:
+            raise PreconditionFailed(f"{self.store.url}/{record_key(prefix, epoch_id)}: changed "
+                                     "while re-keying; run rekey again") from None
+        with self._lock:
+            self._known.pop((prefix, epoch_id), None)
+            self._current.pop(prefix, None)
+        return True
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,68 @@
+"""Epoch keys through a real mount on moto's S3 + KMS: KMS requests per mount, not per object.
+
+Target (format version 2): creating 1,000 files, and then ``ls -lR`` plus reading every file after
+a remount, take at most 4 KMS requests each, counted by the daemon's own KMS counters; every
+object still has its own data keys and message id."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fuse_fixtures import Mount, requires_fuse
+
+pytestmark = [pytest.mark.fuse, pytest.mark.s3, requires_fuse]
+
+FILES = 1000
+DIRS = 10
+
+
+def kms_requests(m: Mount) -> tuple[int, dict]:
+    out = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    kms = json.loads(out)["kms"]
+    return sum(kms.get(k, 0) for k in ("generate", "unwrap", "rewrap", "describe")), kms
+
+
+def test_thousand_files_cost_a_few_kms_requests(s3_mount: Mount, moto_server, bucket):
+    m = s3_mount
+    start, _ = kms_requests(m)
+    contents = {}
+    for d in range(DIRS):
+        (m / f"d{d}").mkdir()
+        for i in range(FILES // DIRS):
+            rel = f"d{d}/f{i}"
+            data = f"{rel} ".encode() * (1 + i % 7)
+            (m / rel).write_bytes(data)
+            contents[rel] = data
+    created, kms = kms_requests(m)
+    assert created - start <= 4, kms
+    assert kms["generate"] == 2, kms  # one epoch key per layer
+
+    m.remount()
+    base, _ = kms_requests(m)
+    listing = subprocess.run(["ls", "-lR", str(m.mountpoint)], capture_output=True, text=True,
+                             check=True, timeout=300).stdout
+    assert sum(1 for line in listing.splitlines() if line.startswith("-")) == FILES
+    for rel, data in contents.items():
+        assert (m / rel).read_bytes() == data
+    read, kms = kms_requests(m)
+    assert read - base <= 4, kms
+    assert kms["unwrap"] == 2, kms  # the epoch's two keys, once
+
+    # the objects still have keys of their own: no wrapped data key or message id repeats
+    s3 = moto_server.client("s3")
+    wrapped, msg_ids = set(), set()
+    for rel in list(contents)[:50]:
+        meta = s3.head_object(Bucket=bucket, Key=rel)["Metadata"]
+        assert meta["dsse-e"].endswith(";0")  # the mount's epoch, at the bucket root
+        wrapped.update((meta["dsse-ki"], meta["dsse-ko"]))
+        msg_ids.add(meta["dsse-h"])
+    assert len(wrapped) == 100 and len(msg_ids) == 50
+    records = s3.list_objects_v2(Bucket=bucket, Prefix=".dssefs/epochs/").get("KeyCount", 0)
+    assert records == 1
+    assert ".dssefs" not in os.listdir(m.mountpoint)
