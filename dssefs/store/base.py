@@ -65,6 +65,9 @@ class ObjectStore(abc.ABC):
     #: network store: each request mostly waits).  A local directory's requests mostly compute in
     #: Python, so concurrent ones would only take turns holding the GIL.
     parallel_requests: bool = True
+    #: Longest name between two '/' of a key the store can hold, in UTF-8 bytes (None: no limit
+    #: below S3's 1024-byte keys).  The file system refuses longer names when they are created.
+    max_segment_bytes: int | None = None
 
     @abc.abstractmethod
     def head(self, key: str, *, prefix: int = 0) -> ObjectInfo:

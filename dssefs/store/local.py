@@ -212,6 +212,7 @@ class LocalStore(ObjectStore):
     """A directory holding objects with S3 semantics; see the module docstring for the layout."""
 
     context_name = "local"
+    max_segment_bytes = 253  # 255 minus the ".o" / ".d" suffix of the file it becomes
     supports_conditional_writes = True
     parallel_requests = False  # requests compute (file I/O, JSON) more than they wait
 

@@ -105,6 +105,7 @@ class MeteredStore(ObjectStore):
         self.url = inner.url
         self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
         self.parallel_requests = getattr(inner, "parallel_requests", True)
+        self.max_segment_bytes = getattr(inner, "max_segment_bytes", None)
 
     def _failed(self, exc: BaseException, kind: str | None = None) -> None:
         self.meter.failed(exc, kind)
