@@ -23,8 +23,18 @@ RECORD_FORMAT = "dssefs-epoch"
 RECORD_VERSION = 2
 MAX_RECORD_BYTES = 16 * 1024
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9:/_.+=@-]{1,256}$")
-_CREATED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_CREATED_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+_LOCAL_KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _FIELDS = {"format", "version", "epoch", "bucket", "prefix", "provider", "inner", "outer", "created"}
+
+
+def _unique_members(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"member {k!r} appears twice")
+        out[k] = v
+    return out
 
 
 def record_key(prefix: str, epoch_id: bytes) -> str:
@@ -84,11 +94,13 @@ class EpochRecord:
         if len(data) > MAX_RECORD_BYTES:
             raise IntegrityError(f"{where} is {len(data)} bytes: not an epoch record")
         try:
-            doc = json.loads(bytes(data).decode("ascii"))
+            doc = json.loads(bytes(data).decode("ascii"), object_pairs_hook=_unique_members)
         except (UnicodeDecodeError, ValueError):
-            raise IntegrityError(f"{where} is not ASCII JSON") from None
+            raise IntegrityError(f"{where} is not ASCII JSON with unique members") from None
         if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
             raise IntegrityError(f"{where} is not an epoch record")
+        if type(doc.get("version")) is not int:
+            raise IntegrityError(f"{where}: version is not a whole number")
         if doc.get("version") != RECORD_VERSION:
             raise UnsupportedFormat(f"{where} has version {doc.get('version')!r}: upgrade dssefs")
         if set(doc) != _FIELDS:
@@ -114,6 +126,8 @@ class EpochRecord:
             blob = b64decode(part["wrapped"], f"{where} {name}.wrapped")
             if not 1 <= len(blob) <= MAX_WRAPPED_BYTES:
                 raise IntegrityError(f"{where}: wrapped {name} epoch key of {len(blob)} bytes")
+            if doc["provider"] == "local" and not _LOCAL_KEY_ID_RE.fullmatch(part["key_id"]):
+                raise IntegrityError(f"{where}: {name} key id is not a keyring key name")
             layers.append((part["key_id"], blob))
         return cls(epoch_id=epoch_id, bucket=bucket, prefix=prefix, provider=doc["provider"],
                    key_id_inner=layers[0][0], key_id_outer=layers[1][0],
