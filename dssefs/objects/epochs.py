@@ -119,7 +119,14 @@ class Epochs:
                              provider=provider.kind, key_id_inner=w_in.key_id,
                              key_id_outer=w_out.key_id, wrapped_inner=w_in.blob,
                              wrapped_outer=w_out.blob, created=_utc_now())
-        self.store.put(record_key(prefix, epoch_id), record.encode(), {}, if_none_match=True)
+        try:
+            self.store.put(record_key(prefix, epoch_id), record.encode(), {}, if_none_match=True)
+        except PreconditionFailed:
+            # under a fresh random id, a refusal can only be a retry whose first attempt was
+            # stored (its reply lost): it is ours exactly when the stored record is what we sent
+            stored, _ = self.fetch_record(prefix, epoch_id)
+            if stored != record:
+                raise
         self.created += 1
         return Epoch(record, k_in, k_out)
 

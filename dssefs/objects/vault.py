@@ -20,6 +20,7 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import itertools
+import logging
 import os
 import threading
 import time
@@ -30,11 +31,14 @@ from ..envelope import format as fmt
 from ..envelope.epoch import is_reserved_key
 from ..envelope.keywrap import unwrap_data_key, wrap_data_key
 from ..envelope.metadata import Envelope, EpochRef, metadata_size
-from ..errors import ConfigError, IntegrityError, KeyProviderError, PreconditionFailed
+from ..errors import (ConfigError, IntegrityError, KeyProviderError, ObjectNotFound, PreconditionFailed,
+                      StoreError)
 from ..kms._common import WrappedKeyMismatch
 from ..kms.base import KeyProvider, Layer, WrappedKey, context, object_context_v2
 from ..store.base import ObjectInfo, ObjectStore
 from .epochs import DEFAULT_MAX_AGE, DEFAULT_MAX_OBJECTS, Epoch, Epochs
+
+log = logging.getLogger(__name__)
 
 #: ``source(offset, length) -> bytes-like`` returning exactly ``length`` plaintext bytes.
 Source = Callable[[int, int], "bytes | bytearray | memoryview"]
@@ -281,6 +285,9 @@ class Vault:
         if is_reserved_key(key):
             raise ConfigError(f"{self.store.url}/{key}: '.dssefs' is reserved for dssefs's own "
                               "records in every directory: choose another name")
+        if self.keys is None:
+            raise ConfigError("this command was given no key to write with: pass --kms-key-id "
+                              "(or set kms_key_id in the configuration) or --keyring")
         epoch = self.epochs.for_writing(self.epoch_prefix_for(key))
         dk_in, dk_out = os.urandom(32), os.urandom(32)
         while dk_in == dk_out:  # pragma: no cover - 2**-256
@@ -295,14 +302,14 @@ class Vault:
                         epoch.record.provider, key, epoch)
 
     def _provider_for(self, key: str, kind: str) -> KeyProvider:
-        if kind == self.keys.kind:
+        if self.keys is not None and kind == self.keys.kind:
             return self.keys
         if self.key_resolver is not None:
             return self.key_resolver(kind)
         where = f"{self.store.url}/{key}" if key else self.store.url
         raise KeyProviderError(
             f"{where}: keys are wrapped by '{kind}' but this command uses "
-            f"'{self.keys.kind}': pass the matching --kms-key-id or --keyring")
+            f"'{getattr(self.keys, 'kind', 'none')}': pass the matching --kms-key-id or --keyring")
 
     def _cached(self, cache: collections.OrderedDict, k: tuple):
         with self._open_lock:
@@ -416,6 +423,31 @@ class Vault:
 
     # ---- writing --------------------------------------------------------------------------------
 
+    def _store_write(self, key: str, meta: dict[str, str], call: Callable[[], str], *,
+                     also: tuple[type[Exception], ...] = ()) -> str:
+        """``call()``: one store request that stores a new version of ``key`` with metadata
+        ``meta`` (a conditional put, a multipart completion, a copy); returns the new ETag.
+
+        A refused condition is not yet a conflict: when the store (botocore) retried a request
+        whose first attempt was applied but whose reply was lost, the retry finds our own version
+        in place and is refused.  So after PreconditionFailed (and the errors in ``also``) the key
+        is read back: if it holds exactly the envelope metadata sent here (its header carries a
+        fresh random message id per version, the attribute blob a fresh nonce), the write took
+        effect and its ETag is returned.  Otherwise the original error is raised."""
+        try:
+            return call()
+        except (PreconditionFailed, *also) as e:
+            try:
+                info = self.store.head(key)
+            except (ObjectNotFound, StoreError):
+                info = None  # gone, or unknown: the original error stands
+            if info is None or not _same_envelope(info.metadata, meta):
+                raise
+            log.info("event=write_confirmed object=%s/%s reason='the store refused a retried request "
+                     "(%s) whose first attempt had stored this version'", self.store.url.rstrip("/"), key,
+                     type(e).__name__)
+            return info.etag
+
     def write(self, key: str, source: Source, size: int, *, attrs: bytes | None = None,
               file_id: bytes | None = None, generation: int = 0, data_keys: DataKeys | None = None,
               if_match: str | None = None, if_none_match: bool = False, chunk_log2: int | None = None,
@@ -437,7 +469,8 @@ class Vault:
         meta = env.to_metadata()
         if cipher.body_size <= self.multipart_threshold:
             body = self._seal_range(cipher, range(cipher.n_chunks), source, progress, parallel=True)
-            etag = self.store.put(key, body, meta, if_match=if_match, if_none_match=if_none_match)
+            etag = self._store_write(key, meta, lambda: self.store.put(
+                key, body, meta, if_match=if_match, if_none_match=if_none_match))
         else:
             etag = self._write_multipart(key, cipher, source, meta, if_match, if_none_match, progress)
         # the stored version, opened: no HEAD, parse or key derivation needed to use it
@@ -519,7 +552,8 @@ class Vault:
                 futures.append(self.pool.submit(part, number, run))
             for f in futures:
                 f.result()
-            return upload.complete()
+            # a completion whose reply was lost may be answered NoSuchUpload when retried
+            return self._store_write(key, meta, upload.complete, also=(StoreError,))
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -542,7 +576,8 @@ class Vault:
             env = dataclasses.replace(obj.envelope, header=cipher.header,
                                       attrs=None if attrs is None else cipher.seal_attrs(attrs))
             meta = env.to_metadata()
-            etag = self.store.copy(obj.key, obj.key, meta, if_match=obj.etag)
+            etag = self._store_write(obj.key, meta, lambda: self.store.copy(obj.key, obj.key, meta,
+                                                                            if_match=obj.etag))
             self._remember_cipher(cipher, obj.data_keys)
             info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
             return OpenObject(self, info, env, cipher, obj.data_keys)
@@ -551,7 +586,8 @@ class Vault:
                        wrapped_inner=obj.envelope.wrapped_inner, wrapped_outer=obj.envelope.wrapped_outer,
                        attrs=None if attrs is None else obj.cipher.seal_attrs(attrs))
         meta = env.to_metadata()
-        etag = self.store.copy(obj.key, obj.key, meta, if_match=obj.etag)
+        etag = self._store_write(obj.key, meta, lambda: self.store.copy(obj.key, obj.key, meta,
+                                                                        if_match=obj.etag))
         info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
         return OpenObject(self, info, env, obj.cipher, obj.data_keys)
 
@@ -573,6 +609,9 @@ class Vault:
         the new object key (version 2: locally, under the current epoch of ``dst``'s prefix; no
         KMS call), the body is copied server-side with the new metadata, and the source is
         deleted.  Returns the new ETag."""
+        if is_reserved_key(dst):
+            raise ConfigError(f"{self.store.url}/{dst}: '.dssefs' is reserved for dssefs's own "
+                              "records in every directory: choose another name")
         if obj.envelope.version == fmt.FORMAT_V2:
             epoch = self.epochs.for_writing(self.epoch_prefix_for(dst))
             keys = self._wrap_under(epoch, dst, obj.data_keys.inner, obj.data_keys.outer)
@@ -580,8 +619,9 @@ class Vault:
                                       wrapped_outer=keys.wrapped_outer.blob, epoch=self._epoch_ref(keys))
         else:
             env = self._rewrapped(obj, dst)
-        etag = self.store.copy(obj.key, dst, env.to_metadata(), if_match=dst_if_match,
-                               if_none_match=dst_if_none_match)
+        meta = env.to_metadata()
+        etag = self._store_write(dst, meta, lambda: self.store.copy(
+            obj.key, dst, meta, if_match=dst_if_match, if_none_match=dst_if_none_match))
         if delete_source and dst != obj.key:
             self.store.delete(obj.key)
         return etag
@@ -604,12 +644,22 @@ class Vault:
         env = self._rewrapped(obj, key, key_id_inner or self.keys.key_id(Layer.INNER),
                               key_id_outer or self.keys.key_id(Layer.OUTER))
         try:
-            return self.store.copy(key, key, env.to_metadata(), if_match=obj.etag)
+            meta = env.to_metadata()
+            return self._store_write(key, meta, lambda: self.store.copy(key, key, meta, if_match=obj.etag))
         except PreconditionFailed:
             raise PreconditionFailed(f"{self.store.url}/{key}: changed while re-keying; run rekey again") from None
 
     def describe(self, key: str, info: ObjectInfo | None = None) -> dict:
         return describe(self.store, key, info)
+
+
+def _same_envelope(stored: dict[str, str], sent: dict[str, str]) -> bool:
+    """Whether the stored metadata is exactly the envelope that was sent (every ``dsse-`` entry:
+    header, wrapped keys, epoch or wrapping descriptor, attributes)."""
+    def dsse(meta: dict[str, str]) -> dict[str, str]:
+        return {k.lower(): v for k, v in meta.items() if k.lower().startswith("dsse-")}
+    mine = dsse(sent)
+    return bool(mine) and dsse(stored) == mine
 
 
 def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None) -> dict:
