@@ -108,7 +108,10 @@ def query(mountpoint: str, command: str = "status", timeout: float = 10.0, path:
                     if time.monotonic() > deadline:
                         raise socket.timeout from None
                     time.sleep(0.01)
-            s.sendall(command.encode() + b"\n")
+            try:
+                s.sendall(command.encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon refused and hung up before reading: its answer is still queued
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(1 << 16)
