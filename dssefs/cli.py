@@ -15,11 +15,11 @@ import sys
 import tempfile
 from typing import Iterator
 
-from . import __version__, config, store
-from .errors import (ConfigError, DssefsError, IntegrityError, NotDssefsObject, ObjectNotFound,
-                     PreconditionFailed)
+from . import __version__, config, kms, store
+from .errors import (ConfigError, DssefsError, IntegrityError, KeyAccessDenied, NotDssefsObject,
+                     ObjectNotFound, PreconditionFailed)
 from .envelope.epoch import is_reserved_key
-from .session import announce_keyring, key_provider, store_options, vault_for
+from .session import announce_keyring, explicit_keys, key_provider, store_options, vault_for
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -46,7 +46,7 @@ examples:
 run 'dssefs COMMAND --help' for a command's options.
 """
 
-COMMANDS = ("put", "get", "cat", "ls", "rm", "inspect", "verify", "rekey", "keyring", "bench",
+COMMANDS = ("put", "get", "cat", "ls", "rm", "inspect", "verify", "rekey", "keyring", "config", "bench",
             "mount", "umount", "status", "service")
 #: Commands with their own parsers (and --help), dispatched before the object commands' parser.
 OWN_PARSERS = ("mount", "umount", "status", "service")
@@ -70,9 +70,19 @@ def _settings(ns: argparse.Namespace) -> config.Settings:
 def _object(ns: argparse.Namespace, s: config.Settings, uri: str, *, writing: bool = False):
     """(vault, key) for a URI naming one object."""
     object_store, key = store.open_store_for_uri(uri, **_store_opts(uri, s, writing))
-    setup = key_provider(s, create_default=writing)
-    announce_keyring(setup)
-    return vault_for(s, object_store, setup.provider), key
+    return _vault(s, object_store, writing=writing), key
+
+
+def _vault(s: config.Settings, object_store, *, writing: bool = False):
+    """Writing commands need a key (explicit, configured, or the default keyring created on
+    first write); reading commands take the provider each object names (session.ReadingKeys)
+    and use a writing key only when one is given."""
+    provider = None
+    if writing or explicit_keys(s):
+        setup = key_provider(s, create_default=writing)
+        announce_keyring(setup)
+        provider = setup.provider
+    return vault_for(s, object_store, provider)
 
 
 def _store_opts(uri: str, s: config.Settings, writing: bool) -> dict:
@@ -308,8 +318,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     s = _settings(ns)
     object_store, key = _prefix(s, ns.uri)
     keys = _targets(object_store, key)
-    setup = key_provider(s)
-    vault = vault_for(s, object_store, setup.provider)
+    vault = _vault(s, object_store)
     results = []
     try:
         with _progress(len(keys), "verify", unit="obj") as bar:
@@ -365,6 +374,9 @@ def cmd_rekey(ns: argparse.Namespace) -> int:
         changed = 0
         for (prefix, epoch_id) in _epoch_records(object_store, key, epochs):
             changed += vault.epochs.rewrap(prefix, epoch_id, new_in, new_out)
+    except KeyAccessDenied as e:
+        raise KeyAccessDenied(f"{e} (rekey reads with the old key and writes with the new one: "
+                              "--kms-key-id names the new key, --kms-allowed-key-ids the old)") from None
     finally:
         vault.close()
     print(f"re-wrapped {changed} epoch record(s) (covering {sum(epochs.values())} version 2 object(s): "
@@ -387,6 +399,63 @@ def _epoch_records(object_store, key: str, named: dict) -> list[tuple[str, bytes
             if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
                 out.setdefault((k[:i], bytes.fromhex(name)), None)
     return list(out)
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+#: What ``dssefs config show`` prints: the options that decide which keys write and which are
+#: trusted for reading, and where KMS and S3 are reached.
+TRUST_OPTIONS = ("kms_key_id", "kms_key_id_outer", "kms_allowed_key_ids", "kms_allowed_key_ids_outer",
+                 "keyring", "keyrings", "keyring_passphrase_file", "epoch_max_age", "epoch_max_objects",
+                 "region", "profile", "endpoint_url")
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    s = _settings(ns)
+    from .session import ReadingKeys, default_keyring_path
+
+    rows = []
+    for name in TRUST_OPTIONS:
+        value = getattr(s, name)
+        if isinstance(value, tuple):
+            value = list(value)
+        rows.append({"option": name, "value": value, "from": s.sources.get(name, "default")})
+    default_ring = default_keyring_path()
+    reading: dict = {}
+    try:
+        kms_reader = ReadingKeys(s)("kms")
+        reading["kms_inner"] = kms_reader.trusted_description(kms.Layer.INNER)
+        reading["kms_outer"] = kms_reader.trusted_description(kms.Layer.OUTER)
+    except DssefsError as e:
+        reading["kms"] = f"unusable: {e}"
+    if s.keyring is not None:
+        reading["keyrings"] = [s.keyring]
+    else:
+        reading["keyrings"] = list(s.keyrings) + ([default_ring] if os.path.exists(default_ring)
+                                                  and default_ring not in s.keyrings else [])
+    out = {"files": {"system": config.system_config_path(), "user": config.user_config_path(),
+                     "read": s.files},
+           "options": rows, "trusted_for_reading": reading}
+    if ns.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print("configuration files (lowest precedence first; flags and -o override them):")
+    for label in ("system", "user"):
+        path = out["files"][label]
+        print(f"  {label}: {path}{'' if path in s.files else '  (absent)'}")
+    print("settings:")
+    for r in rows:
+        value = r["value"]
+        shown = ", ".join(value) if isinstance(value, list) else ("-" if value is None else value)
+        print(f"  {r['option']:<26} {shown or '-'}  [{r['from']}]")
+    print("trusted for reading:")
+    if "kms" in reading:
+        print(f"  kms: {reading['kms']}")
+    else:
+        print(f"  kms, inner layer: {reading['kms_inner']}")
+        print(f"  kms, outer layer: {reading['kms_outer']}")
+    print(f"  keyrings (every key, both layers): {', '.join(reading['keyrings']) or 'none'}")
+    return 0
 
 
 # ---- keyring ------------------------------------------------------------------------------------
@@ -505,6 +574,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "covers every object written with it, also outside URI when they share it.")
     sp.add_argument("uri", metavar="URI")
     sp.set_defaults(func=cmd_rekey)
+
+    sp = sub.add_parser("config", help="show the effective key and trust settings and where each came "
+                        "from", formatter_class=fmt,
+                        description="Settings come from /etc/dssefs/config.toml, then "
+                        "$XDG_CONFIG_HOME/dssefs/config.toml (~/.config/dssefs/config.toml), then "
+                        "flags. Trust is set once there, e.g.\n  kms_allowed_key_ids = "
+                        "[\"arn:aws:kms:REGION:ACCOUNT:key/ID\"]\n  kms_allowed_key_ids_outer = "
+                        "[\"...\"]   # split custody: the outer layer's keys\n  keyrings = "
+                        "[\"/etc/dssefs/keyring\"]\nThe keys are the long options' names; no "
+                        "secrets are shown (none may be in these files).")
+    csub = sp.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)
+    cp = csub.add_parser("show", help="print the effective settings with their sources")
+    config.add_arguments(cp, ("store", "keys"))
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_config)
 
     sp = sub.add_parser("keyring", help="create or list a local keyring", formatter_class=fmt,
                         description="A keyring is a file of named 256-bit master keys that wrap data "

@@ -2,8 +2,12 @@
 
 Every setting is declared once in :data:`OPTIONS`.  The same table produces the ``--long-flag``
 command-line options, parses ``-o key=value,...`` mount options (``mount.fuse3`` syntax; dashes and
-underscores are interchangeable) and, later, configuration-file keys.  Precedence: explicit
-``--flag`` > ``-o`` > file > default.  Unknown keys and bad values raise ConfigError naming the key.
+underscores are interchangeable) and configuration-file keys.  Precedence: explicit ``--flag`` >
+``-o`` > a mount's configuration file > the user's ``$XDG_CONFIG_HOME/dssefs/config.toml`` > the
+system's ``/etc/dssefs/config.toml`` > default.  The user and system files are where trust is set
+once (``kms_allowed_key_ids``, ``kms_allowed_key_ids_outer``, ``keyrings``, a default
+``kms_key_id``...); every command and mount reads them.  Unknown keys and bad values raise
+ConfigError naming the key and the file.
 """
 
 from __future__ import annotations
@@ -132,6 +136,11 @@ def _list(text: Any) -> tuple[str, ...]:
     return tuple(t.strip() for t in str(text).replace(";", ",").split(",") if t.strip())
 
 
+def _path_list(text: Any) -> tuple[str, ...]:
+    """Paths (a TOML list, or comma-separated); relative ones are resolved by Settings.set."""
+    return tuple(_path(t) for t in _list(text))
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(text: Any) -> str:
         t = str(text).strip().lower()
@@ -185,6 +194,9 @@ OPTIONS: tuple[Option, ...] = (
            "and no key may be in both); without --kms-key-id-outer both lists apply to both layers",
            "KEYS", groups=("keys",)),
     Option("keyring", _path, None, "local keyring file to use instead of AWS KMS", "PATH", groups=("keys",)),
+    Option("keyrings", _path_list, (), "further keyring files trusted when reading objects that a "
+           "keyring wrapped (comma-separated; with none, the default keyring if it exists); usually "
+           "set once in ~/.config/dssefs/config.toml", "PATHS", groups=("keys",)),
     Option("keyring_passphrase_file", _path, None, "file holding the keyring passphrase (else "
            "$DSSEFS_KEYRING_PASSPHRASE, else a prompt)", "PATH", groups=("keys",)),
     Option("epoch_max_age", _positive_float, 86400.0, "start a new epoch key pair after this many "
@@ -261,6 +273,7 @@ GENERIC_MOUNT_OPTIONS = frozenset({
 class Settings:
     values: dict[str, Any] = field(default_factory=lambda: {o.name: o.default for o in OPTIONS})
     sources: dict[str, str] = field(default_factory=dict)  # name -> "cli" | "-o" | "file" | "default"
+    files: list[str] = field(default_factory=list)  # system/user configuration files read
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -281,11 +294,38 @@ class Settings:
         except (ValueError, TypeError, OverflowError) as e:
             raise ConfigError(f"bad value for '{name.replace('_', '-')}' ({source}): {e}") from None
         if opt.parse is _path and value is not None:
-            if not os.path.isabs(value):
-                value = os.path.join(base_dir or os.getcwd(), value)
-            value = os.path.normpath(value)
+            value = _absolute(value, base_dir)
+        if opt.parse is _path_list and value:
+            value = tuple(_absolute(v, base_dir) for v in value)
         self.values[name] = value
         self.sources[name] = source
+
+
+def _absolute(path: str, base_dir: str | None) -> str:
+    if not os.path.isabs(path):
+        path = os.path.join(base_dir or os.getcwd(), path)
+    return os.path.normpath(path)
+
+
+SYSTEM_CONFIG = "/etc/dssefs/config.toml"
+
+
+def user_config_path() -> str:
+    """``$XDG_CONFIG_HOME/dssefs/config.toml`` (``~/.config/dssefs/config.toml``)."""
+    base = os.environ.get("XDG_CONFIG_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return os.path.join(base, "dssefs", "config.toml")
+
+
+def system_config_path() -> str:
+    """``/etc/dssefs/config.toml``; ``$DSSEFS_SYSTEM_CONFIG`` names another (packaging, tests)."""
+    return os.environ.get("DSSEFS_SYSTEM_CONFIG") or SYSTEM_CONFIG
+
+
+def standard_files() -> list[str]:
+    """The system and user configuration files that exist, lowest precedence first."""
+    return [p for p in (system_config_path(), user_config_path()) if os.path.exists(p)]
 
 
 def normalise_key(key: str) -> str:
@@ -365,7 +405,7 @@ def file_types(opt: Option) -> tuple[tuple[type, ...], str]:
         return (int,), "a whole number"
     if opt.parse in (_nonneg_float, _positive_float):
         return (int, float), "a number"
-    if opt.parse is _list:
+    if opt.parse in (_list, _path_list):
         return (list, str), 'a list of strings such as ["a", "b"]'
     return (str,), "a string in double quotes"
 
@@ -407,7 +447,7 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: a configuration file cannot name another one")
         if name in out:
             raise ConfigError(f"{where} is given twice")
-        if isinstance(value, list) and opt.parse is not _list:
+        if isinstance(value, list) and opt.parse not in (_list, _path_list):
             raise ConfigError(f"{where} takes one value, not a list")
         types, how = file_types(opt)
         if type(value) not in types or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
@@ -418,9 +458,16 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 def settings_from(namespace: argparse.Namespace, mount_options: str | None = None,
-                  file_values: dict[str, Any] | None = None, file_name: str = "file") -> Settings:
-    """Merge defaults < file < ``-o`` < explicit flags into one validated Settings."""
+                  file_values: dict[str, Any] | None = None, file_name: str = "file", *,
+                  standard: list[str] | None = None) -> Settings:
+    """Merge defaults < system and user files (``standard``, default :func:`standard_files`) <
+    file < ``-o`` < explicit flags into one validated Settings."""
     s = Settings()
+    for path in standard_files() if standard is None else standard:
+        base_dir = os.path.dirname(os.path.abspath(path))
+        for key, raw in load_file(path).items():
+            s.set(normalise_key(key), raw, f"configuration file {path}", base_dir=base_dir)
+        s.files.append(path)
     base = os.path.dirname(os.path.abspath(file_name)) if file_name != "file" else None
     for key, raw in (file_values or {}).items():
         s.set(normalise_key(key), raw, f"configuration file {file_name}" if file_name != "file" else "file",

@@ -330,7 +330,7 @@ def _write_all(fd: int, text: str) -> None:
 
 def validate(values: dict[str, Any], path: str) -> config.Settings:
     """The settings ``values`` give, checked exactly as the daemon will check them."""
-    return config.settings_from(argparse.Namespace(), None, values, file_name=path)
+    return config.settings_from(argparse.Namespace(), None, values, file_name=path, standard=[])
 
 
 def write_config(path: str, text: str, *, force: bool, shown_as: str) -> None:

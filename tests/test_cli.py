@@ -109,7 +109,8 @@ def test_rekey_keeps_bodies_byte_identical(s3env, moto_server, tmp_path):
         run(["put", str(src), f"s3://{bucket}/r/{i}", "--kms-key-id", key], env)
     before = {i: _raw(env, bucket, f"r/{i}") for i in range(3)}
     # re-keying must not launder keys it does not trust: the old key has to be named
-    one_line_error(run(["rekey", f"s3://{bucket}/r/", "--kms-key-id", new_key], env, check=False))
+    err = one_line_error(run(["rekey", f"s3://{bucket}/r/", "--kms-key-id", new_key], env, check=False))
+    assert f"--kms-allowed-key-ids {key}" in err and "rekey reads with the old key" in err
     run(["rekey", f"s3://{bucket}/r/", "--kms-key-id", new_key, "--kms-allowed-key-ids", key], env)
     for i in range(3):
         assert _raw(env, bucket, f"r/{i}") == before[i]

@@ -52,6 +52,7 @@ name = "team-vault"
 kms_key_id = "alias/dssefs-inner"
 kms-key-id-outer = "alias/dssefs-outer"
 kms_allowed_key_ids = ["alias/dssefs-previous", "alias/older"]
+keyrings = ["keyrings/old", "/etc/dssefs/keyring-2025"]
 kms_allowed_key_ids_outer = ["alias/dssefs-previous-outer"]
 epoch_max_age = 3600
 epoch-max-objects = 5000
@@ -97,6 +98,7 @@ def test_every_option_is_a_file_key(tmp_path):
     s = config.settings_from(argparse.Namespace(), None, values, file_name=path)
     assert (s.source, s.name, s.kms_key_id_outer) == ("s3://team-bucket/vault", "team-vault", "alias/dssefs-outer")
     assert s.kms_allowed_key_ids == ("alias/dssefs-previous", "alias/older")
+    assert s.keyrings == (str(tmp_path / "keyrings/old"), "/etc/dssefs/keyring-2025")  # relative: to the file
     assert s.kms_allowed_key_ids_outer == ("alias/dssefs-previous-outer",)
     assert (s.epoch_max_age, s.epoch_max_objects) == (3600.0, 5000)
     assert (s.chunk_size, s.cache_size, s.small_file_prefetch) == (4 << 20, 1 << 30, 128 << 10)

@@ -142,7 +142,7 @@ def test_foreign_key_refused_naming_the_option(keys):
     assert one_line(ei.value) == (
         f"outer data key of 'bucket/dir/file.txt' is wrapped by KMS key {a3}, which this reader "
         "does not trust for the outer layer: if it is yours, add it with "
-        "--kms-allowed-key-ids-outer (or --kms-allowed-key-ids for the inner layer)")
+        f"--kms-allowed-key-ids-outer {a3} (or --kms-allowed-key-ids for the inner layer)")
     with pytest.raises(KeyAccessDenied) as ei:
         p.unwrap(Layer.INNER, obj[Layer.INNER][1], CTX_IN)
     msg = one_line(ei.value)

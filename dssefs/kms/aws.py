@@ -69,7 +69,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import boto3
 import botocore.config
@@ -246,7 +246,11 @@ class AwsKmsProvider(KeyProvider):
                  retries_mode: str = "standard", max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  connect_timeout: float = 5.0, read_timeout: float = 15.0,
                  max_pool_connections: int = 32, allowed_key_ids: Iterable[str] = (),
-                 allowed_key_ids_outer: Iterable[str] = ()):
+                 allowed_key_ids_outer: Iterable[str] = (), read_only: bool = False,
+                 trust_hint: Callable[[str, str], str] | None = None):
+        """``read_only``: a reader's provider (the keys name its trusted sets only; generating
+        or re-wrapping is refused).  ``trust_hint(option, key)`` adds where else the key could
+        be trusted (e.g. a configuration file line) to the messages that refuse a key."""
         inner = parse_kms_key_id(key_id_inner, what="inner KMS key id")
         outer = parse_kms_key_id(key_id_outer, what="outer KMS key id") \
             if key_id_outer is not None else inner
@@ -322,6 +326,8 @@ class AwsKmsProvider(KeyProvider):
 
         self._ids = {Layer.INNER: inner, Layer.OUTER: outer}
         self._split = split
+        self.read_only = read_only
+        self._trust_hint = trust_hint
         if split:
             self._sets = {Layer.INNER: _TrustSet([inner, *extra]),
                           Layer.OUTER: _TrustSet([outer, *extra_out])}
@@ -355,7 +361,13 @@ class AwsKmsProvider(KeyProvider):
     def key_id(self, layer: Layer) -> str:
         return self._ids[Layer(layer)].raw
 
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise ConfigError("no KMS key is configured for writing (only keys trusted for "
+                              "reading): pass --kms-key-id, or set kms_key_id in the configuration")
+
     def generate(self, layer: Layer, ctx: dict[str, str]) -> tuple[bytes, WrappedKey]:
+        self._refuse_if_read_only()
         layer = Layer(layer)
         ctx = check_context(ctx)
         kid = self._ids[layer].raw
@@ -410,6 +422,7 @@ class AwsKmsProvider(KeyProvider):
 
     def rewrap(self, layer: Layer, wrapped: WrappedKey, old_ctx: dict[str, str],
                new_ctx: dict[str, str], new_key_id: str | None = None) -> WrappedKey:
+        self._refuse_if_read_only()
         layer = Layer(layer)
         old_ctx = check_context(old_ctx)
         new_ctx = check_context(new_ctx)
@@ -521,6 +534,14 @@ class AwsKmsProvider(KeyProvider):
             return "--kms-allowed-key-ids-outer"
         return "--kms-allowed-key-ids"
 
+    def _how(self, layer: Layer, key: str) -> str:
+        """How to trust ``key`` for ``layer``: the flag, and what the trust hint adds."""
+        option = self._option(layer)
+        text = f"{option} {key}"
+        if self._trust_hint is not None:
+            text += self._trust_hint(option, key)
+        return text
+
     def _split_text(self) -> str:
         return (f"split custody: inner {self._ids[Layer.INNER].raw}, "
                 f"outer {self._ids[Layer.OUTER].raw}")
@@ -561,10 +582,10 @@ class AwsKmsProvider(KeyProvider):
         if self._split:
             raise KeyAccessDenied(
                 f"{what}, which this reader does not trust for the {layer.value} layer: if it is "
-                f"yours, add it with {self._option(layer)} (or {self._option(other)} for the "
+                f"yours, add it with {self._how(layer, shown)} (or {self._option(other)} for the "
                 f"{other.value} layer)")
         raise KeyAccessDenied(f"{what}, which this reader does not trust: if it is yours, add it "
-                              f"with {self._option(layer)}")
+                              f"with {self._how(layer, shown)}")
 
     def _require_decrypted_by_trusted(self, arn: str, named: str, layer: Layer,
                                       ctx: Mapping[str, str]) -> None:
@@ -590,7 +611,7 @@ class AwsKmsProvider(KeyProvider):
                             errno=err.errno)
         raise KeyAccessDenied(f"{what}, which this reader does not trust for the {layer.value} "
                               f"layer: refusing a possible forgery; if that key is yours, add it "
-                              f"with {self._option(layer)}")
+                              f"with {self._how(layer, one_line(arn, 300))}")
 
     def _check_destination(self, dest: str, layer: Layer, ctx: Mapping[str, str]) -> None:
         """Under split custody, refuse to re-wrap a layer under a key of the other layer."""
