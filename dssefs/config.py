@@ -234,6 +234,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("attr_delay", _nonneg_float, 1.0, "seconds within which attribute-only changes (chmod, "
            "chown, utimens, xattrs) of a closed file are coalesced into one store; fsync, close and "
            "unmount store them at once; 0 stores each change immediately", "SECONDS", groups=("mount",)),
+    Option("stale_upload_age", _nonneg_float, 86400.0, "multipart uploads under the mount's prefix begun "
+           "longer ago than this are a crashed writer's: the mount aborts them once it serves (no upload "
+           "of dssefs lasts that long; keep it above the longest upload of any client); 0 keeps them",
+           "SECONDS", groups=("mount",)),
     Option("allow_other", _bool, False, "let other users access the mount (implies default_permissions)",
            flag=True, groups=("mount",)),
     Option("read_only", _bool, False, "mount read-only", flag=True, groups=("mount",)),

@@ -53,6 +53,7 @@ kms_key_id = "alias/dssefs-inner"
 kms-key-id-outer = "alias/dssefs-outer"
 kms_allowed_key_ids = ["alias/dssefs-previous", "alias/older"]
 keyrings = ["keyrings/old", "/etc/dssefs/keyring-2025"]
+stale_upload_age = 3600
 kms_allowed_key_ids_outer = ["alias/dssefs-previous-outer"]
 epoch_max_age = 3600
 epoch-max-objects = 5000

@@ -513,7 +513,7 @@ EVERY_FLAG = {
     "entry_timeout": "3", "attr_delay": "0", "allow_other": None, "read_only": None, "uid": "0",
     "gid": "1000", "file_mode": "640", "dir_mode": "0750", "foreign_objects": "read-only",
     "log_level": "debug", "kms_allowed_key_ids_outer": "alias/older-outer", "epoch_max_age": "3600",
-    "epoch_max_objects": "5000", "keyrings": "/etc/dssefs/keyring-old,/etc/dssefs/keyring-2025",
+    "epoch_max_objects": "5000", "keyrings": "/etc/dssefs/keyring-old,/etc/dssefs/keyring-2025", "stale_upload_age": "3600",
 }
 
 

@@ -4,6 +4,8 @@ The life of a daemon (:class:`Daemon`): open the store and keys (one listing pro
 answers), mount, report ready (pipe to ``dssefs mount``; ``READY=1`` to systemd) once the kernel's
 FUSE_INIT arrives, serve.  Beside FUSE, on the same event loop: the control socket (``dssefs
 status``), ``STATUS=`` lines every few seconds, ``WATCHDOG=1`` pings when systemd asks for them.
+Once it serves, a worker thread aborts the multipart uploads that crashed writers left under the
+mount's prefix (:mod:`dssefs.store.uploads`, ``stale_upload_age``); READY does not wait for it.
 SIGTERM, SIGINT or SIGHUP (or an unmount; signals are handled from before the mount exists until
 exit, see :mod:`.stopsignals`): ``STOPPING=1``, store every dirty file
 (``EXTEND_TIMEOUT_USEC=`` while that makes progress), unmount, exit 0; 1 if any file could not be
@@ -14,15 +16,19 @@ it cannot be mistaken for an empty directory.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
+import threading
+import time
 
 import trio
 
 from ..errors import DssefsError
 from ..session import default_source, default_store_dir, key_provider, store_options, vault_for
 from ..store.metered import MeteredStore, StoreMeter
+from ..store.uploads import abort_stale_uploads
 from ..fs.activity import dirty_figures
 from . import report
 from .control import serve_control
@@ -115,6 +121,8 @@ class Daemon:
         self.state = "starting"
         self.live = False
         self.fs = self.keys = self.store = None
+        self.prefix = ""
+        self._stop_cleanup = threading.Event()  # ends the stale-upload clean-up early
         self.failures: list = []
         self.signals: StopSignals | None = None
 
@@ -137,6 +145,7 @@ class Daemon:
         try:
             self.signals.install()
             self.store, self.keys, prefix = open_backend(req, self.meter)
+            self.prefix = prefix
             self.fs = build_filesystem(req, self.store, self.keys, prefix)
             self.fs.load_root()
         except StartInterrupted as e:
@@ -183,6 +192,7 @@ class Daemon:
             if not self.live:
                 self._ready_cb("the file system stopped before it was ready (see the log above)")
         pyfuse3.close(unmount=True)
+        self._stop_cleanup.set()
         self._close()
         code = 1 if self.failures else 0
         if self.failures:
@@ -230,6 +240,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             nursery.start_soon(self._after_ready)
+            nursery.start_soon(self._clean_stale_uploads)
             if self.notifier.enabled:
                 nursery.start_soon(self._status_updates)
             if self.notifier.watchdog:
@@ -247,6 +258,7 @@ class Daemon:
 
     async def _stopping(self, why: str) -> None:
         self.state = "stopping"
+        self._stop_cleanup.set()
         log.info("event=stopping reason=%s action='store dirty files and unmount' dirty_files=%d",
                  why, len(self.fs.dirty_inodes()))
         self.notifier.stopping(await self.status_line())
@@ -293,6 +305,32 @@ class Daemon:
         while not self.live:
             await trio.sleep(0.02)
         await trio.to_thread.run_sync(raise_read_ahead, self.req.mountpoint)
+
+    async def _clean_stale_uploads(self) -> None:
+        """Abort the multipart uploads crashed writers left under the prefix, once the mount
+        serves, in a worker thread (one listing, one request per upload).  Never fails the mount:
+        a failure is logged and the uploads wait for the next mount."""
+        s = self.req.settings
+        max_age = s.stale_upload_age
+        if s.read_only or not max_age:
+            return
+        while not self.live:
+            await trio.sleep(0.02)
+        t0 = time.monotonic()
+        where = f"{self.store.url.rstrip('/')}/{self.prefix}"
+        try:
+            result = await trio.to_thread.run_sync(
+                functools.partial(abort_stale_uploads, self.store, self.prefix, max_age, stop=self._stop_cleanup),
+                abandon_on_cancel=True)  # an unmount does not wait for it
+        except Exception as e:  # noqa: BLE001 - housekeeping: the mount serves on
+            reason = str(e) if isinstance(e, DssefsError) else f"{type(e).__name__}: {e}"
+            log.warning("event=stale_upload_cleanup_failed store=%s max_age=%g reason=%s effect='abandoned "
+                        "multipart uploads are kept until the next mount'", where, max_age, reason)
+            return
+        self.meter.add(stale_uploads_aborted=len(result.aborted))
+        log.info("event=stale_uploads store=%s max_age=%g aborted=%d kept=%d failed=%d%s seconds=%.2f", where,
+                 max_age, len(result.aborted), result.kept, result.failed,
+                 " stopped=yes" if result.stopped else "", time.monotonic() - t0)
 
     async def _status_updates(self) -> None:
         while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 # S3 caps user-defined metadata at 2 KB, counted as the UTF-8 bytes of keys (without the
 # ``x-amz-meta-`` prefix) plus values.
@@ -38,8 +38,20 @@ class Listing:
     prefixes: list[str]  # each ends with the delimiter
 
 
+class PendingUpload(NamedTuple):
+    """A multipart upload begun and neither completed nor aborted, by any writer."""
+
+    key: str
+    upload_id: str
+    #: when it was begun, in epoch seconds by the store's clock
+    initiated: float
+
+
 class Upload(abc.ABC):
     """A multipart upload in progress.  ``put_part`` may be called from several threads at once."""
+
+    #: the store's id of the upload, as :meth:`ObjectStore.list_uploads` reports it
+    upload_id: str
 
     @abc.abstractmethod
     def put_part(self, number: int, data: bytes | memoryview) -> None:
@@ -115,6 +127,18 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
         """Yield ObjectInfo (without metadata) for objects and ``str`` for common prefixes, in key
         order, following pagination.  With ``delimiter=None`` the listing is recursive."""
+
+    @abc.abstractmethod
+    def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """Yield the multipart uploads in progress whose keys start with ``prefix`` (every
+        writer's, not only this process's: a crashed writer's stay until aborted), in key order,
+        following pagination.  Nothing tells which writer began an upload, only when."""
+
+    @abc.abstractmethod
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort an upload :meth:`list_uploads` reported and discard its parts.  An upload that is
+        already gone (completed or aborted meanwhile) is not an error.  A writer still using it
+        fails at its next part or at completion."""
 
     def close(self) -> None:  # pragma: no cover - optional
         pass

@@ -6,8 +6,9 @@ Layout
 
     ROOT/.dssefs-store          marker: {"format": "dssefs-local-store", "version": 1}
     ROOT/objects/               the objects, one file each
-    ROOT/uploads/<id>/          multipart uploads in progress (``body``: the object file being
-                                built, parts at their final offsets; <n>.part: parts that did not fit)
+    ROOT/uploads/<id>/          multipart uploads in progress (``upload.json``: key and start
+                                time; ``body``: the object file being built, parts at their final
+                                offsets; <n>.part: parts that did not fit)
     ROOT/locks/<nn>.lock        64 lock files, picked by a hash of the key
 
 An object key is split at ``/``; every segment but the last becomes a directory named
@@ -66,6 +67,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -78,7 +80,7 @@ from ..errors import (ConfigError, DssefsError, ObjectNotFound, PreconditionFail
                       StoreAccessDenied, StoreError, StoreFull)
 from ._common import (check_conditions, check_key, check_part_number, check_parts, check_range,
                       normalize_metadata, one_line, strip_etag)
-from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, Upload
+from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, PendingUpload, Upload
 
 __all__ = ["LocalStore", "LocalUpload", "MARKER", "is_local_store"]
 
@@ -106,6 +108,8 @@ _DIRECT_ALIGN = 4096
 _DIRECT_MIN = 1 << 20  # smaller parts are written through the page cache
 _COPY_CHUNK = 8 << 20
 _HEAD_READ = 4096
+UPLOAD_RECORD = "upload.json"
+_UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def is_local_store(path: str | os.PathLike) -> bool:
@@ -682,6 +686,71 @@ class LocalStore(ObjectStore):
                 yield item
 
     # ------------------------------------------------------------------------------------------
+    # Multipart uploads in progress
+
+    def _upload_record(self, path: str) -> tuple[str, float] | None:
+        """``(key, started)`` of the upload staged in ``path``, or None when its record is missing
+        or unreadable (a writer that crashed while beginning it, or one beginning it right now).
+        Raises FileNotFoundError when the upload itself is gone."""
+        try:
+            with open(os.path.join(path, UPLOAD_RECORD), "rb") as f:
+                record = json.loads(f.read(MAX_HEADER) or b"null")
+        except FileNotFoundError:
+            if not os.path.isdir(path):
+                raise
+            return None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        key, started = record.get("key"), record.get("started")
+        if not isinstance(key, str) or isinstance(started, bool) or not isinstance(started, (int, float)):
+            return None
+        return key, float(started)
+
+    def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """The uploads staged under ``uploads/``.  One whose record is unreadable has the key
+        ``""`` and the time its directory last changed; it is listed for the prefix ``""`` only."""
+        found = []
+        with self._fs_errors("list_uploads", prefix or None):
+            with os.scandir(self._uploads) as it:
+                entries = [e for e in it if _UPLOAD_ID_RE.match(e.name)]
+            for entry in entries:
+                try:
+                    record = self._upload_record(entry.path)
+                    if record is None:
+                        record = ("", entry.stat(follow_symlinks=False).st_mtime)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # completed or aborted meanwhile
+                key, started = record
+                if key.startswith(prefix) and (key or not prefix):
+                    found.append(PendingUpload(key, entry.name, started))
+        found.sort(key=lambda u: (u.key, u.initiated, u.upload_id))
+        yield from found
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Remove ``uploads/<upload_id>/``.  ``key`` must be the upload's (``""`` for one whose
+        record is unreadable, as :meth:`list_uploads` reports it)."""
+        if key:
+            check_key(key)
+        if not isinstance(upload_id, str) or not _UPLOAD_ID_RE.match(upload_id):
+            raise StoreError(f"{self._where(key or None)}: {upload_id!r} is not an upload id of this "
+                             "store", errno=_errno.EINVAL)
+        path = os.path.join(self._uploads, upload_id)
+        with self._fs_errors("abort", key or None):
+            try:
+                record = self._upload_record(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # completed or aborted meanwhile
+            if (record[0] if record is not None else "") != key:
+                raise StoreError(f"{self._where(key or None)}: upload {upload_id} is not an upload of "
+                                 "this key", errno=_errno.EINVAL)
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------------------------------------
     # Maintenance
 
     def check(self) -> None:
@@ -749,7 +818,7 @@ class LocalUpload(Upload):
         self._reserve = len(_encode_header(_new_etag(), 1 << 62, 9999999999.123456, metadata)) + 64
         self._body = os.path.join(self._dir, "body")
         os.mkdir(self._dir, 0o700)
-        with open(os.path.join(self._dir, "upload.json"), "w") as f:
+        with open(os.path.join(self._dir, UPLOAD_RECORD), "w") as f:
             json.dump({"key": key, "started": time.time()}, f)
         # becomes the object file: same mode as the temporary files of single puts
         self._fd = os.open(self._body, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)

@@ -12,7 +12,7 @@ import threading
 from typing import Iterator
 
 from ..errors import ObjectNotFound
-from .base import ObjectInfo, ObjectStore, Upload
+from .base import ObjectInfo, ObjectStore, PendingUpload, Upload
 
 REQUESTS = ("head", "get", "put", "upload_part", "complete_upload", "abort_upload", "copy",
             "delete", "list")
@@ -30,6 +30,7 @@ class StoreMeter:
         self.bytes_written = 0
         self.objects_written = 0
         self.writes_in_flight = 0  # puts, copies and multipart uploads begun but not finished
+        self.stale_uploads_aborted = 0  # crashed writers' multipart uploads aborted (see store.uploads)
 
     def count(self, kind: str, *, read: int = 0, written: int = 0) -> None:
         with self._lock:
@@ -56,13 +57,18 @@ class StoreMeter:
         with self._lock:
             return {"requests": dict(self.requests), "failures": self.failures, "not_found": self.not_found,
                     "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-                    "objects_written": self.objects_written, "writes_in_flight": self.writes_in_flight}
+                    "objects_written": self.objects_written, "writes_in_flight": self.writes_in_flight,
+                    "stale_uploads_aborted": self.stale_uploads_aborted}
 
 
 class _MeteredUpload(Upload):
     def __init__(self, inner: Upload, meter: StoreMeter):
         self._inner, self._meter = inner, meter
         self._open = True
+
+    @property
+    def upload_id(self) -> str:
+        return self._inner.upload_id
 
     def _finish(self) -> None:
         if self._open:
@@ -181,6 +187,24 @@ class MeteredStore(ObjectStore):
         except BaseException as e:
             self._failed(e)
             raise
+
+    def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        self.meter.count("list")
+        try:
+            yield from self.inner.list_uploads(prefix)
+        except GeneratorExit:
+            raise
+        except BaseException as e:
+            self._failed(e)
+            raise
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.inner.abort_upload(key, upload_id)
+        except BaseException as e:
+            self._failed(e, "abort_upload")
+            raise
+        self.meter.count("abort_upload")
 
     def close(self) -> None:
         self.inner.close()

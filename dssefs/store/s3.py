@@ -49,6 +49,7 @@ import logging
 import math
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -62,7 +63,7 @@ from ..errors import (ConfigError, MetadataBudgetError, ObjectNotFound, Precondi
                       StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
 from ._common import (MAX_PARTS, check_conditions, check_key, check_part_number, check_parts,
                       check_range, normalize_metadata, one_line, strip_etag)
-from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, Upload
+from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, PendingUpload, Upload
 
 __all__ = ["S3Store", "S3Upload", "MAX_COPY_OBJECT_SIZE", "RETRY_MODES"]
 
@@ -106,6 +107,7 @@ _ACTIONS = {
     "copy": "s3:GetObject on the source and s3:PutObject on the destination",
     "delete": "s3:DeleteObject",
     "list": "s3:ListBucket",
+    "list_uploads": "s3:ListBucketMultipartUploads",
     "check": "s3:ListBucket",
     "abort": "s3:AbortMultipartUpload",
 }
@@ -392,6 +394,33 @@ class S3Store(ObjectStore):
                             last_prefix = p
                             yield p
 
+    def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """ListMultipartUploads, every page (``list_page_size`` uploads each)."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
+                                  "PaginationConfig": {"PageSize": self.list_page_size}}
+        with self._errors("list_uploads", prefix or None):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(**kwargs)
+            for page in pages:
+                for u in page.get("Uploads", ()):
+                    initiated = u.get("Initiated")
+                    # without a time (never seen from S3) the upload counts as just begun
+                    yield PendingUpload(u["Key"], u["UploadId"],
+                                        initiated.timestamp() if initiated is not None else time.time())
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        check_key(key)
+        if not isinstance(upload_id, str) or not upload_id:
+            raise ValueError("upload_id must be a non-empty string")
+        with self._errors("abort", key):
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except bce.ClientError as e:
+                code = str((e.response.get("Error") or {}).get("Code") or "")
+                status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+                if code != "NoSuchUpload" and not (status == 404 and code in ("", "404", "NotFound")):
+                    raise
+                # completed or aborted meanwhile (or a retried abort whose first attempt worked)
+
     def close(self) -> None:
         close = getattr(self._client, "close", None)
         if close is not None:
@@ -532,7 +561,7 @@ class S3Store(ObjectStore):
                                      "AWS_PROFILE / AWS_ACCESS_KEY_ID or refresh the session")
         if code in _DENIED or status == 403:
             action = _ACTIONS.get(op, "the required s3 actions")
-            resource = (f"arn:aws:s3:::{self.bucket}" if op in ("list", "check")
+            resource = (f"arn:aws:s3:::{self.bucket}" if op in ("list", "check", "list_uploads")
                         else f"arn:aws:s3:::{self.bucket}/*")
             return StoreAccessDenied(f"access denied to {where} ({code or status}): grant {action} "
                                      f"on {resource} to these credentials")
