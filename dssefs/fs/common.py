@@ -5,6 +5,7 @@ small records (Stat, Probe, handles) the operation modules exchange.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from ..errors import DssefsError
@@ -74,6 +75,25 @@ class Stat:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+
+    def __post_init__(self):
+        # A directory's link count (2 + its subdirectories) is not known without listing it, so
+        # every directory reports 1, the usual "unknown" (btrfs, CIFS, many FUSE file systems):
+        # find/fts then do not use it to skip subdirectories.  Never 2, which claims "no
+        # subdirectories".
+        if stat.S_ISDIR(self.mode) and self.nlink:
+            self.nlink = 1
+
+
+def link_count(node: Inode) -> int:
+    """``st_nlink`` of an inode: 1 while it has its name (hard links do not exist; directories:
+    see :class:`Stat`), 0 once unlinked or removed (an open file after unlink, fstat)."""
+    return 1 if node.linked else 0
+
+
+def with_links(st: Stat, node: Inode) -> Stat:
+    st.nlink = link_count(node)
+    return st
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ..objects.vault import Vault
 from .activity import Activity
 from .attributes import Attrs, now_ns
 from .cache import ChunkCache
-from .common import (KEY_MAX, NAME_MAX, ConflictError, DirHandle, FsConfig, FsError,
+from .common import (KEY_MAX, NAME_MAX, ConflictError, DirHandle, FsConfig, FsError, link_count,
                      Handle, Probe, Stat, fail)
 from .dirs import DirOps
 from .files import FileOps
@@ -184,7 +184,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
             size = node.obj.size
         else:
             size = node.foreign_size
-        return Stat(node.ino, a.mode, 2 if node.is_dir() else 1, a.uid, a.gid, a.rdev, size,
+        return Stat(node.ino, a.mode, link_count(node), a.uid, a.gid, a.rdev, size,
                     (size + 511) // 512, a.atime_ns, a.mtime_ns, a.ctime_ns)
 
     # ---- whole file system ----------------------------------------------------------------------------------

@@ -3,6 +3,13 @@
 State lives in the trio thread only.  An inode is named by ``(parent, name)`` while it is linked;
 unlink/rmdir/rename-over detach it, and it is dropped from the table once the kernel has forgotten
 it (lookup count 0), no handle is open and no unsaved data remains.
+
+Inode numbers are stable for the life of the mount: when a linked inode is dropped, its number is
+remembered under its name (``(parent number, name)``; parents keep their numbers the same way, so
+the names below a renamed directory stay valid) and the next inode made for that name gets it
+again.  A rename moves the inode, hence keeps its number; a name that is removed (unlink, rmdir,
+replaced, or found gone from the store) forgets its number, so a new object under the name gets a
+new one.  Numbers are never reused for another name.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ ROOT_INODE = 1
 class Inode:
     __slots__ = ("ino", "parent", "name", "attrs", "nlookup", "open_count", "writers", "linked", "stored",
                  "obj", "etag", "foreign_size", "foreign", "validated", "lock", "content", "symlink_target",
-                 "cached_etag", "meta_dirty", "meta_error", "broken", "__weakref__")
+                 "cached_etag", "meta_dirty", "meta_error", "broken", "touched_ns", "__weakref__")
 
     def __init__(self, ino: int, parent: int, name: str, attrs: Attrs):
         self.ino, self.parent, self.name, self.attrs = ino, parent, name, attrs
@@ -38,6 +45,9 @@ class Inode:
         self.meta_dirty = False  # attributes changed locally, not stored yet
         self.meta_error = None  # DssefsError of a failed deferred attribute store (see metadata.py)
         self.broken = None  # DssefsError: the object exists but cannot be opened (tampered, key denied)
+        # directories: when this mount last changed the entries (in memory only, never stored);
+        # a refresh from the store never shows an older mtime/ctime than this (see namespace.py)
+        self.touched_ns = 0
 
     def __repr__(self) -> str:
         return f"Inode({self.ino}, parent={self.parent}, name={self.name!r}, mode={self.attrs.mode:o})"
@@ -58,6 +68,9 @@ class InodeTable:
         self.by_ino: dict[int, Inode] = {ROOT_INODE: root}
         self.by_name: dict[tuple[int, str], int] = {}
         self.kids: dict[int, dict[int, None]] = {}  # linked children known per directory inode (ordered)
+        # numbers of linked names whose inode was dropped (forgotten by the kernel): parent -> name -> ino
+        self.numbers: dict[int, dict[str, int]] = {}
+        self.touched: dict[int, int] = {}  # touched_ns of dropped directories, by inode number
 
     @property
     def root(self) -> Inode:
@@ -77,11 +90,42 @@ class InodeTable:
         old = self.child(parent, name)
         if old is not None:
             self.detach(old)
-        node = Inode(self._next, parent, name, attrs)
-        self._next += 1
+        ino = self._number_of(parent, name)
+        if ino is None or ino in self.by_ino:
+            ino = self._next
+            self._next += 1
+        node = Inode(ino, parent, name, attrs)
+        node.touched_ns = self.touched.pop(ino, 0)
         self.by_ino[node.ino] = node
         self._name(node)
         return node
+
+    def _number_of(self, parent: int, name: str) -> int | None:
+        """The number a dropped inode of this name had (taken: the new inode carries it)."""
+        names = self.numbers.get(parent)
+        if names is None:
+            return None
+        ino = names.pop(name, None)
+        if not names:
+            del self.numbers[parent]
+        return ino
+
+    def vanish(self, parent: int, name: str) -> None:
+        """``parent/name`` does not exist (any more): a new object under it is another file."""
+        ino = self._number_of(parent, name)
+        if ino is not None:
+            self._forget_below(ino)
+
+    def _forget_below(self, ino: int) -> None:
+        """Forget the remembered numbers of names below a removed directory (recursively)."""
+        self.touched.pop(ino, None)
+        todo = [ino]
+        while todo:
+            names = self.numbers.pop(todo.pop(), None)
+            if names:
+                for child in names.values():
+                    self.touched.pop(child, None)
+                    todo.append(child)
 
     def _name(self, node: Inode) -> None:
         self.by_name[(node.parent, node.name)] = node.ino
@@ -101,8 +145,11 @@ class InodeTable:
     def detach(self, node: Inode) -> None:
         """Remove the name (unlink/rmdir/replaced); the inode lives on while referenced."""
         parent = self.by_ino.get(node.parent)
-        self._unname(node)
+        if self._unname(node):
+            self.vanish(node.parent, node.name)
         node.linked = False
+        if node.is_dir():
+            self._forget_below(node.ino)
         self.maybe_drop(node)
         if parent is not None:
             self.maybe_drop(parent)
@@ -110,6 +157,7 @@ class InodeTable:
     def move(self, node: Inode, parent: int, name: str) -> None:
         old_parent = self.by_ino.get(node.parent)
         self._unname(node)
+        self.vanish(parent, name)  # whatever had the new name is replaced
         node.parent, node.name = parent, name
         self._name(node)
         node.linked = True
@@ -156,6 +204,10 @@ class InodeTable:
             return
         self.by_ino.pop(node.ino, None)
         named = self._unname(node)
+        if named and node.linked:  # forgotten, not removed: the name keeps its number
+            self.numbers.setdefault(node.parent, {})[node.name] = node.ino
+            if node.touched_ns:
+                self.touched[node.ino] = node.touched_ns
         if node.content is not None:
             node.content.discard()
             node.content = None

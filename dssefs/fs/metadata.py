@@ -15,7 +15,7 @@ import trio
 
 from ..errors import DssefsError, MetadataBudgetError, PreconditionFailed
 from .attributes import now_ns
-from .common import Stat, fail
+from .common import Stat, fail, with_links
 from .inodes import Inode
 
 log = logging.getLogger("dssefs.fs")
@@ -60,9 +60,10 @@ class MetadataOps:
                 a.atime_ns = atime_ns
             if mtime_ns is not None:
                 a.mtime_ns = mtime_ns
+                node.touched_ns = 0  # a time set explicitly is stored, and is what refreshes show
             a.ctime_ns = t
             await self._attrs_changed(node, old, node.meta_dirty, may_defer=size is None)
-        return self.stat(node)
+        return with_links(self.stat(node), node)
 
     async def _attrs_changed(self, node: Inode, old, was_dirty: bool, *, may_defer: bool = True) -> None:
         """Mark ``node``'s attributes changed (inode lock held).  With nobody writing, store them

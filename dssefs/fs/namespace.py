@@ -15,7 +15,7 @@ from ..errors import DssefsError, NotDssefsObject, ObjectNotFound
 from ..store.base import ObjectInfo
 from .attributes import Attrs, now_ns
 from .cache import FileContent, ForeignBase
-from .common import LISTING_CACHE_MAX, NAME_MAX, Probe, Stat, fail
+from .common import LISTING_CACHE_MAX, NAME_MAX, Probe, Stat, fail, with_links
 from .inodes import ROOT_INODE, Inode
 
 log = logging.getLogger("dssefs.fs")
@@ -41,6 +41,8 @@ class NamespaceOps:
         try:
             if obj is None:
                 obj = self.vault.open(key, info, data_keys=prev.data_keys if prev is not None else None)
+            blob = obj.attrs()  # sealed: fails authentication if tampered with
+            a = None if blob is None else Attrs.decode(blob)
         except NotDssefsObject:
             a = self._default_attrs(kind)
             t = int(info.mtime * 1e9)
@@ -49,17 +51,12 @@ class NamespaceOps:
                 a.mode = stat.S_IFREG | (self.cfg.file_mode & 0o555 if self.cfg.foreign_objects == "read-only"
                                          else self.cfg.file_mode)
             return Probe(kind, a, True, None, info.etag, foreign=True, size=info.size)
-        except DssefsError as e:  # tampered object, key access denied...
-            log.warning("event=probe_failed object=%s/%s errno=%s reason=%s", self.store.url.rstrip("/"), key,
-                        errno.errorcode.get(e.errno, e.errno), e)
-            return Probe(kind, self._default_attrs(kind), True, None, info.etag, broken=e, size=0)
-        blob = obj.attrs()
-        if blob is None:
+        except DssefsError as e:  # tampered object or attributes, key access denied...
+            return self._broken_probe(key, kind, e, info)
+        if a is None:
             a = self._default_attrs(kind)
             t = int(info.mtime * 1e9)
             a.atime_ns = a.mtime_ns = a.ctime_ns = t
-        else:
-            a = Attrs.decode(blob)
         if kind == "dir" and not a.is_dir():
             a.mode = stat.S_IFDIR | (a.mode & 0o7777)
         if kind == "file" and a.is_dir():
@@ -72,6 +69,18 @@ class NamespaceOps:
             except DssefsError:
                 plains = None  # a read fetches it again and reports the failure then
         return Probe(kind, a, True, obj, info.etag, size=obj.size, body=plains)
+
+    def _broken_probe(self, key: str, kind: str, error: DssefsError, info: ObjectInfo | None = None) -> Probe:
+        """A name that exists but whose object cannot be used: listed with default attributes (with
+        the store's time and ETag when the failure came after the store answered), size 0;
+        opening it fails with ``error``'s errno, and the log names it."""
+        log.warning("event=probe_failed object=%s/%s errno=%s reason=%s (listed with default attributes; "
+                    "opening it fails)", self.store.url.rstrip("/"), key,
+                    errno.errorcode.get(error.errno, error.errno), str(error).replace("\n", " "))
+        a = self._default_attrs(kind)
+        if info is not None:
+            a.atime_ns = a.mtime_ns = a.ctime_ns = int(info.mtime * 1e9)
+        return Probe(kind, a, True, None, info.etag if info is not None else None, broken=error, size=0)
 
     def _probe_sync(self, dirpfx: str, name: str, hint: str | None = None, prev=None) -> Probe | None:
         key = dirpfx + name
@@ -109,6 +118,11 @@ class NamespaceOps:
 
     def _apply(self, node: Inode, p: Probe) -> None:
         changed = p.etag != node.etag
+        if node.touched_ns and p.attrs.is_dir():
+            # entries changed through this mount after the stored attributes were written: those
+            # times live in memory only and a refresh never takes them back
+            p.attrs.mtime_ns = max(p.attrs.mtime_ns, node.touched_ns)
+            p.attrs.ctime_ns = max(p.attrs.ctime_ns, node.touched_ns)
         node.attrs = p.attrs
         node.stored = p.stored
         node.obj = p.obj
@@ -119,7 +133,9 @@ class NamespaceOps:
         node.validated = self._now()
         if changed:
             node.symlink_target = None
-            if node.content is not None and not node.content.modified:
+            # a version that cannot be opened does not replace what an open reader has (its reads
+            # stay pinned to the version it opened and fail if that is gone)
+            if node.content is not None and not node.content.modified and p.broken is None:
                 if node.foreign:
                     base = ForeignBase(self.store, self.object_key(node), p.size, p.etag, self.cfg.chunk_size)
                 else:
@@ -152,6 +168,7 @@ class NamespaceOps:
                 if hint is None:  # answered by a fresh listing: no such name
                     if node is not None:
                         self.table.detach(node)
+                    self.table.vanish(parent.ino, name)
                     return None
         prev = node.obj if node is not None else None
         p = await self._io(self._probe_sync, self.dir_prefix(parent), name, hint, prev)
@@ -194,6 +211,7 @@ class NamespaceOps:
         if p is None:
             if node is not None:
                 self.table.detach(node)
+            self.table.vanish(parent.ino, name)  # gone from the store: a new object is another file
             return None
         if node is not None and (node.is_dir() != (p.kind == "dir")):
             self.table.detach(node)
@@ -245,8 +263,12 @@ class NamespaceOps:
         self._apply(node, p)
 
     def _touch_dir(self, parent: Inode) -> None:
+        """An entry of ``parent`` was added, removed or renamed through this mount.  The new
+        mtime/ctime is kept in memory only (not stored: one metadata copy per create would cost a
+        request and conflict between clients writing into one directory); refreshes keep it."""
         t = now_ns()
         parent.attrs.mtime_ns = parent.attrs.ctime_ns = t
+        parent.touched_ns = t
 
     async def lookup(self, parent_ino: int, name: str) -> Stat:
         parent = self._dir(parent_ino)
@@ -260,7 +282,7 @@ class NamespaceOps:
             self._check_name(parent, name)
             node = await self._existing(parent, name)
         node.nlookup += 1
-        return self.stat(node)
+        return with_links(self.stat(node), node)
 
     def incref(self, ino: int) -> None:
         node = self.table.get(ino)
@@ -280,4 +302,4 @@ class NamespaceOps:
     async def getattr(self, ino: int) -> Stat:
         node = self.node(ino)
         await self._refresh(node)
-        return self.stat(node)
+        return with_links(self.stat(node), node)

@@ -5,17 +5,14 @@ parallel groups of entries).
 from __future__ import annotations
 
 import errno
-import logging
 import math
 import time
 
 import trio
 
-from ..errors import DssefsError
-from .common import LISTING_CACHE_MAX, READDIR_BATCH, DirHandle, Probe, Stat, fail
+from ..errors import DssefsError, StoreError
+from .common import LISTING_CACHE_MAX, READDIR_BATCH, DirHandle, Probe, Stat, fail, with_links
 from .inodes import Inode
-
-log = logging.getLogger("dssefs.fs")
 
 # Probes that mostly wait (S3: a HEAD or small GET takes several ms) run in parallel groups sized to
 # ~2 ms each.  Probes of a store whose requests mostly compute (a local directory: read a file, check
@@ -44,7 +41,11 @@ class ReaddirOps:
     async def readdir(self, fh: int, start: int) -> list[tuple[str, Stat, int]]:
         """Up to READDIR_BATCH entries from offset ``start``: ``(name, stat, next_offset)``.
         Offsets are stable for the handle (a snapshot taken at opendir).  Lookup counts are not
-        changed: call :meth:`incref` for every entry handed to the kernel, then :meth:`trim`."""
+        changed: call :meth:`incref` for every entry handed to the kernel, then :meth:`trim`.
+
+        Every name of the snapshot is returned unless the store no longer has it: a name whose
+        probe fails (store error on that key, object or attributes failing authentication, key
+        access denied) is listed flagged broken, never left out (see :meth:`_listed_probe`)."""
         d = self.dirs.get(fh)
         if d is None:
             raise fail(errno.EBADF)
@@ -66,10 +67,9 @@ class ReaddirOps:
             for name, kind, prev in group:
                 try:
                     out.append((name, self._probe_sync(dirpfx, name, kind, prev)))
-                except DssefsError as e:
-                    log.warning("op=readdir object=%s%s errno=%s reason=%s", self.store.url.rstrip("/") + "/",
-                                dirpfx + name, errno.errorcode.get(e.errno, e.errno), e)
-                    out.append((name, None))
+                except DssefsError as e:  # the store failed on this key (beyond its retries)
+                    key = dirpfx + name + ("/" if kind == "dir" else "")
+                    out.append((name, self._broken_probe(key, kind, e)))
             per = (time.perf_counter() - t0) / len(group)
             self._probe_seconds += (per - self._probe_seconds) / 8  # moving average (benign race)
             return out
@@ -85,7 +85,7 @@ class ReaddirOps:
             if n is not None and (self._local_authority(n) or self._fresh(n, self.cfg.entry_timeout)):
                 nodes[name] = n
             elif name in d.probes and now - d.probes[name][0] < self.cfg.entry_timeout:
-                nodes[name] = self._install(node, name, d.probes[name][1])
+                nodes[name] = self._listed_probe(node, name, d.probes[name][1])
             else:
                 todo.append((name, kind))
         if todo:
@@ -103,12 +103,23 @@ class ReaddirOps:
                 for i in range(0, len(work), size):
                     nursery.start_soon(resolve, work[i:i + size])
             for name, _kind in todo:
-                nodes[name] = self._install(node, name, d.probes[name][1])
+                nodes[name] = self._listed_probe(node, name, d.probes[name][1])
         for i, (name, _kind) in enumerate(batch):
             n = nodes.get(name)
             if n is not None and n.linked:
-                out.append((name, self.stat(n), first + i + 3))
+                out.append((name, with_links(self.stat(n), n), first + i + 3))
         return out
+
+    def _listed_probe(self, parent: Inode, name: str, p: Probe | None) -> Inode | None:
+        """The inode of a listed name after its probe.  A store error on that one key keeps what
+        is known of an inode that was fine (it is probed again at its next use, after the TTL);
+        otherwise the probe is installed, a failed one as a broken inode (listed with default
+        attributes, opening it fails with EIO or EACCES).  None only if the name is gone."""
+        old = self.table.child(parent.ino, name)
+        if (p is not None and isinstance(p.broken, StoreError) and old is not None and old.broken is None
+                and not (old.is_dir() ^ (p.kind == "dir"))):
+            return old
+        return self._install(parent, name, p)
 
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
