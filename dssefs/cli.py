@@ -391,7 +391,7 @@ def _epoch_records(object_store, key: str, named: dict) -> list[tuple[str, bytes
     from .envelope.epoch import EPOCH_DIR
 
     out = dict.fromkeys(named)
-    base = key if not key or key.endswith("/") else key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    base = key if key.endswith("/") else key[:key.rfind("/") + 1]  # the URI's "directory"
     for k in store.iter_keys(object_store, base):
         i = k.find(EPOCH_DIR)
         if i >= 0 and (i == 0 or k[i - 1] == "/"):

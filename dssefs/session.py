@@ -86,10 +86,15 @@ def key_provider(s: Settings, *, create_default: bool = False) -> KeySetup:
         provider = kms.make_provider(kms_key_id=s.kms_key_id, kms_key_id_outer=s.kms_key_id_outer,
                                      kms_allowed_key_ids=s.kms_allowed_key_ids,
                                      kms_allowed_key_ids_outer=s.kms_allowed_key_ids_outer,
-                                     region=s.region, profile=s.profile, endpoint_url=s.endpoint_url,
-                                     retries_mode=s.retry_mode, max_attempts=max(1, s.max_attempts),
-                                     trust_hint=trust_line)
+                                     **kms_client_options(s))
     return KeySetup(provider, created)
+
+
+def kms_client_options(s: Settings) -> dict[str, Any]:
+    """How the settings reach AWS KMS, for every KMS provider a command makes."""
+    return {"region": s.region, "profile": s.profile, "endpoint_url": s.endpoint_url,
+            "retries_mode": s.retry_mode, "max_attempts": max(1, s.max_attempts),
+            "trust_hint": trust_line}
 
 
 def vault_for(s: Settings, object_store: store.ObjectStore, provider: kms.KeyProvider | None,
@@ -151,9 +156,7 @@ class ReadingKeys:
         first_outer = outer[0] if outer else None
         return kms.AwsKmsProvider(
             inner[0], first_outer, allowed_key_ids=inner[1:], allowed_key_ids_outer=outer[1:],
-            region=s.region, profile=s.profile, endpoint_url=s.endpoint_url,
-            retries_mode=s.retry_mode, max_attempts=max(1, s.max_attempts), read_only=True,
-            trust_hint=trust_line)
+            read_only=True, **kms_client_options(s))
 
     def _keyrings(self) -> kms.KeyProvider:
         s = self.s

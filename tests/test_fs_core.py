@@ -12,7 +12,7 @@ import trio
 from dssefs.errors import DssefsError
 from dssefs.fs import Filesystem, FsConfig
 from dssefs.kms.local import LocalKeyringProvider, create_keyring
-from dssefs.objects.vault import Vault
+from dssefs.objects.vault import Vault, bytes_source
 from dssefs.store.local import LocalStore
 
 ROOT = 1
@@ -562,3 +562,24 @@ async def test_names_the_store_cannot_hold_are_refused_at_create(backend, tmp_pa
             await write_file(fs, name, b"data")
             assert await read_file(make_fs(backend, tmp_path / "other"), name) == b"data"
     assert fs.statfs()["f_namemax"] == (253 if local else 255)
+
+
+async def test_epoch_records_below_a_directory_go_with_it(backend, tmp_path):
+    """'dssefs put' keeps its epoch in the object's directory (d/.dssefs/epochs/ID): renaming the
+    directory re-wraps its files under the mount's epoch and drops the record, and rmdir of a
+    directory left with only records removes them, so nothing keeps the name alive."""
+    cli = Vault(backend.store, backend.keys, chunk_log2=16)  # as the object commands write
+    cli.write("d/x", bytes_source(b"from put"), 8)
+    cli.write("k/y", bytes_source(b"kept"), 4)
+    backend.store.delete("k/y")  # only k's record is left
+
+    def keys(prefix):
+        return sorted(i.key for i in backend.store.list(prefix, delimiter=None))
+    assert [k.split("/")[1] for k in keys("d/")] == [".dssefs", "x"]
+    fs = make_fs(backend, tmp_path)
+    await fs.rename(ROOT, "d", ROOT, "e")
+    assert keys("d/") == []
+    assert await read_file(fs, "x", (await fs.lookup(ROOT, "e")).ino) == b"from put"
+    assert set(await list_dir(fs)) >= {"e", "k"} and ".dssefs" not in await list_dir(fs)
+    await fs.rmdir(ROOT, "k")
+    assert keys("k/") == []

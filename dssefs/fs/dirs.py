@@ -8,7 +8,7 @@ import stat
 
 import trio
 
-from ..envelope.epoch import is_reserved_key
+from ..envelope.epoch import RESERVED_NAME, is_reserved_key
 from ..errors import NotDssefsObject, ObjectNotFound, PreconditionFailed
 from .attributes import Attrs
 from .common import Stat, _Locks, fail
@@ -125,10 +125,12 @@ class DirOps:
         node.meta_dirty = False
         self.table.detach(node)
 
-    async def _is_empty(self, node: Inode) -> bool:
+    async def _is_empty(self, node: Inode, reserved: list | None = None) -> bool:
+        """Whether ``node`` has no entries; ``reserved`` gets ``True`` when its listing showed
+        '.dssefs' records (see :meth:`_list_sync`)."""
         if any(n.dirty or not n.stored and not n.is_dir() for n in self.table.children(node.ino)):
             return False
-        entries = await self._io(self._list_sync, self.dir_prefix(node))
+        entries = await self._io(self._list_sync, self.dir_prefix(node), None, reserved)
         return not entries
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
@@ -137,9 +139,11 @@ class DirOps:
         node = await self._existing(parent, name)
         if not node.is_dir():
             raise fail(errno.ENOTDIR)
-        if not await self._is_empty(node):
+        records: list = []
+        if not await self._is_empty(node, records):
             raise fail(errno.ENOTEMPTY)
-        await self._io(self._drop_records_sync, self.dir_prefix(node))
+        if records:  # only then: an rmdir costs no listing beyond the emptiness check
+            await self._io(self._drop_records_sync, self.dir_prefix(node))
         if node.stored:
             await self._io(self.store.delete, self.object_key(node))
         node.stored = False
@@ -230,19 +234,21 @@ class DirOps:
         """Move every object under ``src_pfx``: metadata-only copies, bodies never re-encrypted."""
         keys = await self._io(lambda: [i.key for i in self.store.list(src_pfx, delimiter=None)
                                        if not isinstance(i, str)])
+        records = [k for k in keys if is_reserved_key(k[len(self.prefix):])]
         async with trio.open_nursery() as nursery:
             for key in keys:
-                if not is_reserved_key(key[len(self.prefix):]):
+                if key not in records:
                     nursery.start_soon(self._io, self._rename_one_sync, key, dst_pfx + key[len(src_pfx):])
         # every object moved was re-wrapped under the destination's epoch: the epoch records
         # below the source (written there by 'dssefs put') are no longer named by any object
-        await self._io(self._drop_records_sync, src_pfx)
+        for key in records:
+            await self._io(self.store.delete, key)
 
     def _drop_records_sync(self, dirpfx: str) -> None:
-        """Delete the '.dssefs' records below an empty (or moved-away) directory: only objects
-        below it can name them."""
-        for item in list(self.store.list(dirpfx, delimiter=None)):
-            if not isinstance(item, str) and is_reserved_key(item.key[len(self.prefix):]):
+        """Delete the '.dssefs' records below an empty directory: only objects below it can
+        name them."""
+        for item in list(self.store.list(dirpfx + RESERVED_NAME + "/", delimiter=None)):
+            if not isinstance(item, str):
                 self.store.delete(item.key)
 
     async def _reopen_tree(self, node: Inode) -> None:

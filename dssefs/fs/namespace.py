@@ -98,8 +98,11 @@ class NamespaceOps:
             return Probe("dir", self._default_attrs("dir"), False)
         return None
 
-    def _list_sync(self, dirpfx: str, limit: int | None = None) -> list[tuple[str, str]] | None:
-        """Sorted ``(name, kind)`` of one directory level; None if it has more than ``limit``."""
+    def _list_sync(self, dirpfx: str, limit: int | None = None, reserved: list | None = None
+                   ) -> list[tuple[str, str]] | None:
+        """Sorted ``(name, kind)`` of one directory level; None if it has more than ``limit``.
+        ``reserved`` (a list) gets ``True`` appended when the level holds dssefs's own ``.dssefs``
+        records, which are never listed."""
         names: dict[str, str] = {}
         for n, item in enumerate(self.store.list(dirpfx, delimiter="/")):
             if limit is not None and n >= limit:
@@ -108,6 +111,8 @@ class NamespaceOps:
                 name, kind = item[len(dirpfx):].rstrip("/"), "dir"
             else:
                 name, kind = item.key[len(dirpfx):], "file"
+            if name == RESERVED_NAME and reserved is not None:
+                reserved.append(True)
             if not name or "/" in name or name in (".", "..", RESERVED_NAME) or len(name.encode()) > NAME_MAX:
                 continue
             if names.get(name) != "file":  # a file and a directory of one name: the file wins

@@ -562,56 +562,56 @@ class AwsKmsProvider(KeyProvider):
 
     def _require_trusted(self, key_id: str, layer: Layer, ctx: Mapping[str, str]) -> None:
         """Before KMS is called: ``key_id`` (named by the object) must be trusted for ``layer``."""
-        if self._trusted_for(layer, key_id):
-            if self._split and self._known(_other(layer), key_id):
-                raise self._ambiguous_error(key_id, layer, ctx)
-            return
         where = describe_context(ctx)
         shown = one_line(key_id if isinstance(key_id, str) else repr(key_id), 300)
         what = f"{layer.value} {key_noun(ctx)} of {where} is wrapped by KMS key {shown}"
         other = _other(layer)
-        if self._split and self._known(other, key_id):
-            raise KeyAccessDenied(f"{what}, which this reader trusts only for the {other.value} "
-                                  f"layer ({self._split_text()}): refusing a possible forgery")
-        with self._lock:
-            failures = list(self._resolve_errors.values())
-        if failures:
-            err = failures[0]
-            raise type(err)(f"cannot check whether KMS key {one_line(repr(key_id), 300)} of "
-                            f"{where} is trusted: {err}", errno=err.errno)
-        if self._split:
-            raise KeyAccessDenied(
-                f"{what}, which this reader does not trust for the {layer.value} layer: if it is "
-                f"yours, add it with {self._how(layer, shown)} (or {self._option(other)} for the "
-                f"{other.value} layer)")
-        raise KeyAccessDenied(f"{what}, which this reader does not trust: if it is yours, add it "
-                              f"with {self._how(layer, shown)}")
+
+        def untrusted() -> KeyAccessDenied:
+            if self._split:
+                return KeyAccessDenied(
+                    f"{what}, which this reader does not trust for the {layer.value} layer: if it "
+                    f"is yours, add it with {self._how(layer, shown)} (or {self._option(other)} "
+                    f"for the {other.value} layer)")
+            return KeyAccessDenied(f"{what}, which this reader does not trust: if it is yours, "
+                                   f"add it with {self._how(layer, shown)}")
+
+        self._check_trust(key_id, layer, ctx, what,
+                          f"KMS key {one_line(repr(key_id), 300)} of {where}", untrusted)
 
     def _require_decrypted_by_trusted(self, arn: str, named: str, layer: Layer,
                                       ctx: Mapping[str, str]) -> None:
         """After KMS answered: the key that actually decrypted (``arn``, as KMS reports it) must be
         trusted for ``layer`` too; the object only *named* ``named``."""
-        if self._trusted_for(layer, arn):
-            if self._split and self._known(_other(layer), arn):
-                raise self._ambiguous_error(arn, layer, ctx)
-            return
         where = describe_context(ctx)
         what = (f"KMS opened the {layer.value} {key_noun(ctx)} of {where} (which names KMS key "
                 f"{one_line(named, 300)}) with KMS key {one_line(arn, 300)}")
+        self._check_trust(
+            arn, layer, ctx, what,
+            f"KMS key {one_line(arn, 300)}, which opened the {layer.value} {key_noun(ctx)} of {where},",
+            lambda: KeyAccessDenied(f"{what}, which this reader does not trust for the {layer.value} "
+                                    f"layer: refusing a possible forgery; if that key is yours, add "
+                                    f"it with {self._how(layer, one_line(arn, 300))}"))
+
+    def _check_trust(self, key: str, layer: Layer, ctx: Mapping[str, str], what: str,
+                     checking: str, untrusted: Callable[[], KeyAccessDenied]) -> None:
+        """Return if ``key`` is trusted for ``layer`` alone; otherwise raise: a key of both
+        layers, a key of the other layer (split custody), an alias look-up that failed (named by
+        ``checking``), or ``untrusted()``.  The messages start with ``what``."""
+        if self._trusted_for(layer, key):
+            if self._split and self._known(_other(layer), key):
+                raise self._ambiguous_error(key, layer, ctx)
+            return
         other = _other(layer)
-        if self._split and self._known(other, arn):
+        if self._split and self._known(other, key):
             raise KeyAccessDenied(f"{what}, which this reader trusts only for the {other.value} "
                                   f"layer ({self._split_text()}): refusing a possible forgery")
         with self._lock:
             failures = list(self._resolve_errors.values())
         if failures:
             err = failures[0]
-            raise type(err)(f"cannot check whether KMS key {one_line(arn, 300)}, which opened the "
-                            f"{layer.value} {key_noun(ctx)} of {where}, is trusted: {err}",
-                            errno=err.errno)
-        raise KeyAccessDenied(f"{what}, which this reader does not trust for the {layer.value} "
-                              f"layer: refusing a possible forgery; if that key is yours, add it "
-                              f"with {self._how(layer, one_line(arn, 300))}")
+            raise type(err)(f"cannot check whether {checking} is trusted: {err}", errno=err.errno)
+        raise untrusted()
 
     def _check_destination(self, dest: str, layer: Layer, ctx: Mapping[str, str]) -> None:
         """Under split custody, refuse to re-wrap a layer under a key of the other layer."""

@@ -76,8 +76,6 @@ class Epochs:
         self._write_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._known: collections.OrderedDict[tuple[str, bytes], Epoch] = collections.OrderedDict()
         self._loading: dict[tuple[str, bytes], threading.Lock] = {}
-        self.created = 0  # epochs started by this process
-        self.loaded = 0   # epochs fetched and unwrapped by this process
 
     @property
     def bucket(self) -> str:
@@ -127,13 +125,7 @@ class Epochs:
             stored, _ = self.fetch_record(prefix, epoch_id)
             if stored != record:
                 raise
-        self.created += 1
         return Epoch(record, k_in, k_out)
-
-    def retire(self) -> None:
-        """Start new epochs for later writes (after a re-key)."""
-        with self._lock:
-            self._current.clear()
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -169,23 +161,7 @@ class Epochs:
             self._known.popitem(last=False)
 
     def fetch_record(self, prefix: str, epoch_id: bytes) -> tuple[EpochRecord, str]:
-        """The parsed record and its ETag (no keys unwrapped)."""
-        rk = record_key(prefix, epoch_id)
-        try:
-            info = self.store.head(rk, prefix=MAX_RECORD_BYTES)
-        except ObjectNotFound:
-            raise IntegrityError(
-                f"{self.store.url}/{rk}: the epoch record this object needs is missing; without it "
-                "the object cannot be decrypted: restore the .dssefs/ objects from a backup or an "
-                "earlier S3 version") from None
-        data = info.prefix or b""
-        if len(data) != info.size:
-            raise IntegrityError(f"{self.store.url}/{rk}: {info.size} bytes is not an epoch record")
-        try:
-            record = EpochRecord.parse(data, bucket=self.bucket, prefix=prefix, epoch_id=epoch_id)
-        except IntegrityError as e:
-            raise type(e)(f"{self.store.url}/{rk}: {e}") from None
-        return record, info.etag
+        return fetch_record(self.store, prefix, epoch_id)
 
     def _load(self, prefix: str, epoch_id: bytes) -> Epoch:
         record, _etag = self.fetch_record(prefix, epoch_id)
@@ -195,7 +171,6 @@ class Epochs:
         k_in, k_out = self.per_layer(
             provider, lambda layer: provider.unwrap(layer, wrapped[layer],
                                                     self._ctx(layer, prefix, epoch_id)))
-        self.loaded += 1
         return Epoch(record, k_in, k_out)
 
     # ---- re-keying ------------------------------------------------------------------------------
@@ -230,6 +205,27 @@ class Epochs:
             self._known.pop((prefix, epoch_id), None)
             self._current.pop(prefix, None)
         return True
+
+
+def fetch_record(store: ObjectStore, prefix: str, epoch_id: bytes) -> tuple[EpochRecord, str]:
+    """The parsed record of ``epoch_id`` under ``prefix`` and its ETag (no keys unwrapped): one
+    HEAD that returns the small body with it."""
+    rk = record_key(prefix, epoch_id)
+    try:
+        info = store.head(rk, prefix=MAX_RECORD_BYTES)
+    except ObjectNotFound:
+        raise IntegrityError(
+            f"{store.url}/{rk}: the epoch record this object needs is missing; without it "
+            "the object cannot be decrypted: restore the .dssefs/ objects from a backup or an "
+            "earlier S3 version") from None
+    data = info.prefix or b""
+    if len(data) != info.size:
+        raise IntegrityError(f"{store.url}/{rk}: {info.size} bytes is not an epoch record")
+    try:
+        record = EpochRecord.parse(data, bucket=store.context_name, prefix=prefix, epoch_id=epoch_id)
+    except IntegrityError as e:
+        raise type(e)(f"{store.url}/{rk}: {e}") from None
+    return record, info.etag
 
 
 def _utc_now() -> str:

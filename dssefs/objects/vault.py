@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 from .. import envelope
 from ..envelope import format as fmt
-from ..envelope.epoch import is_reserved_key
+from ..envelope.epoch import is_reserved_key, record_key
 from ..envelope.keywrap import unwrap_data_key, wrap_data_key
 from ..envelope.metadata import Envelope, EpochRef, metadata_size
 from ..errors import (ConfigError, IntegrityError, KeyProviderError, ObjectNotFound, PreconditionFailed,
@@ -36,7 +36,7 @@ from ..errors import (ConfigError, IntegrityError, KeyProviderError, ObjectNotFo
 from ..kms._common import WrappedKeyMismatch
 from ..kms.base import KeyProvider, Layer, WrappedKey, context, object_context_v2
 from ..store.base import ObjectInfo, ObjectStore
-from .epochs import DEFAULT_MAX_AGE, DEFAULT_MAX_OBJECTS, Epoch, Epochs
+from .epochs import DEFAULT_MAX_AGE, DEFAULT_MAX_OBJECTS, Epoch, Epochs, fetch_record
 
 log = logging.getLogger(__name__)
 
@@ -680,12 +680,10 @@ def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None
         "has_attributes": env.attrs is not None, "metadata_bytes": metadata_size(info.metadata),
     }
     if env.version == fmt.FORMAT_V2:
-        from .epochs import Epochs
         prefix = env.epoch.prefix_of(key)
-        reader = Epochs(object_store, None, lambda kind: None, lambda p, c: None)  # records only
-        record, _ = reader.fetch_record(prefix, env.epoch.epoch_id)
+        record, _ = fetch_record(object_store, prefix, env.epoch.epoch_id)
         out.update(epoch_id=env.epoch.hex, epoch_prefix=prefix,
-                   epoch_record=prefix + ".dssefs/epochs/" + env.epoch.hex,
+                   epoch_record=record_key(prefix, env.epoch.epoch_id),
                    epoch_created=record.created, key_provider=record.provider,
                    key_id_inner=record.key_id_inner, key_id_outer=record.key_id_outer,
                    wrapped_epoch_key_bytes=[len(record.wrapped_inner), len(record.wrapped_outer)])
