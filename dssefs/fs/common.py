@@ -112,10 +112,21 @@ class Probe:
 
 
 class Handle:
-    __slots__ = ("fh", "node", "writable", "append")
+    """One open file description (shared by ``dup``'ed descriptors and forked children)."""
+
+    __slots__ = ("fh", "node", "writable", "append", "changed_at")
 
     def __init__(self, fh: int, node: Inode, writable: bool, append: bool):
         self.fh, self.node, self.writable, self.append = fh, node, writable, append
+        self.changed_at = -1  # node.stores when this handle last wrote or truncated
+
+    def mark_changed(self) -> None:
+        self.changed_at = self.node.stores
+
+    @property
+    def changed(self) -> bool:
+        """This handle wrote (or truncated, or created the file) since the file was last stored."""
+        return self.changed_at == self.node.stores
 
 
 class DirHandle:

@@ -56,6 +56,7 @@ class FileOps:
         self._touch_dir(parent)
         self._listed(parent, name, "file")
         h = self._new_handle(node, flags)
+        h.mark_changed()  # a new file: its close stores it (there is no old version to keep)
         return h.fh, self.stat(node)
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
@@ -108,6 +109,7 @@ class FileOps:
             content = node.content
             if h.append and not self.cfg.writeback_cache:
                 off = content.size  # with the writeback cache the kernel already did this
+            h.mark_changed()
             if content.try_write(off, data):
                 n = len(data)
             else:
@@ -116,16 +118,34 @@ class FileOps:
         return n
 
     async def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: returns once the file is stored."""
+        """close(2) of one descriptor (FUSE FLUSH): returns once the file is stored.
+
+        Unsaved data is stored only by the close of a handle that wrote it (or truncated the file
+        through ``ftruncate``, or created the file): a FLUSH also comes from closing a duplicate
+        descriptor (``dup2`` of a shell redirection, ``dd``'s reopening of its output right after
+        ``O_TRUNC``) and from readers, and storing then would put a half-written or emptied
+        version in place of the old one.  Such data is stored by the close of the handle that
+        changed it, by the last close of the file (RELEASE) or by ``fsync``.  Attribute-only
+        changes are stored by any close."""
         h = self.handle(fh)
         node = h.node
-        self._deferred.pop(node.ino, None)
-        if node.dirty and node.linked:
-            async with node.lock:
-                await self._flush_locked(node)
-        node.meta_error = None  # stored now: an earlier deferred failure has been retried
+        if not (node.dirty and node.linked):
+            return
+        if node.content is not None and node.content.modified and not h.changed:
+            return
+        await self._store_now(node)
 
-    fsync = flush
+    async def fsync(self, fh: int) -> None:
+        """fsync/fdatasync through any descriptor: every change of the file is stored."""
+        node = self.handle(fh).node
+        if node.dirty and node.linked:
+            await self._store_now(node)
+
+    async def _store_now(self, node: Inode) -> None:
+        self._deferred.pop(node.ino, None)
+        async with node.lock:
+            await self._flush_locked(node)
+        node.meta_error = None  # stored now: an earlier deferred failure has been retried
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)

@@ -88,6 +88,7 @@ class FlushOps:
             act.flushes_in_flight -= 1
         act.flushes_done += 1
         node.obj, node.etag, node.stored = new, new.etag, True
+        node.stores += 1
         node.validated = self._now()
         node.meta_dirty = False
         node.cached_etag = new.etag  # the page cache holds exactly what was stored
@@ -143,6 +144,7 @@ class FlushOps:
                     "version; the local changes were saved under a new name'", self.describe(node.ino),
                     self.store.url.rstrip("/"), key)
         node.meta_dirty = False
+        node.stores += 1
         # the content now belongs to the copy: nothing left to store under the original name
         content.rebase(new)
         self._listed(parent, name, "file")

@@ -39,6 +39,9 @@ class MetadataOps:
                     raise fail(errno.EINVAL)
                 content = await self._content(node)
                 await self._cpu(content.truncate, size)
+                h = self.handles.get(fh) if fh is not None else None
+                if h is not None and h.node is node:
+                    h.mark_changed()  # ftruncate: the close of this descriptor stores it
                 a.mtime_ns = t
                 if a.mode & (stat.S_ISUID | stat.S_ISGID) and caller_uid != 0:
                     a.mode &= ~stat.S_ISUID
