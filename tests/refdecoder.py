@@ -89,7 +89,9 @@ OPTIONAL = ("dsse-a",)
 REQUIRED_V2 = ("dsse-h", "dsse-ki", "dsse-ko", "dsse-e")  # 17.7
 ALL_KEYS = ("dsse-h", "dsse-ki", "dsse-ko", "dsse-w", "dsse-e", "dsse-a")
 FLAG_ATTRS = 0x01  # 17.2
-ALLOWED_FLAGS = {1: 0x00, 2: FLAG_ATTRS}
+FLAG_SPARSE = 0x02  # 17.2, 17.10
+MAP_INDEX = (1 << 64) - 1  # 17.10: the chunk index the sealed chunk map is sealed with
+ALLOWED_FLAGS = {1: 0x00, 2: FLAG_ATTRS | FLAG_SPARSE}
 KEY_ID = re.compile(r"[A-Za-z0-9:/_.+=@-]{1,256}")
 KEYRING_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # appendix C, 17.4
 B64U = re.compile(r"[A-Za-z0-9_-]*")
@@ -175,6 +177,23 @@ class RefHeader:
     def has_attrs(self) -> bool:
         """Version 2 only (17.2): the version carries an attribute blob."""
         return self.version == 2 and bool(self.flags & FLAG_ATTRS)
+
+    @property
+    def sparse(self) -> bool:
+        """Version 2 only (17.10): only the chunks of the chunk map are stored."""
+        return self.version == 2 and bool(self.flags & FLAG_SPARSE)
+
+    @property
+    def sealed_map_len(self) -> int:
+        return -(-self.n // 8) + 32
+
+    def size_ok(self, size: int) -> bool:
+        """Step 2 before the map is known: exact for a dense version; for a sparse one, room for
+        the last chunk and the sealed map, and no more than a dense body plus the map."""
+        if not self.sparse:
+            return size == self.body_size
+        last = self.plaintext_len - (self.n - 1) * self.cs + 32
+        return last + self.sealed_map_len <= size <= self.body_size + self.sealed_map_len
 
 
 def parse_header(raw: bytes) -> RefHeader:
@@ -335,6 +354,41 @@ class RefVersion:
     def offset(self, i: int) -> int:
         return i * (self.header.cs + 32)
 
+    def open_map(self, body: bytes) -> list[bool]:
+        """17.10: authenticate the sealed map at the end of ``body``, check its rules and the
+        object size; returns which chunks are stored."""
+        h = self.header
+        sealed = body[len(body) - h.sealed_map_len:]
+        aad = {layer: chunk_prefix(h, layer) + struct.pack(">QB", MAP_INDEX, 2) for layer in (INNER, OUTER)}
+        try:
+            mid = gcm_open(self.k_out, nonce(MAP_INDEX), bytes(sealed), aad[OUTER])
+            bitmap = gcm_open(self.k_in, nonce(MAP_INDEX), mid, aad[INNER])
+        except Integrity as e:
+            raise Integrity(f"chunk map: {e}") from None
+        stored = [bool(bitmap[i // 8] >> (i % 8) & 1) for i in range(h.n)]
+        if not stored[-1]:
+            raise Integrity("chunk map: the last chunk is not stored")
+        if any(bitmap[i // 8] >> (i % 8) & 1 for i in range(h.n, 8 * len(bitmap))):
+            raise Integrity("chunk map: bits past the last chunk")
+        s = sum(stored)
+        if len(body) != (s - 1) * (h.cs + 32) + self.chunk_len(h.n - 1) + 32 + h.sealed_map_len:
+            raise Integrity("object size differs from the size the chunk map implies")
+        return stored
+
+    def plaintext(self, body: bytes) -> bytes:
+        """Every chunk in order (dense: at i·(CS+32); sparse: at rank(i)·(CS+32), holes zeros)."""
+        h = self.header
+        stored = self.open_map(body) if h.sparse else [True] * h.n
+        out, rank = [], 0
+        for i in range(h.n):
+            if not stored[i]:
+                out.append(bytes(self.chunk_len(i)))
+                continue
+            off = rank * (h.cs + 32)
+            out.append(self.open_chunk(i, body[off:off + self.chunk_len(i) + 32]))
+            rank += 1
+        return b"".join(out)
+
     def open_chunk(self, i: int, data: bytes) -> bytes:
         if len(data) != self.chunk_len(i) + 32:
             raise Integrity(f"chunk {i} has the wrong size")
@@ -375,20 +429,20 @@ def decrypt_object(meta: dict[str, str], body: bytes, dk_in: bytes, dk_out: byte
     ``(plaintext, attrs or None)``."""
     env = parse_metadata(meta)
     h = env.header
-    if len(body) != h.body_size:
+    if not h.size_ok(len(body)):
         raise Integrity("object size differs from the header's body size")
     v = open_version(h, dk_in, dk_out)
-    out = []
-    for i in range(h.n):
-        off = v.offset(i)
-        out.append(v.open_chunk(i, body[off:off + v.chunk_len(i) + 32]))
+    pt = v.plaintext(body)
     attrs = v.open_attrs(env.attrs) if env.attrs is not None else None
-    return b"".join(out), attrs
+    return pt, attrs
 
 
 def read_range(v: RefVersion, body: bytes, off: int, cnt: int) -> bytes:
-    """Plaintext ``[off, off+cnt)`` clipped to the end, decrypting only the chunks it touches."""
+    """Plaintext ``[off, off+cnt)`` clipped to the end, decrypting only the chunks it touches
+    (dense versions)."""
     h = v.header
+    if h.sparse:
+        raise RefError("read_range reads dense versions; use RefVersion.plaintext for sparse ones")
     end = min(off + cnt, h.plaintext_len)
     if cnt <= 0 or off >= end:
         return b""
@@ -647,7 +701,7 @@ def read_with_epoch_keys(meta: dict[str, str], body: bytes, *, key: str, bucket:
     env = parse_metadata(meta)
     if env.version != 2:
         raise Integrity("not a version 2 object")
-    if len(body) != env.header.body_size:
+    if not env.header.size_ok(len(body)):
         raise Integrity("object size differs from the header's body size")
     return _finish_v2(env, body, key, bucket, epoch_in, epoch_out,
                       epoch_prefix(key, env.depth))
@@ -667,12 +721,9 @@ def _finish_v2(env: RefEnvelope, body: bytes, key: str, bucket: str, ek_in: byte
 def _decrypt(env: RefEnvelope, body: bytes, dk_in: bytes, dk_out: bytes) -> tuple[bytes, bytes | None]:
     h = env.header
     v = open_version(h, dk_in, dk_out)
-    out = []
-    for i in range(h.n):
-        off = v.offset(i)
-        out.append(v.open_chunk(i, body[off:off + v.chunk_len(i) + 32]))
+    pt = v.plaintext(body)
     attrs = v.open_attrs(env.attrs) if env.attrs is not None else None
-    return b"".join(out), attrs
+    return pt, attrs
 
 
 class RefReader:
@@ -718,7 +769,7 @@ class RefReader:
 
     def read_object(self, key: str, meta: dict[str, str], body: bytes) -> RefResult:
         env = parse_metadata(meta)                                     # step 1
-        if len(body) != env.header.body_size:                          # step 2
+        if not env.header.size_ok(len(body)):                          # step 2
             raise Integrity("object size differs from the header's body size")
         if env.version == 1:
             return self._read_v1(key, env, body)

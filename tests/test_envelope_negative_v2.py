@@ -181,15 +181,25 @@ def write(env: Env, key: str, n: int = 3 * CS - 5, attrs: bytes | None = ATTRS_A
 
 # ---- 17.2: header flags and the attribute blob ------------------------------------------------------
 
-@pytest.mark.parametrize("flags", [0x02, 0x03, 0x04, 0x40, 0x80, 0xFF])
+@pytest.mark.parametrize("flags", [0x04, 0x05, 0x06, 0x40, 0x80, 0xFF])
 @pytest.mark.parametrize("attrs", [None, ATTRS_A], ids=["no-attrs", "attrs"])
-def test_flag_bits_other_than_attrs_are_unsupported(env, flags, attrs):
+def test_flag_bits_other_than_attrs_and_sparse_are_unsupported(env, flags, attrs):
     write(env, "f/x", attrs=attrs)
     meta = meta_of(env, "f/x")
     raw = header_of(meta)
     raw[3] = flags
     set_meta(env, "f/x", {**meta, "dsse-h": b64u(bytes(raw))})
     refused(env, "f/x", "unsupported")
+
+
+@pytest.mark.parametrize("attrs", [None, ATTRS_A], ids=["no-attrs", "attrs"])
+def test_sparse_flag_set_on_a_dense_object_fails(env, attrs):
+    write(env, "f/x", attrs=attrs)
+    meta = meta_of(env, "f/x")
+    raw = header_of(meta)
+    raw[3] |= 0x02
+    set_meta(env, "f/x", {**meta, "dsse-h": b64u(bytes(raw))})
+    refused(env, "f/x", "integrity")
 
 
 def test_flag_set_but_attribute_blob_removed(env):

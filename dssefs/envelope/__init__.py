@@ -7,6 +7,7 @@ from .codec import ObjectCipher
 from .format import (CHUNK_OVERHEAD, DEFAULT_CHUNK_LOG2, FILE_ID_BYTES, MAX_CHUNK_LOG2,
                      MIN_CHUNK_LOG2, Header)
 from .metadata import Envelope, is_dssefs, parse
+from .sparse import ChunkMap
 
-__all__ = ["ObjectCipher", "Header", "Envelope", "parse", "is_dssefs", "CHUNK_OVERHEAD",
+__all__ = ["ObjectCipher", "ChunkMap", "Header", "Envelope", "parse", "is_dssefs", "CHUNK_OVERHEAD",
            "DEFAULT_CHUNK_LOG2", "MIN_CHUNK_LOG2", "MAX_CHUNK_LOG2", "FILE_ID_BYTES"]

@@ -20,6 +20,7 @@ import os
 
 from ..errors import IntegrityError
 from . import format as fmt
+from . import sparse as sparse_map
 from .format import Header
 from .inner import InnerAEAD
 from .inner import hkdf_expand as inner_expand
@@ -162,11 +163,12 @@ class ObjectCipher:
     def new_version(cls, dk_inner: bytes, dk_outer: bytes, *, plaintext_len: int, file_id: bytes,
                     generation: int = 0, chunk_log2: int = fmt.DEFAULT_CHUNK_LOG2,
                     msg_id: bytes | None = None, version: int = fmt.FORMAT_VERSION,
-                    with_attrs: bool = False) -> "ObjectCipher":
+                    with_attrs: bool = False, sparse: bool = False) -> "ObjectCipher":
         """Keys for a new object version.  ``msg_id`` defaults to 32 fresh random bytes; pass one
         only to reproduce test vectors.  ``version`` 1 is for test vectors and for reading old
         objects' successors only; new objects are version 2.  ``with_attrs`` (version 2): the
-        version carries an attribute blob (the header's FLAG_ATTRS)."""
+        version carries an attribute blob (the header's FLAG_ATTRS).  ``sparse`` (version 2): the
+        body stores only the chunks of a chunk map (FLAG_SPARSE, :meth:`seal_map`)."""
         dk_inner = _check_dk(dk_inner, "inner")
         dk_outer = _check_dk(dk_outer, "outer")
         if hmac.compare_digest(dk_inner, dk_outer):
@@ -178,6 +180,10 @@ class ObjectCipher:
             flags = 0  # version 1 has no flag: its attribute blob is optional
         else:
             flags = fmt.FLAG_ATTRS if with_attrs else 0
+        if sparse:
+            if version != fmt.FORMAT_V2:
+                raise ValueError("only version 2 objects can be sparse")
+            flags |= fmt.FLAG_SPARSE
         # validates every field; the commitments are filled in below
         draft = Header(chunk_log2=chunk_log2, generation=generation, plaintext_len=plaintext_len,
                        file_id=bytes(file_id), msg_id=bytes(msg_id), commit_inner=bytes(fmt.COMMIT_BYTES),
@@ -196,7 +202,8 @@ class ObjectCipher:
         if self._prk_inner is None or self._prk_outer is None:
             raise ValueError("this cipher was built from derived keys: no successor possible")
         draft = dataclasses.replace(self.header, generation=generation,
-                                    flags=fmt.FLAG_ATTRS if with_attrs else 0)
+                                    flags=(fmt.FLAG_ATTRS if with_attrs else 0)
+                                    | (self.header.flags & fmt.FLAG_SPARSE))
         prks = (self._prk_inner, self._prk_outer)
         out = ObjectCipher(_committed(draft, prks), prks=prks)
         out._inner, out._outer = self._inner, self._outer  # same content keys
@@ -301,6 +308,51 @@ class ObjectCipher:
         out = bytearray(self.chunk_plain_len(index) if 0 <= index < self.n_chunks else 0)
         self.open_chunk_into(index, data, out)
         return out
+
+    # ---- chunk map of a sparse version ----------------------------------------------------------
+
+    @property
+    def sparse(self) -> bool:
+        return self.header.version == fmt.FORMAT_V2 and self.header.sparse
+
+    @property
+    def sealed_map_len(self) -> int:
+        """Bytes of the sealed chunk map at the end of a sparse version's body (0 if dense)."""
+        return sparse_map.sealed_map_bytes(self.n_chunks) if self.sparse else 0
+
+    def seal_map(self, chunk_map: "sparse_map.ChunkMap") -> bytearray:
+        """The sealed chunk map (both layers, content keys, nonce and AAD of index 2^64 - 1)."""
+        if not self.sparse:
+            raise ValueError("the header of this version is not sparse")
+        if chunk_map.n != self.n_chunks or chunk_map.bits is None:
+            raise ValueError("chunk map does not belong to this version")
+        plain = chunk_map.bits
+        n = len(plain)
+        out = bytearray(n + fmt.CHUNK_OVERHEAD)
+        mid = memoryview(out)[:n + fmt.TAG_BYTES]
+        nonce = fmt.chunk_nonce(fmt.MAP_INDEX)
+        inner, outer = self._content()
+        inner.encrypt_into(nonce, plain, fmt.map_aad(self._aad_in), mid)
+        outer.encrypt_into(nonce, mid, fmt.map_aad(self._aad_out), out)
+        return out
+
+    def open_map(self, data) -> "sparse_map.ChunkMap":
+        """Verify and decrypt a sparse version's sealed chunk map, then check its rules."""
+        if not self.sparse:
+            raise ValueError("the header of this version is not sparse")
+        n = sparse_map.map_bytes(self.n_chunks)
+        if len(data) != n + fmt.CHUNK_OVERHEAD:
+            raise IntegrityError(f"chunk map is {len(data)} bytes, expected {n + fmt.CHUNK_OVERHEAD}")
+        body = bytearray(data)
+        mid = memoryview(body)[:n + fmt.TAG_BYTES]
+        nonce = fmt.chunk_nonce(fmt.MAP_INDEX)
+        inner, outer = self._content()
+        if not outer.decrypt_into(nonce, body, fmt.map_aad(self._aad_out), mid):
+            raise IntegrityError("chunk map failed authentication (outer layer)")
+        out = bytearray(n)
+        if not inner.decrypt_into(nonce, mid, fmt.map_aad(self._aad_in), out):
+            raise IntegrityError("chunk map failed authentication (inner layer)")
+        return sparse_map.ChunkMap(bytes(out), self.header.plaintext_len, self.chunk_size)
 
     # ---- attributes -----------------------------------------------------------------------------
 

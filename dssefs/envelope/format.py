@@ -25,7 +25,10 @@ DOMAINS = {FORMAT_V1: b"dssefs1", FORMAT_V2: b"dssefs2"}
 #: attribute blob (``dsse-a``); a reader refuses the object if the blob is missing, or present
 #: without the flag, so deleting or adding attributes cannot go unnoticed.
 FLAG_ATTRS = 0x01
-ALLOWED_FLAGS = {FORMAT_V1: 0x00, FORMAT_V2: FLAG_ATTRS}
+#: FLAG_SPARSE (version 2): the body stores only some chunks, followed by the sealed chunk map
+#: (see envelope/sparse.py); omitted chunks read as zeros.
+FLAG_SPARSE = 0x02
+ALLOWED_FLAGS = {FORMAT_V1: 0x00, FORMAT_V2: FLAG_ATTRS | FLAG_SPARSE}
 
 LAYER_INNER = 0x01
 LAYER_OUTER = 0x02
@@ -81,6 +84,11 @@ class Header:
         """Version 2: whether the header commits to an attribute blob.  Version 1: unknown (None
         would be more honest; False is returned and the blob is optional)."""
         return bool(self.flags & FLAG_ATTRS)
+
+    @property
+    def sparse(self) -> bool:
+        """Version 2: the body stores only the chunks its chunk map names."""
+        return bool(self.flags & FLAG_SPARSE)
 
     def pack(self) -> bytes:
         return _HEADER.pack(self.version, self.suite, self.flags, self.chunk_log2, self.generation,
@@ -206,6 +214,15 @@ def chunk_aad_prefix_v2(suite: int, layer: int, file_id: bytes, msg_id: bytes) -
 
 def chunk_aad(prefix: bytes, index: int, final: bool) -> bytes:
     return prefix + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00")
+
+
+# The chunk map of a sparse version is sealed like a chunk whose index no chunk can have
+# (chunk indexes stay below 2^36), with 0x02 where a chunk has its final flag.
+MAP_INDEX = (1 << 64) - 1
+
+
+def map_aad(prefix: bytes) -> bytes:
+    return prefix + MAP_INDEX.to_bytes(8, "big") + b"\x02"
 
 
 ATTRS_LABEL = b"attrs"

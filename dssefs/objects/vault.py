@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import envelope
 from ..envelope import format as fmt
@@ -88,8 +88,13 @@ class OpenObject:
     verified.  Reads are pinned to the ETag seen at open time."""
 
     def __init__(self, vault: "Vault", info: ObjectInfo, env: Envelope, cipher: envelope.ObjectCipher,
-                 keys: DataKeys):
+                 keys: DataKeys, chunk_map: envelope.ChunkMap | None = None):
         self.vault, self.info, self.envelope, self.cipher, self.data_keys = vault, info, env, cipher, keys
+        # which chunks the body stores: every one (dense), or a sparse version's map, read and
+        # authenticated on first use (one ranged GET of the body's end)
+        self._map = chunk_map if chunk_map is not None or cipher.sparse else \
+            envelope.ChunkMap(None, cipher.plaintext_len, cipher.chunk_size)
+        self._map_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OpenObject({self.key!r}, size={self.size}, gen={self.generation})"
@@ -101,8 +106,41 @@ class OpenObject:
     file_id = property(lambda self: self.cipher.header.file_id)
     generation = property(lambda self: self.cipher.header.generation)
     chunk_size = property(lambda self: self.cipher.chunk_size)
-    body_size = property(lambda self: self.cipher.body_size)  # stored (encrypted) bytes
+    body_size = property(lambda self: self.info.size)  # stored (encrypted) bytes
     n_chunks = property(lambda self: self.cipher.n_chunks)
+    sparse = property(lambda self: self.cipher.sparse)
+
+    def chunk_map(self) -> envelope.ChunkMap:
+        """Which chunks are stored; a sparse version's map is fetched and verified once."""
+        m = self._map
+        if m is None:
+            with self._map_lock:
+                m = self._map
+                if m is None:
+                    m = self._map = self._load_map(None)
+        return m
+
+    def _load_map(self, body) -> envelope.ChunkMap:
+        size, n = self.info.size, self.cipher.sealed_map_len
+        if body is None:
+            body, total = self.vault.store.get_range(self.key, size - n, n, if_match=self.etag)
+            if total != size:
+                raise IntegrityError(f"{self.vault.store.url}/{self.key}: object is {total} bytes, "
+                                     f"expected {size} (changed while being read)")
+        else:
+            body = memoryview(body)[size - n:]
+        try:
+            m = self.cipher.open_map(body)
+        except IntegrityError as e:
+            raise IntegrityError(f"{self.vault.store.url}/{self.key}: {e}") from None
+        if m.body_size() != size:
+            raise IntegrityError(f"{self.vault.store.url}/{self.key}: object is {size} bytes, its chunk map "
+                                 f"says {m.body_size()} (truncated or extended)")
+        return m
+
+    def is_hole(self, index: int) -> bool:
+        """Chunk ``index`` is not stored (a sparse version's hole: it reads as zeros)."""
+        return self.sparse and not self.chunk_map().stored(index)
 
     def attrs(self) -> bytes | None:
         """The decrypted attribute blob, or None if the object has none (decrypted once)."""
@@ -119,36 +157,46 @@ class OpenObject:
             return []
         if chunks.start < 0 or chunks.stop > self.n_chunks:
             raise IndexError(f"chunks {chunks.start}..{chunks.stop - 1} outside 0..{self.n_chunks - 1}")
-        start, length = self.cipher.body_span(chunks)
+        m = self.chunk_map()
+        start, length, stored = m.span(chunks)
+        if not stored:  # holes only: zeros, nothing to fetch
+            return [bytearray(self.cipher.chunk_plain_len(i)) for i in chunks]
         data, total = self.vault.store.get_range(self.key, start, length, if_match=self.etag)
-        if total != self.cipher.body_size:
+        if total != m.body_size():
             raise IntegrityError(f"{self.vault.store.url}/{self.key}: object is {total} bytes, its header "
-                                 f"says {self.cipher.body_size} (truncated or extended)")
+                                 f"says {m.body_size()} (truncated or extended)")
         if len(data) != length:
             raise IntegrityError(f"{self.vault.store.url}/{self.key}: short read ({len(data)} of {length} bytes)")
-        return self._open_run(chunks, data)
+        return self._open_run(chunks, stored, data)
 
     def open_body(self, body: bytes) -> list[bytearray]:
         """Plaintexts of every chunk from ``body``, the whole body as fetched by a HEAD with a
         prefix (``ObjectInfo.prefix``): verified exactly like :meth:`read_chunks`."""
-        if len(body) != self.cipher.body_size:
-            raise IntegrityError(f"{self.vault.store.url}/{self.key}: body is {len(body)} bytes, its header "
-                                 f"says {self.cipher.body_size} (truncated or extended)")
-        return self._open_run(range(self.n_chunks), body)
+        if len(body) != self.info.size:
+            raise IntegrityError(f"{self.vault.store.url}/{self.key}: body is {len(body)} bytes, the object "
+                                 f"{self.info.size} (truncated or extended)")
+        if self._map is None:
+            with self._map_lock:
+                if self._map is None:
+                    self._map = self._load_map(body)
+        chunks = range(self.n_chunks)
+        return self._open_run(chunks, self._map.stored_in(chunks), body)
 
-    def _open_run(self, chunks: range, data) -> list[bytearray]:
+    def _open_run(self, chunks: range, stored: list[int], data) -> list[bytearray]:
         buf = data if isinstance(data, bytearray) else bytearray(data)
         view = memoryview(buf)
-        out = []
+        plains = {}
         pos = 0
-        for i in chunks:
+        for i in stored:
             n = self.cipher.chunk_plain_len(i) + fmt.CHUNK_OVERHEAD
             try:
-                out.append(self.cipher.open_chunk(i, view[pos:pos + n]))
+                plains[i] = self.cipher.open_chunk(i, view[pos:pos + n])
             except IntegrityError as e:
                 raise IntegrityError(f"{self.vault.store.url}/{self.key}: {e}") from None
             pos += n
-        return out
+        if len(stored) == len(chunks):
+            return [plains[i] for i in chunks]
+        return [plains[i] if i in plains else bytearray(self.cipher.chunk_plain_len(i)) for i in chunks]
 
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext bytes ``[offset, offset+length)`` clipped to the end of the object."""
@@ -403,7 +451,17 @@ class Vault:
             env = envelope.parse(info.metadata)
         except IntegrityError as e:
             raise type(e)(f"{self.store.url}/{key}: {e}") from None
-        if info.size != fmt.body_size(env.header.plaintext_len, env.header.chunk_size):
+        if env.header.version == fmt.FORMAT_V2 and env.header.sparse:
+            # the chunk map (at the body's end) says how many chunks are stored: the exact size is
+            # checked when it is read; here only that the object can hold the last chunk and the map
+            h = env.header
+            least = (fmt.chunk_plain_len(fmt.chunk_count(h.plaintext_len, h.chunk_size) - 1, h.plaintext_len,
+                                         h.chunk_size) + fmt.CHUNK_OVERHEAD
+                     + envelope.sparse.sealed_map_bytes(fmt.chunk_count(h.plaintext_len, h.chunk_size)))
+            if not least <= info.size <= fmt.body_size(h.plaintext_len, h.chunk_size) + least:
+                raise IntegrityError(f"{self.store.url}/{key}: object is {info.size} bytes, impossible for a "
+                                     f"sparse version of {h.plaintext_len} bytes (truncated or extended)")
+        elif info.size != fmt.body_size(env.header.plaintext_len, env.header.chunk_size):
             raise IntegrityError(
                 f"{self.store.url}/{key}: object is {info.size} bytes but its header says "
                 f"{fmt.body_size(env.header.plaintext_len, env.header.chunk_size)} (truncated or extended)")
@@ -451,30 +509,48 @@ class Vault:
     def write(self, key: str, source: Source, size: int, *, attrs: bytes | None = None,
               file_id: bytes | None = None, generation: int = 0, data_keys: DataKeys | None = None,
               if_match: str | None = None, if_none_match: bool = False, chunk_log2: int | None = None,
-              progress: Progress | None = None) -> OpenObject:
+              progress: Progress | None = None, stored: Callable[[], Iterable[int]] | None = None
+              ) -> OpenObject:
         """Encrypt ``size`` bytes from ``source`` as a new version of ``key`` and store it.
 
         Returns once the store has acknowledged the whole object (durable).  New versions are
         always format version 2 with fresh data keys (``data_keys`` is accepted for callers that
-        hold the previous version's, and ignored: fresh keys cost no KMS call)."""
+        hold the previous version's, and ignored: fresh keys cost no KMS call).  ``stored()``: the
+        indexes of the chunks that may hold data; every other chunk is known to be zeros without
+        reading it (never written).  When some chunk is left out, the version is sparse and
+        stores only the others (the source is never asked for a hole)."""
         data_keys = self.new_data_keys(key)
+        log2 = chunk_log2 or self.chunk_log2
+        chunk_map = None
+        if stored is not None:
+            chunk_map = envelope.ChunkMap.from_stored(size, 1 << log2, stored())
+            if not chunk_map.sparse:
+                chunk_map = None
         cipher = envelope.ObjectCipher.new_version(
             data_keys.inner, data_keys.outer, plaintext_len=size,
             file_id=file_id if file_id is not None else os.urandom(fmt.FILE_ID_BYTES),
-            generation=generation, chunk_log2=chunk_log2 or self.chunk_log2,
-            with_attrs=attrs is not None)
+            generation=generation, chunk_log2=log2, with_attrs=attrs is not None, sparse=chunk_map is not None)
+        if chunk_map is None:
+            chunk_map = envelope.ChunkMap(None, size, 1 << log2)
         self._remember_keys(data_keys)
         self._remember_cipher(cipher, data_keys)
         env = self._envelope(cipher, data_keys, attrs)
         meta = env.to_metadata()
-        if cipher.body_size <= self.multipart_threshold:
-            body = self._seal_range(cipher, range(cipher.n_chunks), source, progress, parallel=True)
+        indexes = list(chunk_map.stored_indexes())
+        sealed_map = cipher.seal_map(chunk_map) if cipher.sparse else b""
+        body_size = chunk_map.body_size()
+        if progress and cipher.sparse:
+            progress(size - sum(cipher.chunk_plain_len(i) for i in indexes))  # holes: done at once
+        if body_size <= self.multipart_threshold:
+            body = self._seal_chunks(cipher, indexes, source, progress, parallel=True, tail=sealed_map)
             etag = self._store_write(key, meta, lambda: self.store.put(
                 key, body, meta, if_match=if_match, if_none_match=if_none_match))
         else:
-            etag = self._write_multipart(key, cipher, source, meta, if_match, if_none_match, progress)
+            etag = self._write_multipart(key, cipher, indexes, sealed_map, body_size, source, meta, if_match,
+                                         if_none_match, progress)
         # the stored version, opened: no HEAD, parse or key derivation needed to use it
-        return OpenObject(self, ObjectInfo(key, cipher.body_size, etag, time.time(), meta), env, cipher, data_keys)
+        return OpenObject(self, ObjectInfo(key, body_size, etag, time.time(), meta), env, cipher, data_keys,
+                          chunk_map)
 
     def _envelope(self, cipher: envelope.ObjectCipher, keys: DataKeys, attrs: bytes | None) -> Envelope:
         if cipher.header.version == fmt.FORMAT_V2:
@@ -491,21 +567,28 @@ class Vault:
     def _epoch_ref(keys: DataKeys) -> EpochRef:
         return EpochRef(keys.epoch.epoch_id, EpochRef.depth_of(keys.epoch.prefix))
 
-    def _seal_range(self, cipher: envelope.ObjectCipher, chunks: range, source: Source,
-                    progress: Progress | None, parallel: bool = False,
-                    buf: bytearray | None = None) -> bytearray | memoryview:
-        """The sealed body bytes of ``chunks``: a new bytearray, or a view of ``buf`` when it is
-        given and large enough (multipart uploads reuse their part buffers)."""
-        start, length = cipher.body_span(chunks) if chunks else (0, 0)
-        if buf is not None and len(buf) >= length:
-            out = memoryview(buf)[:length]
+    def _seal_chunks(self, cipher: envelope.ObjectCipher, chunks: list[int], source: Source,
+                     progress: Progress | None, parallel: bool = False, buf: bytearray | None = None,
+                     tail: bytes = b"") -> bytearray | memoryview:
+        """The sealed body bytes of ``chunks`` (ascending; consecutive in the body) followed by
+        ``tail``: a new bytearray, or a view of ``buf`` when it is given and large enough
+        (multipart uploads reuse their part buffers)."""
+        offsets = []
+        length = 0
+        for i in chunks:
+            offsets.append(length)
+            length += cipher.chunk_plain_len(i) + fmt.CHUNK_OVERHEAD
+        total = length + len(tail)
+        if buf is not None and len(buf) >= total:
+            out = memoryview(buf)[:total]
         else:
-            out = bytearray(length)
+            out = bytearray(total)
         view = memoryview(out)
+        view[length:] = tail
 
-        def seal(i: int) -> None:
+        def seal(k: int) -> None:
+            i, off = chunks[k], offsets[k]
             n = cipher.chunk_plain_len(i)
-            off = cipher.chunk_body_offset(i) - start
             plain = source(i * cipher.chunk_size, n)
             try:
                 cipher.seal_chunk_into(i, plain, view[off:off + n + fmt.CHUNK_OVERHEAD])
@@ -516,27 +599,29 @@ class Vault:
                 progress(n)
 
         if parallel and len(chunks) > 1:
-            list(self.pool.map(seal, chunks))
+            list(self.pool.map(seal, range(len(chunks))))
         else:
-            for i in chunks:
-                seal(i)
+            for k in range(len(chunks)):
+                seal(k)
         return out
 
-    def _write_multipart(self, key, cipher, source, meta, if_match, if_none_match, progress) -> str:
+    def _write_multipart(self, key, cipher, stored, sealed_map, body_size, source, meta, if_match, if_none_match,
+                         progress) -> str:
         per_part = max(1, -(-self.part_size // cipher.chunk_size))
-        runs = [range(s, min(s + per_part, cipher.n_chunks)) for s in range(0, cipher.n_chunks, per_part)]
+        runs = [stored[s:s + per_part] for s in range(0, len(stored), per_part)]
         upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match,
-                                         size_hint=cipher.body_size)
+                                         size_hint=body_size)
         sem = threading.BoundedSemaphore(self.workers)
         spare: list[bytearray] = []  # part buffers whose upload returned: sealed into again
 
-        def part(number: int, run: range) -> None:
+        def part(number: int, run: list[int]) -> None:
             try:
                 try:
                     buf = spare.pop()
                 except IndexError:
                     buf = None
-                body = self._seal_range(cipher, run, source, progress, buf=buf)
+                body = self._seal_chunks(cipher, run, source, progress, buf=buf,
+                                         tail=sealed_map if number == len(runs) else b"")
                 upload.put_part(number, body)
                 spare.append(body.obj if isinstance(body, memoryview) else body)
             finally:
@@ -580,7 +665,7 @@ class Vault:
                                                                             if_match=obj.etag))
             self._remember_cipher(cipher, obj.data_keys)
             info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
-            return OpenObject(self, info, env, cipher, obj.data_keys)
+            return OpenObject(self, info, env, cipher, obj.data_keys, obj._map)  # same body
         env = Envelope(header=obj.envelope.header, provider=obj.envelope.provider,
                        key_id_inner=obj.envelope.key_id_inner, key_id_outer=obj.envelope.key_id_outer,
                        wrapped_inner=obj.envelope.wrapped_inner, wrapped_outer=obj.envelope.wrapped_outer,
@@ -589,7 +674,7 @@ class Vault:
         etag = self._store_write(obj.key, meta, lambda: self.store.copy(obj.key, obj.key, meta,
                                                                         if_match=obj.etag))
         info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
-        return OpenObject(self, info, env, obj.cipher, obj.data_keys)
+        return OpenObject(self, info, env, obj.cipher, obj.data_keys, obj._map)
 
     def _rewrapped(self, obj: OpenObject, dst: str, key_id_inner: str | None = None,
                    key_id_outer: str | None = None) -> Envelope:
@@ -673,7 +758,9 @@ def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None
         "format_version": h.version, "suite": f"0x{h.suite:04x}",
         "plaintext_size": h.plaintext_len, "chunk_size": h.chunk_size,
         "chunks": fmt.chunk_count(h.plaintext_len, h.chunk_size),
-        "expected_object_size": fmt.body_size(h.plaintext_len, h.chunk_size),
+        "expected_object_size": (None if h.version == fmt.FORMAT_V2 and h.sparse  # known from the map
+                                 else fmt.body_size(h.plaintext_len, h.chunk_size)),
+        "sparse": h.version == fmt.FORMAT_V2 and h.sparse,
         "generation": h.generation, "file_id": h.file_id.hex(), "message_id": h.msg_id.hex(),
         "key_provider": env.provider, "key_id_inner": env.key_id_inner,
         "key_id_outer": env.key_id_outer, "wrapped_key_bytes": [len(env.wrapped_inner), len(env.wrapped_outer)],

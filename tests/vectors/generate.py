@@ -45,9 +45,11 @@ from dssefs.envelope import format as fmt
 from dssefs.envelope.codec import ObjectCipher
 from dssefs.envelope.inner import InnerAEAD
 from dssefs.envelope.metadata import Envelope, EpochRef
+from dssefs.envelope.sparse import ChunkMap
 
 OUT = Path(__file__).with_name("dssefs_v1_golden.json")
 OUT_V2 = Path(__file__).with_name("dssefs_v2_golden.json")
+OUT_SPARSE = Path(__file__).with_name("dssefs_v2_sparse_golden.json")
 
 DK_INNER = bytes(range(0x00, 0x20))
 DK_OUTER = bytes(range(0x40, 0x60))
@@ -342,14 +344,21 @@ def cases_v2() -> list[dict]:
 
 def build_case_v2(spec: dict, epoch: dict) -> dict:
     pt = plaintext(spec["plaintext_len"])
+    cs = 1 << spec["chunk_log2"]
+    n_chunks = fmt.chunk_count(len(pt), cs)
+    stored = spec.get("stored")  # 17.10: a sparse case stores these chunks; the others are zeros
+    if stored is not None:
+        pt = b"".join(pt[i * cs:(i + 1) * cs] if i in stored else bytes(len(pt[i * cs:(i + 1) * cs]))
+                      for i in range(n_chunks))
     dk_in, dk_out = spec["dk"]["inner"], spec["dk"]["outer"]
     cipher = ObjectCipher.new_version(dk_in, dk_out, plaintext_len=len(pt), file_id=spec["file_id"],
                                       version=fmt.FORMAT_V2, generation=spec["generation"],
                                       chunk_log2=spec["chunk_log2"], msg_id=spec["msg_id"],
-                                      with_attrs=spec["with_attrs"])
+                                      with_attrs=spec["with_attrs"], sparse=stored is not None)
     h = cipher.header
     suite = h.suite
-    assert cipher.header_bytes[0] == 2 and h.flags == (1 if spec["with_attrs"] else 0)
+    assert cipher.header_bytes[0] == 2 and h.flags == ((1 if spec["with_attrs"] else 0)
+                                                       | (2 if stored is not None else 0))
     k_in, c_in, a_in = codec._derive_inner(dk_in, spec["msg_id"], suite, h.bound_fields(), fmt.FORMAT_V2)
     k_out, c_out, a_out = codec._derive_outer(dk_out, spec["msg_id"], suite, h.bound_fields(), fmt.FORMAT_V2)
     # 17.3, from the text: chunk AADs bind file_id and msg_id, the attribute AAD the header digest
@@ -361,8 +370,9 @@ def build_case_v2(spec: dict, epoch: dict) -> dict:
     assert aprefix["outer"] == fmt.aad_prefix(suite, fmt.LAYER_OUTER, cipher.digest, fmt.FORMAT_V2)
     body = bytearray()
     chunks = []
-    cs = cipher.chunk_size
     for i in range(cipher.n_chunks):
+        if stored is not None and i not in stored:
+            continue
         piece = pt[i * cs:i * cs + cipher.chunk_plain_len(i)]
         final = i == cipher.n_chunks - 1
         aad_in = cprefix["inner"] + i.to_bytes(8, "big") + bytes([final])
@@ -370,14 +380,30 @@ def build_case_v2(spec: dict, epoch: dict) -> dict:
         inner_sealed = bytearray(len(piece) + fmt.TAG_BYTES)
         InnerAEAD(k_in).encrypt_into(fmt.chunk_nonce(i), piece, aad_in, inner_sealed)
         sealed = cipher.seal_chunk(i, piece)
-        assert len(body) == cipher.chunk_body_offset(i)
+        assert len(body) == (cipher.chunk_body_offset(i) if stored is None
+                             else sum(1 for j in stored if j < i) * (cs + 32))
         chunks.append({
             "index": i, "body_offset": len(body), "plain_len": len(piece), "final": final,
             "nonce": fmt.chunk_nonce(i).hex(), "aad_inner": aad_in.hex(), "aad_outer": aad_out.hex(),
             "inner_tag": bytes(inner_sealed[-16:]).hex(), "outer_tag": bytes(sealed[-16:]).hex(),
         })
         body += sealed
-    assert len(body) == cipher.body_size
+    sparse = None
+    if stored is not None:
+        # 17.10 from the text: bitmap, map AAD (index 2^64 - 1, 0x02), sealed like a chunk
+        bitmap = sum(1 << i for i in stored).to_bytes(-(-n_chunks // 8), "little")
+        map_nonce = b"\0" * 4 + ((1 << 64) - 1).to_bytes(8, "big")
+        map_aad = {layer: cprefix[layer] + ((1 << 64) - 1).to_bytes(8, "big") + b"\x02" for layer in LAYERS}
+        inner_sealed = bytearray(len(bitmap) + fmt.TAG_BYTES)
+        InnerAEAD(k_in).encrypt_into(map_nonce, bitmap, map_aad["inner"], inner_sealed)
+        sealed_map = cipher.seal_map(ChunkMap(bitmap, len(pt), cs))
+        assert AESGCM(k_out).encrypt(map_nonce, bytes(inner_sealed), map_aad["outer"]) == bytes(sealed_map)
+        body += sealed_map
+        sparse = {"stored_chunks": sorted(stored), "chunk_map_hex": bitmap.hex(), "map_nonce": map_nonce.hex(),
+                  "map_aad_inner": map_aad["inner"].hex(), "map_aad_outer": map_aad["outer"].hex(),
+                  "sealed_map_hex": bytes(sealed_map).hex()}
+    else:
+        assert len(body) == cipher.body_size
     attrs_blob = cipher.seal_attrs(ATTRS_PLAINTEXT_V2, nonce=spec["attrs_nonce"]) if spec["with_attrs"] else None
     ekeys = {layer: bytes.fromhex(epoch[f"epoch_key_{layer}"]) for layer in LAYERS}
     octx = {layer: object_context_v2(layer, spec["object_key"], epoch["epoch_id"]) for layer in LAYERS}
@@ -433,6 +459,7 @@ def build_case_v2(spec: dict, epoch: dict) -> dict:
         "attrs_blob_hex": attrs_blob.hex() if attrs_blob is not None else None,
         "metadata": meta,
         "metadata_bytes": sum(len(k) + len(v) for k, v in meta.items()),
+        **({"sparse": sparse} if sparse is not None else {}),
     }
 
 
@@ -459,8 +486,39 @@ def render_v2() -> str:
     return json.dumps(build_v2(), indent=1, sort_keys=False) + "\n"
 
 
+def cases_sparse() -> list[dict]:
+    """17.10: sparse versions (holes read as zeros; the last chunk is always stored)."""
+    cs = 1 << 12
+    out = [dict(name="sparse-cs12-holes", object="sparse-cs12-holes", chunk_log2=12, plaintext_len=5 * cs + 7,
+                stored={1, 5}, epoch="local", generation=1, with_attrs=True, successor_of=None),
+           dict(name="sparse-cs12-last-only", object="sparse-cs12-last-only", chunk_log2=12,
+                plaintext_len=9 * cs, stored={8}, epoch="local", generation=0, with_attrs=False,
+                successor_of=None)]
+    for spec in out:
+        obj = spec["object"]
+        spec.update(object_key=f"golden/v2/{obj}.bin",
+                    file_id=_sha(f"dssefs golden v2 file_id {obj}")[:16],
+                    msg_id=_sha(f"dssefs golden v2 msg_id {obj}"),
+                    dk={layer: _sha(f"dssefs golden v2 data key {obj} {layer}") for layer in LAYERS},
+                    dk_nonce={layer: _sha(f"dssefs golden v2 data key wrap nonce {obj} {layer}")[:12]
+                              for layer in LAYERS},
+                    attrs_nonce=_sha(f"dssefs golden v2 attrs nonce {spec['name']}")[:12])
+    return out
+
+
+def render_sparse() -> str:
+    golden = build_v2()
+    epochs = {label: build_epoch(label) for label in V2_EPOCHS}
+    golden.update(spec="docs/format.md section 17.10 (sparse versions)",
+                  plaintext="byte i of every case's plaintext is i mod 251, except in chunks not stored "
+                            "(listed in sparse.stored_chunks), which are zeros",
+                  cases=[build_case_v2(spec, epochs[spec["epoch"]]) for spec in cases_sparse()])
+    del golden["successors"]
+    return json.dumps(golden, indent=1, sort_keys=False) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    outputs = ((OUT, render()), (OUT_V2, render_v2()))
+    outputs = ((OUT, render()), (OUT_V2, render_v2()), (OUT_SPARSE, render_sparse()))
     if "--check" in argv:
         stale = [path.name for path, text in outputs if not (path.exists() and path.read_text() == text)]
         print(f"golden vectors differ from the generator: {', '.join(stale)}" if stale
