@@ -441,6 +441,26 @@ class FileContent:
                 self.size = size
             self.modified = True
 
+    def stored_chunks(self) -> list[int]:
+        """Indexes of the chunks that may hold data: written locally, or stored in the part of
+        the base that is still valid.  Every other chunk is a hole that nobody wrote (made by
+        truncate or by writing beyond the end, or a hole of a sparse base): a flush does not
+        store it (a sparse version, docs/format.md 17.10).  Costs in proportion to the data."""
+        with self.cache.lock:
+            out = [i for i, ch in self.chunks.items() if ch.dirty]
+            vb, base = self._valid_base(), self.base
+        if vb <= 0:
+            return out
+        limit = -(-vb // self.cs)
+        if getattr(base, "sparse", False):
+            for i in base.chunk_map().stored_indexes():
+                if i >= limit:
+                    break
+                out.append(i)
+        else:
+            out.extend(range(limit))
+        return out
+
     def dirty_bytes(self) -> int:
         """Bytes of chunks written locally and not stored yet (in memory or spilled)."""
         with self.cache.lock:

@@ -4,10 +4,12 @@ small records (Stat, Probe, handles) the operation modules exchange.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
 
+from ..envelope.format import MAX_PLAINTEXT
 from ..errors import DssefsError
 from .attributes import Attrs
 from .inodes import Inode
@@ -30,6 +32,17 @@ class ConflictError(FsError):
 
 def fail(code: int, message: str | None = None) -> FsError:
     return FsError(message or os.strerror(code), errno=code)
+
+
+# Largest file: the format's plaintext length is below 2^48 (docs/format.md section 13).
+MAX_FILE_SIZE = MAX_PLAINTEXT - 1
+
+
+def check_size(size: int) -> None:
+    """EFBIG, before anything changes, for a file size the format cannot store."""
+    if size > MAX_FILE_SIZE:
+        raise FsError(f"{size} bytes is beyond the largest file dssefs stores ({MAX_FILE_SIZE} bytes, "
+                      "2^48 - 1)", errno=errno.EFBIG)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import stat
 from ..errors import DssefsError
 from .attributes import now_ns
 from .cache import FileContent
-from .common import Handle, Stat, fail
+from .common import Handle, Stat, check_size, fail
 from .inodes import Inode
 
 log = logging.getLogger("dssefs.fs")
@@ -109,6 +109,7 @@ class FileOps:
             content = node.content
             if h.append and not self.cfg.writeback_cache:
                 off = content.size  # with the writeback cache the kernel already did this
+            check_size(off + len(data))
             h.mark_changed()
             if content.try_write(off, data):
                 n = len(data)

@@ -184,8 +184,12 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
             size = node.obj.size
         else:
             size = node.foreign_size
+        used = size
+        obj = node.obj
+        if obj is not None and getattr(obj, "sparse", False) and obj.size == size:
+            used = min(size, obj.body_size)  # a stored sparse version: what it stores (cp, du, tar -S)
         return Stat(node.ino, a.mode, link_count(node), a.uid, a.gid, a.rdev, size,
-                    (size + 511) // 512, a.atime_ns, a.mtime_ns, a.ctime_ns)
+                    (used + 511) // 512, a.atime_ns, a.mtime_ns, a.ctime_ns)
 
     # ---- whole file system ----------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ class FlushOps:
         return self.vault.open(key, data_keys=data_keys)
 
     def _write_version(self, key: str, source, size: int, attrs: bytes, prev, *, create: bool,
-                       chunk_log2: int | None = None):
+                       chunk_log2: int | None = None, stored=None):
         """Store a new version of ``key`` (a successor of ``prev`` when given: same file id, next
         generation, same data keys) and return it opened.  Conditional where the store allows:
         ``If-None-Match`` when ``create``, else ``If-Match`` on ``prev``."""
@@ -40,7 +40,7 @@ class FlushOps:
                                 file_id=prev.file_id if prev is not None else None,
                                 generation=prev.generation + 1 if prev is not None else 0,
                                 data_keys=prev.data_keys if prev is not None else None,
-                                chunk_log2=chunk_log2, **kw)
+                                chunk_log2=chunk_log2, stored=stored, **kw)
 
     def _write_sync(self, key: str, body: bytes, attrs: bytes, prev, if_none_match: bool):
         """Write a small object (marker, symlink, special file) and return its OpenObject."""
@@ -57,7 +57,7 @@ class FlushOps:
 
     def _flush_sync(self, key: str, content: FileContent, attrs: bytes, prev, stored: bool):
         new = self._write_version(key, content.source, content.size, attrs, prev, create=not stored,
-                                  chunk_log2=content.cs.bit_length() - 1)
+                                  chunk_log2=content.cs.bit_length() - 1, stored=content.stored_chunks)
         content.committed(new)
         return new
 

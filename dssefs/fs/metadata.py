@@ -15,7 +15,7 @@ import trio
 
 from ..errors import DssefsError, MetadataBudgetError, PreconditionFailed
 from .attributes import now_ns
-from .common import Stat, fail, with_links
+from .common import Stat, check_size, fail, with_links
 from .inodes import Inode
 
 log = logging.getLogger("dssefs.fs")
@@ -37,6 +37,7 @@ class MetadataOps:
                     raise fail(errno.EISDIR)
                 if not a.is_reg():
                     raise fail(errno.EINVAL)
+                check_size(size)
                 content = await self._content(node)
                 await self._cpu(content.truncate, size)
                 h = self.handles.get(fh) if fh is not None else None
