@@ -707,6 +707,14 @@ class S3Upload(Upload):
         try:
             self.store._client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
                                                       UploadId=self.upload_id)
+        except bce.ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                # already gone: most often a completion whose reply was lost took effect (the
+                # caller then confirms the stored version), or a retried abort
+                log.debug("event=abort_upload_gone object=s3://%s/%s", self.store.bucket, self.key)
+                return
+            log.warning("event=abort_upload_failed object=s3://%s/%s reason=%s", self.store.bucket,
+                        self.key, one_line(e))
         except Exception as e:  # never raises: a lifecycle rule reaps what is left
             log.warning("event=abort_upload_failed object=s3://%s/%s reason=%s", self.store.bucket,
                         self.key, one_line(e))
