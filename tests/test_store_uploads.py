@@ -338,6 +338,9 @@ def test_mount_aborts_its_stale_uploads_on_s3(s3_uploads, mount_factory, bucket,
     assert sorted(u.key for u in raw.list_uploads("")) == ["other/file.bin", "team/.dssefs/epochs/0123",
                                                            "team/dir/young.bin"]
     assert _status(m)["store"]["stale_uploads_aborted"] == 1
+    text = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint)],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "1 stale multipart uploads aborted" in text, text
     assert sorted(os.listdir(m.mountpoint)) == ["plain.bin"]  # the mount serves as before
     assert objects(raw) == before  # no object was touched
     young.put_part(2, b"z")

@@ -74,7 +74,9 @@ def format_text(r: dict) -> str:
         f"{r['flushes']['failed']} failed",
         f"store:      {store['objects_written']} objects written ({size(store['bytes_written'])}), "
         f"{size(store['bytes_read'])} read; requests: {reqs}; {store['not_found']} not found, "
-        f"{store['failures']} failed",
+        f"{store['failures']} failed"
+        + (f"; {store['stale_uploads_aborted']} stale multipart uploads aborted"
+           if store.get("stale_uploads_aborted") else ""),
         f"kms:        {kms['provider']}: {kms_calls}",
         f"files:      {r['open_files']} open, {r['inodes']} inodes known",
         f"errors:     {errors['total']}" + (f" ({by_errno})" if by_errno else ""),
