@@ -5,7 +5,8 @@ answers), mount, report ready (pipe to ``dssefs mount``; ``READY=1`` to systemd)
 FUSE_INIT arrives, serve.  Beside FUSE, on the same event loop: the control socket (``dssefs
 status``), ``STATUS=`` lines every few seconds, ``WATCHDOG=1`` pings when systemd asks for them.
 Once it serves, a worker thread aborts the multipart uploads that crashed writers left under the
-mount's prefix (:mod:`dssefs.store.uploads`, ``stale_upload_age``); READY does not wait for it.
+mount's prefix (:mod:`dssefs.store.uploads`, ``stale_upload_age``), and interrupted directory
+renames are finished (:mod:`dssefs.fs.renames`); READY waits for neither.
 SIGTERM, SIGINT or SIGHUP (or an unmount; signals are handled from before the mount exists until
 exit, see :mod:`.stopsignals`): ``STOPPING=1``, store every dirty file
 (``EXTEND_TIMEOUT_USEC=`` while that makes progress), unmount, exit 0; 1 if any file could not be
@@ -20,6 +21,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -79,7 +81,10 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
                    chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2),
                    crypto_workers=max(1, os.cpu_count() or 1))
-    return Filesystem(vault, prefix, cfg)
+    fs = Filesystem(vault, prefix, cfg)
+    # the renames this daemon begins are its mount point's: the next daemon there finishes them
+    fs.rename_owner = f"{socket.gethostname()}:{os.path.abspath(req.mountpoint)}"
+    return fs
 
 
 def fuse_options(req: MountRequest) -> set[str]:
@@ -241,6 +246,7 @@ class Daemon:
             nursery.start_soon(self._signals)
             nursery.start_soon(self._after_ready)
             nursery.start_soon(self._clean_stale_uploads)
+            nursery.start_soon(self._resume_renames)
             if self.notifier.enabled:
                 nursery.start_soon(self._status_updates)
             if self.notifier.watchdog:
@@ -331,6 +337,20 @@ class Daemon:
         log.info("event=stale_uploads store=%s max_age=%g aborted=%d kept=%d failed=%d%s seconds=%.2f", where,
                  max_age, len(result.aborted), result.kept, result.failed,
                  " stopped=yes" if result.stopped else "", time.monotonic() - t0)
+
+    async def _resume_renames(self) -> None:
+        """Finish the directory renames that a crash interrupted (:mod:`dssefs.fs.renames`), once
+        the mount serves.  Never fails the mount: a failure is logged and they wait for the next
+        rename of those directories or the next mount."""
+        while not self.live:
+            await trio.sleep(0.02)
+        try:
+            await self.fs.resume_renames()
+        except Exception as e:  # noqa: BLE001 - recovery: the mount serves on
+            reason = str(e) if isinstance(e, DssefsError) else f"{type(e).__name__}: {e}"
+            log.warning("event=rename_recovery_failed store=%s/%s reason=%s effect='interrupted renames "
+                        "are finished by the next rename of their directories or the next mount'",
+                        self.store.url.rstrip("/"), self.prefix, reason)
 
     async def _status_updates(self) -> None:
         while True:

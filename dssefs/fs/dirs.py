@@ -1,4 +1,5 @@
-"""Namespace changes: mkdir, mknod, symlink, readlink, link, unlink, rmdir and rename.
+"""Namespace changes: mkdir, mknod, symlink, readlink, link, unlink and rmdir (rename is in
+:mod:`.renames`).
 """
 
 from __future__ import annotations
@@ -6,16 +7,16 @@ from __future__ import annotations
 import errno
 import stat
 
-import trio
-
-from ..envelope.epoch import RESERVED_NAME, is_reserved_key
-from ..errors import NotDssefsObject, ObjectNotFound, PreconditionFailed
+from ..envelope.epoch import RESERVED_NAME
+from ..errors import PreconditionFailed
+from ..objects.intents import parse_intent_key
 from .attributes import Attrs
-from .common import Stat, _Locks, fail
-from .inodes import ROOT_INODE, Inode
+from .common import Stat, fail
+from .inodes import Inode
+from .renames import RenameOps
 
 
-class DirOps:
+class DirOps(RenameOps):
     """Creating, removing and renaming names."""
 
     async def _create_object(self, parent: Inode, name: str, attrs: Attrs, body: bytes = b"",
@@ -153,112 +154,17 @@ class DirOps:
         self._listed(parent, name, None)
         self._listings.pop(node.ino, None)
 
-    async def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int = 0) -> None:
-        self._writable_fs()
-        RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-        if flags & RENAME_EXCHANGE:
-            raise fail(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        sp, dp = self._dir(old_parent), self._dir(new_parent)
-        self._check_name(dp, new)
-        src = await self._existing(sp, old)
-        dst = await self._child(dp, new)
-        if dst is src:
-            return
-        if dst is not None and flags & RENAME_NOREPLACE:
-            raise fail(errno.EEXIST)
-        if src.foreign or src.broken or (dst is not None and (dst.foreign or dst.broken)):
-            raise fail(errno.EACCES, "objects not written by dssefs are read-only")
-        if dst is not None:
-            if src.is_dir() and not dst.is_dir():
-                raise fail(errno.ENOTDIR)
-            if not src.is_dir() and dst.is_dir():
-                raise fail(errno.EISDIR)
-            if dst.is_dir() and not await self._is_empty(dst):
-                raise fail(errno.ENOTEMPTY)
-        if src.is_dir():
-            p = dp
-            while p.ino != ROOT_INODE:
-                if p is src:
-                    raise fail(errno.EINVAL, "cannot move a directory into itself")
-                p = self.node(p.parent)
-        locks = sorted({src.ino: src, **({dst.ino: dst} if dst is not None else {})}.items())
-        async with _Locks([n.lock for _, n in locks]):
-            dst_key = self.dir_prefix(dp) + new
-            if src.is_dir():
-                await self._flush_tree(src)
-                if dst is not None and dst.stored:
-                    await self._io(self.store.delete, self.object_key(dst))
-                await self._rename_tree(self.dir_prefix(src), dst_key + "/")
-            else:
-                if src.dirty:
-                    await self._flush_locked(src, force=not src.stored)
-                if dst is not None and dst.open_count > 0 and dst.content is not None:
-                    await self._io(dst.content.materialize)
-                if src.stored and src.obj is not None:
-                    obj = src.obj
-                    await self._io(self.vault.rename, obj, dst_key)
-                    new_obj = await self._io(self._reopen_sync, dst_key)
-                    self._stored(src, new_obj)
-            if dst is not None:
-                dst.stored = False
-                dst.meta_dirty = False  # replaced: its pending attributes die with it
-                self.table.detach(dst)
-            self.table.move(src, dp.ino, new)
-            self._listed(sp, old, None)
-            self._listed(dp, new, "dir" if src.is_dir() else "file")
-            if src.is_dir():
-                await self._reopen_tree(src)
-                if src.meta_dirty and not src.stored:  # a new directory's marker, stored at the new name
-                    self._deferred.pop(src.ino, None)
-                    await self._persist_attrs(src)
-        self._touch_dir(sp)
-        self._touch_dir(dp)
-
-    async def _flush_tree(self, node: Inode) -> None:
-        for n in self.table.descendants(node.ino):
-            if n.dirty and n.linked:
-                async with n.lock:
-                    await self._flush_locked(n, force=not n.stored and not n.is_dir())
-
-    def _rename_one_sync(self, src: str, dst: str) -> None:
-        info = self.store.head(src)
-        try:
-            obj = self.vault.open(src, info)
-        except NotDssefsObject:
-            self.store.copy(src, dst, dict(info.metadata))
-            self.store.delete(src)
-            return
-        self.vault.rename(obj, dst)
-
-    async def _rename_tree(self, src_pfx: str, dst_pfx: str) -> None:
-        """Move every object under ``src_pfx``: metadata-only copies, bodies never re-encrypted."""
-        keys = await self._io(lambda: [i.key for i in self.store.list(src_pfx, delimiter=None)
-                                       if not isinstance(i, str)])
-        records = [k for k in keys if is_reserved_key(k[len(self.prefix):])]
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                if key not in records:
-                    nursery.start_soon(self._io, self._rename_one_sync, key, dst_pfx + key[len(src_pfx):])
-        # every object moved was re-wrapped under the destination's epoch: the epoch records
-        # below the source (written there by 'dssefs put') are no longer named by any object
-        for key in records:
-            await self._io(self.store.delete, key)
-
     def _drop_records_sync(self, dirpfx: str) -> None:
         """Delete the '.dssefs' records below an empty directory: only objects below it can
-        name them."""
-        for item in list(self.store.list(dirpfx + RESERVED_NAME + "/", delimiter=None)):
-            if not isinstance(item, str):
+        name them.  The records of interrupted renames there (a mount of a prefix below wrote
+        them) are finished first, under the epoch records they are sealed with: nothing is
+        left to move, so that only drops them."""
+        items = [i for i in self.store.list(dirpfx + RESERVED_NAME + "/", delimiter=None)
+                 if not isinstance(i, str)]
+        renames = self._renames()
+        for item in items:
+            if parse_intent_key(item.key) is not None:
+                renames.resume(renames.load(item.key))
+        for item in items:
+            if parse_intent_key(item.key) is None:
                 self.store.delete(item.key)
-
-    async def _reopen_tree(self, node: Inode) -> None:
-        async def one(n: Inode) -> None:
-            key = self.object_key(n)
-            try:
-                self._stored(n, await self._io(self._reopen_sync, key))
-            except ObjectNotFound:
-                n.validated = 0.0
-        async with trio.open_nursery() as nursery:
-            for n in self.table.descendants(node.ino) + [node]:
-                if n.obj is not None and n.stored:
-                    nursery.start_soon(one, n)
