@@ -330,7 +330,12 @@ def cases_v2() -> list[dict]:
                     epoch="local", generation=(1 << 40) + 5, with_attrs=True, successor_of=None))
     out.append(dict(name="cs20-len5-kms", object="cs20-len5-kms", chunk_log2=20, plaintext_len=5,
                     epoch="kms", generation=3, with_attrs=True, successor_of=None))
-    for spec in out:
+    return _with_inputs(out)
+
+
+def _with_inputs(specs: list[dict]) -> list[dict]:
+    """Every injected input of a version 2 case, derived from its object and case names."""
+    for spec in specs:
         obj = spec["object"]  # a successor is the same object: same key, file, message id and keys
         spec.update(object_key=f"golden/v2/{obj}.bin",
                     file_id=_sha(f"dssefs golden v2 file_id {obj}")[:16],
@@ -339,7 +344,7 @@ def cases_v2() -> list[dict]:
                     dk_nonce={layer: _sha(f"dssefs golden v2 data key wrap nonce {obj} {layer}")[:12]
                               for layer in LAYERS},
                     attrs_nonce=_sha(f"dssefs golden v2 attrs nonce {spec['name']}")[:12])
-    return out
+    return specs
 
 
 def build_case_v2(spec: dict, epoch: dict) -> dict:
@@ -494,16 +499,7 @@ def cases_sparse() -> list[dict]:
            dict(name="sparse-cs12-last-only", object="sparse-cs12-last-only", chunk_log2=12,
                 plaintext_len=9 * cs, stored={8}, epoch="local", generation=0, with_attrs=False,
                 successor_of=None)]
-    for spec in out:
-        obj = spec["object"]
-        spec.update(object_key=f"golden/v2/{obj}.bin",
-                    file_id=_sha(f"dssefs golden v2 file_id {obj}")[:16],
-                    msg_id=_sha(f"dssefs golden v2 msg_id {obj}"),
-                    dk={layer: _sha(f"dssefs golden v2 data key {obj} {layer}") for layer in LAYERS},
-                    dk_nonce={layer: _sha(f"dssefs golden v2 data key wrap nonce {obj} {layer}")[:12]
-                              for layer in LAYERS},
-                    attrs_nonce=_sha(f"dssefs golden v2 attrs nonce {spec['name']}")[:12])
-    return out
+    return _with_inputs(out)
 
 
 def render_sparse() -> str:
