@@ -227,6 +227,13 @@ OPTIONS: tuple[Option, ...] = (
            "a HEAD on S3); 0 fetches metadata only", "SIZE", groups=("mount",)),
     Option("spill_dir", _path, None, "staging directory for dirty data beyond --cache-size (encrypted with "
            "an in-memory key; default under $XDG_CACHE_HOME or /var/cache/dssefs)", "DIR", groups=("mount",)),
+    Option("write_back", _bool, False, "close() returns once the file's encrypted object is durable in a "
+           "local journal (--journal-dir); uploads run in the background, fsync still waits for the "
+           "store, unmount waits for the journal to drain, and the next mount uploads what a crash "
+           "left (see docs/semantics.md)", flag=True, groups=("mount",)),
+    Option("journal_dir", _path, None, "write-back journal: encrypted objects waiting for upload (default "
+           "under $XDG_STATE_HOME or /var/lib/dssefs, one per mount point; keep it on a local disk "
+           "that survives reboots)", "DIR", groups=("mount",)),
     Option("attr_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache attributes",
            "SECONDS", groups=("mount",)),
     Option("entry_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache name lookups",

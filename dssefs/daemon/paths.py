@@ -128,6 +128,16 @@ def pid_file(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), f"{safe}-{digest}.pid")
 
 
+def default_journal_dir(mountpoint: str) -> str:
+    """The write-back journal of a mount point: persistent (a crash's entries are uploaded by the
+    next mount on it), unlike the spill area."""
+    if os.geteuid() == 0:
+        base = "/var/lib/dssefs"
+    else:
+        base = xdg_dir("XDG_STATE_HOME", os.path.join(".local", "state"))
+    return os.path.join(base, "journal-" + hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16])
+
+
 def default_spill_dir(mountpoint: str) -> str:
     if os.geteuid() == 0:
         base = "/var/cache/dssefs"

@@ -9,6 +9,7 @@ import os
 
 from .. import __version__
 from ..fs.activity import snapshot
+from ..store.journal import JournalStore
 
 
 async def collect(daemon) -> dict:
@@ -26,6 +27,8 @@ async def collect(daemon) -> dict:
     report.update(await snapshot(daemon.fs))
     report["store"] = daemon.meter.snapshot()
     report["kms"] = {"provider": getattr(daemon.keys, "kind", "?"), **daemon.keys.stats}
+    if isinstance(daemon.store, JournalStore):  # --write-back: the backlog of the journal
+        report["write_back"] = daemon.store.stats()
     return report
 
 
@@ -81,6 +84,13 @@ def format_text(r: dict) -> str:
         f"files:      {r['open_files']} open, {r['inodes']} inodes known",
         f"errors:     {errors['total']}" + (f" ({by_errno})" if by_errno else ""),
     ]
+    wb = r.get("write_back")
+    if wb is not None:
+        lines.append(f"write-back: {wb['entries']} versions ({size(wb['bytes'])}) waiting in {wb['dir']}, "
+                     f"{wb['uploading']} uploading; {wb['uploaded']} uploaded, {wb['failed_attempts']} failed "
+                     f"attempts, {wb['conflicts']} conflicts")
+        for c in wb["recent_conflicts"]:
+            lines.append(f"  conflict object={c['object']} saved_as={c['saved_as']}")
     for e in errors["recent"][-5:]:
         lines.append(f"  op={e['op']} errno={e['errno']} object={e['object']} reason={e['reason']}")
     return "\n".join(lines)

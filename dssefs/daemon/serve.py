@@ -36,8 +36,8 @@ from . import report
 from .control import serve_control
 from .mounts import mount_entries
 from .notify import Notifier
-from .paths import (control_socket, default_spill_dir, ensure_runtime_dir, pid_file, recorded_daemon,
-                    remove_if_mine, write_pid_file)
+from .paths import (control_socket, default_journal_dir, default_spill_dir, ensure_runtime_dir, pid_file,
+                    recorded_daemon, remove_if_mine, write_pid_file)
 from .request import MountRequest
 from .stopsignals import StartInterrupted, StopSignals
 
@@ -57,6 +57,11 @@ def open_backend(req: MountRequest, meter: StoreMeter | None = None):
     store, prefix = open_store(req.source, **store_options(s))
     if meter is not None:
         store = MeteredStore(store, meter)
+    if s.write_back and not s.read_only:
+        from ..store.journal import JournalStore
+
+        store = JournalStore(store, s.journal_dir or default_journal_dir(req.mountpoint),
+                             workers=max(4, s.workers * 2), identity=f"{store.url.rstrip('/')}/{prefix}")
     setup = key_provider(s, create_default=True)
     if setup.created_keyring:
         log.info("event=keyring_created path=%s", setup.created_keyring)
@@ -82,6 +87,11 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2),
                    crypto_workers=max(1, os.cpu_count() or 1))
     fs = Filesystem(vault, prefix, cfg)
+    from ..store.journal import JournalStore
+
+    journal = store if isinstance(store, JournalStore) else None
+    if journal is not None:  # versions refused in the background are saved next to the original
+        journal.on_conflict = lambda key, meta, body: vault.save_conflict_copy(key, meta, body, journal.inner)
     # the renames this daemon begins are its mount point's: the next daemon there finishes them
     fs.rename_owner = f"{socket.gethostname()}:{os.path.abspath(req.mountpoint)}"
     return fs
@@ -260,7 +270,30 @@ class Daemon:
             if self.state != "stopping":
                 await self._stopping("unmounted")
             self.failures = await self._flush(final=True)
+            self.failures += await self._drain_journal()
             nursery.cancel_scope.cancel()
+
+    async def _drain_journal(self) -> list:
+        """Write-back: wait until the journal is uploaded.  What the store keeps refusing stays in
+        the journal (on disk, encrypted) for the next mount, and is reported like an unstored file."""
+        from ..store.journal import JournalStore
+
+        if not isinstance(self.store, JournalStore):
+            return []
+        drain = self.store.drain
+        left = self.store.stats()["entries"]
+        if left:
+            log.info("event=journal_drain entries=%d", left)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._extend_while_progressing)
+            try:
+                stuck = await trio.to_thread.run_sync(drain)
+            finally:
+                nursery.cancel_scope.cancel()
+        for key, err in stuck:
+            log.error("event=journal_not_drained object=%s/%s reason=%s effect='kept in the write-back journal "
+                      "%s; the next mount uploads it'", self.store.url.rstrip("/"), key, err, self.store.dir)
+        return [(key, err) for key, err in stuck]
 
     async def _stopping(self, why: str) -> None:
         self.state = "stopping"

@@ -137,10 +137,13 @@ class FileOps:
         await self._store_now(node)
 
     async def fsync(self, fh: int) -> None:
-        """fsync/fdatasync through any descriptor: every change of the file is stored."""
+        """fsync/fdatasync through any descriptor: every change of the file is stored (with
+        --write-back: uploaded from the journal, not only journaled)."""
         node = self.handle(fh).node
         if node.dirty and node.linked:
             await self._store_now(node)
+        if node.linked:
+            await self._settle(self.object_key(node))
 
     async def _store_now(self, node: Inode) -> None:
         self._deferred.pop(node.ino, None)

@@ -93,6 +93,15 @@ class FlushOps:
         node.meta_dirty = False
         node.cached_etag = new.etag  # the page cache holds exactly what was stored
 
+    async def _settle(self, key: str | None, *, under: bool = False) -> None:
+        """Write-back: wait until what the journal holds for ``key`` (or, ``under``, for the names
+        directly below the prefix ``key``) is in the store; its failure or conflict is raised."""
+        journal = getattr(self.store, "settle", None)
+        if journal is None or key is None:
+            return
+        fn = self.store.settle_under if under else journal
+        await trio.to_thread.run_sync(fn, key, abandon_on_cancel=True)
+
     async def _content(self, node: Inode) -> FileContent:
         if node.content is None:
             if node.foreign:

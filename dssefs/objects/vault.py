@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import types
 from typing import Callable, Iterable, Iterator
 
 from .. import envelope
@@ -710,6 +711,29 @@ class Vault:
         if delete_source and dst != obj.key:
             self.store.delete(obj.key)
         return etag
+
+    def save_conflict_copy(self, key: str, meta: dict[str, str], body: bytes, store: ObjectStore) -> str:
+        """Store a version of ``key`` that lost its condition (found by a background upload)
+        under ``NAME.dssefs-conflict-<UTC time>`` in ``store``, the body untouched and both data
+        keys re-wrapped for the new name (as a rename does); returns the new key."""
+        env = envelope.parse(meta)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        base = key[:-1] if key.endswith("/") else key
+        for n in range(100):
+            dst = f"{base}.dssefs-conflict-{stamp}" + (f"-{n}" if n else "")
+            if env.version == fmt.FORMAT_V2:
+                dk = self._unwrap_v2(key, env)
+                keys = self._wrap_under(self.epochs.for_writing(self.epoch_prefix_for(dst)), dst, dk.inner, dk.outer)
+                new = dataclasses.replace(env, wrapped_inner=keys.wrapped_inner.blob,
+                                          wrapped_outer=keys.wrapped_outer.blob, epoch=self._epoch_ref(keys))
+            else:  # version 1 (not written any more, but its self-copies may be pending): KMS re-wrap
+                new = self._rewrapped(types.SimpleNamespace(envelope=env, key=key), dst)
+            try:
+                store.put(dst, body, new.to_metadata(), if_none_match=True)
+                return dst
+            except PreconditionFailed:
+                continue  # that name is taken: the next one
+        raise PreconditionFailed(f"{self.store.url}/{key}: no free name for a conflict copy")
 
     def upgrade(self, obj: OpenObject, progress: Progress | None = None) -> OpenObject:
         """Rewrite a version 1 object as version 2 (same file id, next generation, same

@@ -1,0 +1,262 @@
+"""The write-back journal (dssefs/store/journal.py): writes are durable locally at once, uploaded
+in the background in order per key, visible to their writer meanwhile, and survive crashes,
+failures and conflicts."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from dssefs.errors import ObjectNotFound, PreconditionFailed, StoreError
+from dssefs.store import LocalStore
+from dssefs.store import journal as jmod
+from dssefs.store.journal import JournalStore
+
+META = {"dsse-h": "h1", "dsse-ki": "k"}
+
+
+class Gated(LocalStore):
+    """A local store whose writes wait for ``gate`` and can be made to fail; counts them."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: BaseException | None = None
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def _enter(self, op: str, key: str) -> None:
+        assert self.gate.wait(30)
+        with self.lock:
+            self.calls.append((op, key))
+        if self.fail is not None:
+            raise self.fail
+
+    def put(self, key, body, metadata, **kw):
+        self._enter("put", key)
+        return super().put(key, body, metadata, **kw)
+
+    def delete(self, key):
+        self._enter("delete", key)
+        return super().delete(key)
+
+    def begin_upload(self, key, metadata, **kw):
+        self._enter("begin_upload", key)
+        return super().begin_upload(key, metadata, **kw)
+
+
+@pytest.fixture
+def inner(tmp_path) -> Gated:
+    return Gated(tmp_path / "store")
+
+
+@pytest.fixture
+def journal(inner, tmp_path):
+    made = []
+
+    def make(**kw) -> JournalStore:
+        j = JournalStore(inner, tmp_path / "journal", **kw)
+        made.append(j)
+        return j
+
+    yield make
+    for j in made:
+        j._closed = True
+        with j._cv:
+            j._cv.notify_all()
+
+
+def _meta(h: str) -> dict:
+    return {"dsse-h": h, "dsse-ki": "k"}
+
+
+def test_put_is_local_first_then_uploaded(journal, inner):
+    inner.gate.clear()
+    j = journal()
+    etag = j.put("d/a", b"hello", _meta("v1"), if_none_match=True)
+    assert etag.startswith(jmod.SYNTHETIC)
+    with pytest.raises(ObjectNotFound):
+        LocalStore.head(inner, "d/a")  # not in the store yet
+    info = j.head("d/a", prefix=3)
+    assert (info.size, info.etag, info.prefix, info.metadata) == (5, etag, b"hel", _meta("v1"))
+    assert j.get_range("d/a", 1, 3, if_match=etag) == (b"ell", 5)
+    assert [x if isinstance(x, str) else x.key for x in j.list("d/")] == ["d/a"]
+    assert [x for x in j.list("", "/")] == ["d/"]
+    assert j.stats()["entries"] == 1
+    inner.gate.set()
+    j.settle("d/a")
+    stored = LocalStore.head(inner, "d/a")
+    assert stored.metadata == _meta("v1") and LocalStore.get_range(inner, "d/a", 0, 5)[0] == b"hello"
+    # a reader pinned to the synthetic ETag still reads, from the store now
+    assert j.get_range("d/a", 0, 5, if_match=etag) == (b"hello", 5)
+    assert j.stats()["entries"] == 0 and not list((j.dir).glob("*.entry"))
+
+
+def test_a_pending_version_is_replaced_not_uploaded(journal, inner):
+    inner.gate.clear()
+    j = journal(workers=1)
+    e1 = j.put("blocker", b"x", _meta("b"), if_none_match=True)  # the one worker waits on this
+    etag = j.put("f", b"one", _meta("1"), if_none_match=True)
+    for n in range(2, 6):
+        etag = j.put("f", f"version {n}".encode(), _meta(str(n)), if_match=etag)
+    assert len(list(j.dir.glob("*.entry"))) == 2
+    inner.gate.set()
+    assert j.drain() == []
+    assert [c for c in inner.calls if c[1] == "f"] == [("put", "f")]  # only the newest was sent
+    assert LocalStore.get_range(inner, "f", 0, 100)[0] == b"version 5"
+    assert e1
+
+
+def test_writes_after_an_upload_began_wait_for_it_and_chain_conditions(journal, inner):
+    inner.gate.clear()
+    j = journal()
+    e1 = j.put("f", b"one", _meta("1"), if_none_match=True)
+    for _ in range(100):  # a worker has taken it and waits at the gate
+        with j._cv:
+            if j._queues["f"][0].uploading:
+                break
+        threading.Event().wait(0.01)
+    e2 = j.put("f", b"two", _meta("2"), if_match=e1)
+    with pytest.raises(PreconditionFailed):
+        j.put("f", b"x", _meta("x"), if_match=e1)  # not the newest version
+    with pytest.raises(PreconditionFailed):
+        j.put("f", b"x", _meta("x"), if_none_match=True)
+    inner.gate.set()
+    j.settle("f")
+    assert LocalStore.get_range(inner, "f", 0, 10)[0] == b"two"
+    assert [c for c in inner.calls if c[1] == "f"] == [("put", "f"), ("put", "f")]
+    assert e2
+
+
+def test_deleting_a_never_stored_file_costs_nothing(journal, inner):
+    inner.gate.clear()
+    j = journal()
+    j.put("tmp", b"scratch", _meta("t"), if_none_match=True)
+    j.delete("tmp")
+    with pytest.raises(ObjectNotFound):
+        j.head("tmp")
+    inner.gate.set()
+    assert j.drain() == []
+    assert inner.calls == []
+
+
+def test_delete_after_a_stored_version_is_ordered(journal, inner):
+    j = journal()
+    e1 = j.put("f", b"one", _meta("1"), if_none_match=True)
+    j.settle("f")
+    inner.gate.clear()
+    e2 = j.put("f", b"two", _meta("2"), if_match=e1)
+    j.delete("f")
+    with pytest.raises(ObjectNotFound):
+        j.head("f")
+    assert "f" not in [x.key for x in j.list("") if not isinstance(x, str)]
+    j.put("f", b"three", _meta("3"), if_none_match=True)  # recreated after the pending delete
+    inner.gate.set()
+    j.settle("f")
+    assert LocalStore.get_range(inner, "f", 0, 10)[0] == b"three"
+    assert e2
+
+
+def test_copy_of_a_pending_object_is_journaled(journal, inner):
+    inner.gate.clear()
+    j = journal()
+    e = j.put("a", b"body", _meta("1"), if_none_match=True)
+    j.copy("a", "a", _meta("1-attrs"), if_match=e)  # an attribute change
+    j.copy("a", "b", _meta("1-b"), if_none_match=True)  # a rename's copy
+    j.delete("a")
+    inner.gate.set()
+    assert j.drain() == []
+    assert LocalStore.head(inner, "b").metadata == _meta("1-b")
+    assert LocalStore.get_range(inner, "b", 0, 10)[0] == b"body"
+    with pytest.raises(ObjectNotFound):
+        LocalStore.head(inner, "a")
+
+
+def test_crash_before_upload_then_replay(journal, inner, tmp_path):
+    inner.fail = StoreError("store unreachable", errno=5)
+    j = journal()
+    e1 = j.put("f", b"one", _meta("1"), if_none_match=True)
+    with pytest.raises(StoreError):
+        j.settle("f")  # fsync reports the failure, the entry stays
+    assert len(j.drain()) == 1
+    j.close()  # as after a crash: the entry is on disk
+    inner.fail = None
+    j2 = journal()
+    assert j2.drain() == []
+    assert LocalStore.get_range(inner, "f", 0, 10)[0] == b"one"
+    assert e1
+
+
+def test_crash_between_two_versions_recognises_the_first(journal, inner):
+    """The first version was uploaded, the crash came before the second: after the replay the
+    second is conditional on the first, recognised by its header."""
+    inner.gate.clear()
+    j = journal()
+    e1 = j.put("f", b"one", _meta("1"), if_none_match=True)
+    for _ in range(100):
+        with j._cv:
+            if j._queues["f"][0].uploading:
+                break
+        threading.Event().wait(0.01)
+    j.put("f", b"two", _meta("2"), if_match=e1)
+    inner.fail = None
+    inner.gate.set()
+    j.settle("f")  # both uploaded here; now make a second run crash after the first of two
+    inner.fail = StoreError("down", errno=5)
+    e3 = j.put("f", b"three", _meta("3"), if_match=j.head("f").etag)
+    with pytest.raises(StoreError):
+        j.settle("f")
+    j.close()
+    inner.fail = None
+    j2 = journal()
+    assert j2.drain() == []
+    assert LocalStore.get_range(inner, "f", 0, 10)[0] == b"three"
+    assert e3
+
+
+def test_conflict_found_in_the_background_is_saved_elsewhere(journal, inner):
+    saved = []
+
+    def on_conflict(key, meta, body):
+        saved.append((key, meta, body))
+        LocalStore.put(inner, key + ".conflict", body, meta, if_none_match=True)
+        return key + ".conflict"
+
+    j = journal(on_conflict=on_conflict)
+    e1 = j.put("f", b"mine v1", _meta("1"), if_none_match=True)
+    j.settle("f")
+    LocalStore.put(inner, "f", b"theirs", _meta("other"))  # another client
+    e2 = j.put("f", b"mine v2", _meta("2"), if_match=e1)
+    with pytest.raises(StoreError):
+        j.settle("f")
+    assert saved == [("f", _meta("2"), b"mine v2")]
+    assert LocalStore.get_range(inner, "f", 0, 10)[0] == b"theirs"
+    assert LocalStore.get_range(inner, "f.conflict", 0, 10)[0] == b"mine v2"
+    assert j.stats()["conflicts"] == 1 and j.stats()["entries"] == 0
+    with pytest.raises(PreconditionFailed):
+        j.put("f", b"v3", _meta("3"), if_match=e2)  # the lost version cannot be built upon
+
+
+def test_multipart_entry_is_uploaded_in_parts(journal, inner, monkeypatch):
+    monkeypatch.setattr(jmod, "MULTIPART", 1 << 20)
+    monkeypatch.setattr(jmod, "UPLOAD_PART", 5 << 20)
+    j = journal()
+    data = os.urandom(11 << 20)
+    up = j.begin_upload("big", _meta("b"), if_none_match=True)
+    for n, start in enumerate(range(0, len(data), 4 << 20), start=1):
+        up.put_part(n, data[start:start + (4 << 20)])
+    etag = up.complete()
+    assert j.get_range("big", 5, 10, if_match=etag) == (data[5:15], len(data))
+    j.settle("big")
+    assert ("begin_upload", "big") in inner.calls
+    assert LocalStore.get_range(inner, "big", 0, len(data))[0] == data
+    assert not [p for p in j.dir.iterdir() if p.name.startswith("upload-")]
+
+
+def test_one_daemon_per_journal(journal):
+    journal()
+    with pytest.raises(Exception, match="in use"):
+        journal()

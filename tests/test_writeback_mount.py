@@ -1,0 +1,109 @@
+"""--write-back through a real mount on moto S3: close returns before the upload, fsync and
+unmount wait for it, a crash leaves the journal to the next mount, and a conflict found in the
+background becomes a conflict copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from faultproxy import DELAY, fault_proxy  # noqa: F401 (fixture)
+from fuse_fixtures import Mount, requires_fuse
+
+pytestmark = [pytest.mark.s3, pytest.mark.fuse]
+
+
+def _keys(moto_server, bucket) -> set[str]:
+    out = moto_server.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"] for o in out if "/.dssefs/" not in "/" + o["Key"]}
+
+
+def _status(m: Mount) -> dict:
+    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def wb(tmp_path, mount_factory, bucket, kms_key, fault_proxy):  # noqa: F811
+    """A --write-back mount through the proxy (PUTs delayed 1.5 s each)."""
+    fault_proxy.add(DELAY, method="PUT", path=r"^/[^?]*[^/?]$", delay=1.5)
+    m = mount_factory(tmp_path / "mnt", f"s3://{bucket}", "--kms-key-id", kms_key, "--write-back",
+                      "--journal-dir", str(tmp_path / "journal"), "--spill-dir", str(tmp_path / "spill"),
+                      "--endpoint-url", fault_proxy.endpoint)
+    m.start()
+    return m
+
+
+@requires_fuse
+def test_close_returns_before_upload_fsync_and_unmount_wait(wb, moto_server, bucket, tmp_path):
+    data = {f"f{i}": os.urandom(1000 + i) for i in range(12)}
+    for name, body in data.items():
+        (wb / name).write_bytes(body)  # each close: journaled, not uploaded (PUTs take 1.5 s)
+    assert len(_keys(moto_server, bucket) & set(data)) < len(data)
+    assert _status(wb)["write_back"]["entries"] > 0
+    assert (wb / "f3").read_bytes() == data["f3"]  # read back from the journal meanwhile
+    fd = os.open(wb / "f0", os.O_RDONLY)
+    os.fsync(fd)  # waits for the upload
+    os.close(fd)
+    assert "f0" in _keys(moto_server, bucket)
+    assert wb.stop() == 0  # unmount drains the journal
+    assert _keys(moto_server, bucket) >= set(data)
+    assert not list((tmp_path / "journal").glob("*.entry"))
+    wb.start()
+    for name, body in data.items():
+        assert (wb / name).read_bytes() == body
+
+
+@requires_fuse
+def test_crash_leaves_the_journal_to_the_next_mount(wb, moto_server, bucket, tmp_path):
+    data = {f"g{i}": os.urandom(3000) for i in range(8)}
+    for name, body in data.items():
+        (wb / name).write_bytes(body)
+    wb.kill()  # SIGKILL while uploads wait
+    assert len(_keys(moto_server, bucket) & set(data)) < len(data)
+    assert list((tmp_path / "journal").glob("*.entry"))
+    wb.start()
+    assert "event=journal_replay" in wb.log()
+    for name, body in data.items():
+        assert (wb / name).read_bytes() == body  # from the journal or the store
+    assert wb.stop() == 0
+    assert _keys(moto_server, bucket) >= set(data)
+    assert not list((tmp_path / "journal").glob("*.entry"))
+
+
+@requires_fuse
+def test_conflict_found_in_the_background(wb, moto_server, bucket, tmp_path, mount_factory, kms_key):
+    other = mount_factory(tmp_path / "other", f"s3://{bucket}", "--kms-key-id", kms_key,
+                          "--spill-dir", str(tmp_path / "spill2"), "--endpoint-url", moto_server.endpoint)
+    other.start()
+    wb.stop()
+    wb.start(None, None, *wb.args, "--attr-timeout", "60", "--entry-timeout", "60")  # no refresh below
+    (wb / "doc").write_bytes(b"mine, first")
+    fd = os.open(wb / "doc", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    (other / "doc").write_bytes(b"theirs")  # stored at once (no write-back there)
+    (wb / "doc").write_bytes(b"mine, second")  # based on the first version: refused in the background
+    with pytest.raises(OSError):
+        fd = os.open(wb / "doc", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    st = _status(wb)["write_back"]
+    assert st["conflicts"] == 1 and "doc.dssefs-conflict-" in st["recent_conflicts"][0]["saved_as"]
+    assert wb.stop() == 0
+    time.sleep(1.1)  # the other mount's entry TTL
+    names = os.listdir(other.mountpoint)
+    copies = [n for n in names if n.startswith("doc.dssefs-conflict-")]
+    assert len(copies) == 1, names
+    assert (other / "doc").read_bytes() == b"theirs"
+    assert (other / copies[0]).read_bytes() == b"mine, second"
+    assert "event=conflict_copy" in wb.log()
