@@ -260,3 +260,14 @@ def test_one_daemon_per_journal(journal):
     journal()
     with pytest.raises(Exception, match="in use"):
         journal()
+
+
+def test_conflict_names_fit_name_max():
+    from dssefs.objects.vault import conflict_name
+
+    stamp = "20261205T190000Z"
+    assert conflict_name("report.txt", stamp) == "report.txt.dssefs-conflict-20261205T190000Z"
+    long = "é" * 127  # 254 bytes
+    got = conflict_name(long, stamp, 3)
+    assert len(got.encode()) <= 255 and got.endswith(".dssefs-conflict-20261205T190000Z-3")
+    assert got.encode().decode() == got  # whole characters only

@@ -719,8 +719,9 @@ class Vault:
         env = envelope.parse(meta)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         base = key[:-1] if key.endswith("/") else key
+        parent, _, name = base.rpartition("/")
         for n in range(100):
-            dst = f"{base}.dssefs-conflict-{stamp}" + (f"-{n}" if n else "")
+            dst = (parent + "/" if parent else "") + conflict_name(name, stamp, n)
             if env.version == fmt.FORMAT_V2:
                 dk = self._unwrap_v2(key, env)
                 keys = self._wrap_under(self.epochs.for_writing(self.epoch_prefix_for(dst)), dst, dk.inner, dk.outer)
@@ -760,6 +761,17 @@ class Vault:
 
     def describe(self, key: str, info: ObjectInfo | None = None) -> dict:
         return describe(self.store, key, info)
+
+
+def conflict_name(name: str, stamp: str, n: int = 0, limit: int = 255) -> str:
+    """``NAME.dssefs-conflict-STAMP[-n]``, with NAME shortened (whole UTF-8 characters) so the
+    result stays within ``limit`` bytes (a file system's NAME_MAX)."""
+    suffix = f".dssefs-conflict-{stamp}" + (f"-{n}" if n else "")
+    room = limit - len(suffix.encode())
+    raw = name.encode()
+    if len(raw) > room:
+        name = raw[:room].decode("utf-8", "ignore")
+    return name + suffix
 
 
 def _same_envelope(stored: dict[str, str], sent: dict[str, str]) -> bool:
