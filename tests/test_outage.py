@@ -67,10 +67,10 @@ def test_s3_outage_during_writes_keeps_the_data_and_stores_it_later(fault_proxy,
         os.fsync(fd)
     assert e.value.errno == errno.EIO
     assert os.read(fd, len(new) + 1) == new  # the data is kept, and the mount serves it
-    _close_fails_with_eio(fd)
+    os.close(fd)  # a reader's close stores nothing (docs/semantics.md, Which close stores)
     fd = os.open(m / "old.txt", os.O_RDONLY)
     assert os.read(fd, len(changed) + 1) == changed
-    _close_fails_with_eio(fd)  # closing a descriptor of a file with unsaved changes tries to store it
+    os.close(fd)
     report = _status(m)
     assert report["dirty"]["files"] == 2 and report["dirty"]["bytes"] >= len(new) + len(changed), report
     assert report["store"]["failures"] >= 3, report
