@@ -18,7 +18,10 @@ query), header regexes (``None``: the header must be absent) and an optional pre
 hits the ``nth`` selected ones (1-based), or every ``every``-th, or each with ``probability`` (a
 ``random.Random(seed)`` per fault, so a run is reproducible for the same order of requests), at
 most ``limit`` times.  Every fault counts every request it selects; of those that hit, the first
-added decides (delays add up and let a later fault decide).
+added decides (delays add up and let a later fault decide).  ``FaultProxy(...,
+max_in_a_row=N)`` (or the attribute) spares a request once the same method and target met N
+faults in a row, so that every request succeeds within N + 1 attempts (the skipped decisions
+still count as selected, and the random streams stay as they would be).
 
 Use the ``fault_proxy`` fixture (import it into a test module: ``from faultproxy import
 fault_proxy``) or ``with FaultProxy(moto_server.endpoint) as proxy: ...``; point the client at
@@ -76,6 +79,7 @@ class Record:
     target: str
     action: str  # FORWARD or one of ACTIONS (the deciding one; DELAY if only delayed)
     status: int | None  # the status the client got (None: reset)
+    at: float = 0.0  # time.time() when the request was read (before any delay)
 
 
 class Fault:
@@ -148,12 +152,14 @@ class _Closed(Exception):
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, timeout: float = 120.0):
+    def __init__(self, upstream: str, *, timeout: float = 120.0, max_in_a_row: int | None = None):
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError("the upstream must be http://HOST:PORT")
         self.upstream = (parts.hostname, parts.port or 80)
         self.timeout = timeout
+        self.max_in_a_row = max_in_a_row
+        self._in_a_row: dict[tuple[str, str], int] = {}
         self.faults: list[Fault] = []
         self.log: list[Record] = []
         self._lock = threading.Lock()
@@ -250,19 +256,27 @@ class FaultProxy:
             pass  # the client went away: nothing to answer
 
     def _handle(self, conn: socket.socket, head: bytes, req: Request) -> None:
+        at = time.time()
         action = FORWARD
         chosen: Fault | None = None
         delay = 0.0
         with self._lock:
+            key = (req.method, req.target)
+            spared = self.max_in_a_row is not None and self._in_a_row.get(key, 0) >= self.max_in_a_row
             for fault in self.faults:
                 if not fault.decide(req) or chosen is not None:
                     continue
-                fault.hits += 1
                 if fault.action == DELAY:
+                    fault.hits += 1
                     delay += fault.delay
                     action = DELAY
-                else:
+                elif not spared:
+                    fault.hits += 1
                     chosen, action = fault, fault.action
+            if chosen is not None:
+                self._in_a_row[key] = self._in_a_row.get(key, 0) + 1
+            else:
+                self._in_a_row.pop(key, None)
         if delay:
             time.sleep(delay)
         status: int | None = None
@@ -295,7 +309,7 @@ class FaultProxy:
                     conn.sendall(response)
         finally:
             with self._lock:
-                self.log.append(Record(req.method, req.target, action, status))
+                self.log.append(Record(req.method, req.target, action, status, at))
 
     def _read_request(self, reader, conn: socket.socket) -> tuple[bytes, Request]:
         line = reader.readline(_MAX_HEAD)

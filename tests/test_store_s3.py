@@ -18,6 +18,7 @@ from dssefs.errors import (ConfigError, MetadataBudgetError, ObjectNotFound, Pre
                            StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
 from dssefs.store import MIN_PART_SIZE
 from dssefs.store.s3 import S3Store
+from faultproxy import DELAY, fault_proxy  # noqa: F401 (fault_proxy is a fixture)
 
 pytestmark = pytest.mark.s3
 
@@ -382,3 +383,24 @@ def test_upload_context_manager_aborts(bucket):
     assert store._client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     with pytest.raises(ObjectNotFound):
         store.head("u")
+
+
+def test_small_uploads_do_not_wait_for_100_continue(fault_proxy, bucket):
+    """A small PUT sends its body with its headers (no ``Expect: 100-continue``, which costs a
+    round trip); a large part still waits for the server's go-ahead."""
+    seen = []
+
+    def record(req) -> bool:
+        seen.append((req.target, req.headers.get("expect"), len(req.body)))
+        return True
+
+    fault_proxy.add(DELAY, method="PUT", where=record, delay=0)
+    store = S3Store(bucket, endpoint_url=fault_proxy.endpoint)
+    store.put("small", b"x" * 4096, {})
+    up = store.begin_upload("big", {})
+    up.put_part(1, b"y" * (6 << 20))
+    up.complete()
+    small = [expect for target, expect, _n in seen if target.startswith(f"/{bucket}/small")]
+    parts = [expect for target, expect, _n in seen if "partNumber=" in target]
+    assert small == [None], seen
+    assert parts == ["100-continue"], seen

@@ -45,7 +45,7 @@ credential provider / SSO token failures     KeyAccessDenied
 NotFoundException                            KeyNotFound (names the region)
 DisabledException, KMSInvalidStateException  KeyUnavailable
 KeyUnavailableException                      KeyUnavailable
-throttling, KMS internal errors              KeyUnavailable (after botocore's retries)
+throttling, KMS internal errors              KeyUnavailable (after every retry, see below)
 EndpointConnectionError, timeouts, TLS       KeyUnavailable
 InvalidCiphertextException                   WrappedKeyMismatch (a KeyAccessDenied)
 IncorrectKeyException                        WrappedKeyMismatch
@@ -59,6 +59,16 @@ key ARN region differs from the client's     ConfigError (raised by the construc
 ``WrappedKeyMismatch`` (errno ``EACCES``) is shared with the local keyring: a wrapped key that does
 not open under the object's context, typically because the object was copied or renamed outside
 dssefs, or its metadata was altered.
+
+Retries
+-------
+As for S3 (:mod:`dssefs.store.s3`): botocore makes ``max_attempts`` attempts per call, with a retry
+quota that never runs out; a call that still fails transiently (throttled, a KMS internal error,
+connection refused, reset or timed out) is made again with capped exponential back-off and jitter
+until ``retry_budget`` seconds (default 60) have passed since its first attempt.  Every KMS call
+dssefs makes can be repeated safely: ``GenerateDataKey`` hands out a fresh key each time (an
+answer that was lost is simply never used), ``Decrypt``, ``ReEncrypt`` and ``DescribeKey`` change
+nothing.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ import botocore.exceptions as bce
 from .. import __version__
 from ..errors import (ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError,
                       KeyUnavailable)
+from ..store.s3 import keep_retrying, retry_budget_for, retry_delay, transient_tls_error
 from ._common import (METADATA_KEY_ID_RE, Stats, WrappedKeyMismatch, check_context,
                       describe_context, key_noun, layer_value, one_line)
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
@@ -85,7 +96,9 @@ from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
 __all__ = ["AwsKmsProvider", "KmsKeyRef", "KmsKeyStatus", "parse_kms_key_id",
            "looks_like_kms_key_id", "DEFAULT_MAX_ATTEMPTS"]
 
-DEFAULT_MAX_ATTEMPTS = 5
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 5  # (as the S3 store's: the budget's default depends on it)
 RETRY_MODES = ("standard", "adaptive", "legacy")
 #: Minimum seconds between two alias look-ups triggered by an untrusted key id.
 _RESOLVE_INTERVAL = 30.0
@@ -110,6 +123,23 @@ _TRANSIENT_CODES = frozenset({
     "ServiceUnavailable", "ServiceUnavailableException", "RequestTimeout",
     "RequestTimeoutException", "500", "502", "503", "504",
 })
+#: Answered with a 5xx, yet waiting does not help: someone has to act (reconnect the key store).
+_LASTING_CODES = frozenset({"KeyUnavailableException"})
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a botocore error may pass when the call is made again: throttling, a KMS internal
+    error or 5xx, a connection refused, reset or timed out (not a refused certificate)."""
+    if isinstance(exc, bce.ClientError):
+        code = str((exc.response.get("Error", {}) or {}).get("Code", ""))
+        status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+        if code in _LASTING_CODES:
+            return False
+        return (code in _THROTTLE_CODES or code in _TRANSIENT_CODES
+                or (isinstance(status, int) and status >= 500))
+    if isinstance(exc, bce.SSLError):
+        return transient_tls_error(exc)
+    return isinstance(exc, (bce.ConnectionError, bce.HTTPClientError))
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,13 +274,17 @@ class AwsKmsProvider(KeyProvider):
                  region: str | None = None, profile: str | None = None,
                  endpoint_url: str | None = None, session: boto3.Session | None = None,
                  retries_mode: str = "standard", max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 retry_budget: float | None = None,
                  connect_timeout: float = 5.0, read_timeout: float = 15.0,
                  max_pool_connections: int = 32, allowed_key_ids: Iterable[str] = (),
                  allowed_key_ids_outer: Iterable[str] = (), read_only: bool = False,
                  trust_hint: Callable[[str, str], str] | None = None):
         """``read_only``: a reader's provider (the keys name its trusted sets only; generating
         or re-wrapping is refused).  ``trust_hint(option, key)`` adds where else the key could
-        be trusted (e.g. a configuration file line) to the messages that refuse a key."""
+        be trusted (e.g. a configuration file line) to the messages that refuse a key.
+        ``retry_budget``: seconds a call failing transiently is made again after botocore's
+        ``max_attempts`` (0: never); unset, 60 unless ``max_attempts`` is below the default 5
+        (then 0: a lowered ``max_attempts`` asks for quick failures)."""
         inner = parse_kms_key_id(key_id_inner, what="inner KMS key id")
         outer = parse_kms_key_id(key_id_outer, what="outer KMS key id") \
             if key_id_outer is not None else inner
@@ -280,6 +314,7 @@ class AwsKmsProvider(KeyProvider):
                               + " or ".join(RETRY_MODES))
         if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 50:
             raise ConfigError(f"KMS max attempts {max_attempts!r} is out of range: use 1..50")
+        self.retry_budget = retry_budget_for(retry_budget, max_attempts)
 
         if session is not None and profile is not None:
             raise ConfigError("pass either an AWS session or a profile, not both")
@@ -323,6 +358,7 @@ class AwsKmsProvider(KeyProvider):
         except ValueError as exc:  # botocore: invalid endpoint URL
             raise ConfigError(f"KMS endpoint {endpoint_url!r} is invalid: {one_line(exc)}") \
                 from None
+        keep_retrying(self._client, max_attempts)
 
         self._ids = {Layer.INNER: inner, Layer.OUTER: outer}
         self._split = split
@@ -694,12 +730,29 @@ class AwsKmsProvider(KeyProvider):
 
     def _call(self, op: str, params: dict[str, Any], *, key: str, dest: str | None = None,
               layer: Layer | None = None, ctx: Mapping[str, str] | None = None) -> dict:
+        """``op`` with ``params``; made again after a transient failure (see the module
+        docstring, Retries) until ``retry_budget`` seconds have passed since the first attempt,
+        then that failure is raised, mapped (:meth:`_map_error`)."""
         method = getattr(self._client, _SNAKE[op])
-        try:
-            return method(**params)
-        except (bce.ClientError, bce.BotoCoreError) as exc:
-            self._stats.add("errors")
-            raise self._map_error(exc, op, key, dest=dest, layer=layer, ctx=ctx) from exc
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                return method(**params)
+            except (bce.ClientError, bce.BotoCoreError) as exc:
+                left = self.retry_budget - (time.monotonic() - started)
+                if left > 0 and _transient(exc):
+                    delay = min(left, retry_delay(attempt))
+                    attempt += 1
+                    reason = (str((exc.response.get("Error", {}) or {}).get("Code", "error"))
+                              if isinstance(exc, bce.ClientError) else type(exc).__name__)
+                    log.info("event=kms_retry op=%s key=%s attempt=%d elapsed=%.1fs retry_in=%.1fs "
+                             "reason=%s", op, one_line(key, 300), attempt, time.monotonic() - started,
+                             delay, one_line(reason, 80))
+                    time.sleep(delay)
+                    continue
+                self._stats.add("errors")
+                raise self._map_error(exc, op, key, dest=dest, layer=layer, ctx=ctx) from exc
 
     def _map_error(self, exc: Exception, op: str, key: str, *, dest: str | None,
                    layer: Layer | None, ctx: Mapping[str, str] | None) -> Exception:

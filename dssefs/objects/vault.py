@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import random
 import threading
 import time
 import types
@@ -44,11 +45,20 @@ log = logging.getLogger(__name__)
 #: ``source(offset, length) -> bytes-like`` returning exactly ``length`` plaintext bytes.
 Source = Callable[[int, int], "bytes | bytearray | memoryview"]
 Progress = Callable[[int], None]
+#: ``deliver(index, plaintext)``: one verified chunk of a run, handed over before the next is opened.
+Deliver = Callable[[int, bytearray], None]
 
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 OPEN_CACHE_ENTRIES = 4096  # unwrapped data keys and verified ciphers kept in memory (LRU each)
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 READ_WINDOW = 8 * 1024 * 1024
+#: Seconds a read-back after a refused write retries a transient failure (as the S3 store does).
+DEFAULT_RETRY_BUDGET = 60.0
+#: Writes whose outcome is unknown, remembered (memory only): keys (LRU), and writes per key.
+UNCONFIRMED_KEYS = 1024
+UNCONFIRMED_PER_KEY = 4
+#: How many times one write is sent again on top of versions of our own it finds in its way.
+MAX_REBASES = 3
 
 
 def bytes_source(data) -> Source:
@@ -152,8 +162,10 @@ class OpenObject:
             plain = self._attrs_plain = self.cipher.open_attrs(self.envelope.attrs)
         return plain
 
-    def read_chunks(self, chunks: range) -> list[bytearray]:
-        """Fetch a contiguous run of chunks with one ranged GET and return their plaintexts."""
+    def read_chunks(self, chunks: range, deliver: Deliver | None = None) -> list[bytearray]:
+        """Fetch a contiguous run of chunks with one ranged GET (none for a run of holes) and
+        return their plaintexts.  ``deliver(index, plaintext)``, if given, is called for each
+        chunk in order as soon as it is verified, before the later ones are decrypted."""
         if not chunks:
             return []
         if chunks.start < 0 or chunks.stop > self.n_chunks:
@@ -161,14 +173,14 @@ class OpenObject:
         m = self.chunk_map()
         start, length, stored = m.span(chunks)
         if not stored:  # holes only: zeros, nothing to fetch
-            return [bytearray(self.cipher.chunk_plain_len(i)) for i in chunks]
+            return self._open_run(chunks, stored, b"", deliver)
         data, total = self.vault.store.get_range(self.key, start, length, if_match=self.etag)
         if total != m.body_size():
             raise IntegrityError(f"{self.vault.store.url}/{self.key}: object is {total} bytes, its header "
                                  f"says {m.body_size()} (truncated or extended)")
         if len(data) != length:
             raise IntegrityError(f"{self.vault.store.url}/{self.key}: short read ({len(data)} of {length} bytes)")
-        return self._open_run(chunks, stored, data)
+        return self._open_run(chunks, stored, data, deliver)
 
     def open_body(self, body: bytes) -> list[bytearray]:
         """Plaintexts of every chunk from ``body``, the whole body as fetched by a HEAD with a
@@ -183,21 +195,29 @@ class OpenObject:
         chunks = range(self.n_chunks)
         return self._open_run(chunks, self._map.stored_in(chunks), body)
 
-    def _open_run(self, chunks: range, stored: list[int], data) -> list[bytearray]:
-        buf = data if isinstance(data, bytearray) else bytearray(data)
-        view = memoryview(buf)
-        plains = {}
+    def _open_run(self, chunks: range, stored: list[int], data, deliver: Deliver | None = None
+                  ) -> list[bytearray]:
+        """Plaintexts of ``chunks`` from ``data``, the bodies of the ``stored`` ones back to back
+        (the others are holes: zeros).  A read-only ``data`` is not copied: each chunk's outer
+        layer is opened into a scratch buffer of its own instead."""
+        view = memoryview(data)
+        stored_set = set(stored) if len(stored) != len(chunks) else None
+        out = []
         pos = 0
-        for i in stored:
-            n = self.cipher.chunk_plain_len(i) + fmt.CHUNK_OVERHEAD
-            try:
-                plains[i] = self.cipher.open_chunk(i, view[pos:pos + n])
-            except IntegrityError as e:
-                raise IntegrityError(f"{self.vault.store.url}/{self.key}: {e}") from None
-            pos += n
-        if len(stored) == len(chunks):
-            return [plains[i] for i in chunks]
-        return [plains[i] if i in plains else bytearray(self.cipher.chunk_plain_len(i)) for i in chunks]
+        for i in chunks:
+            if stored_set is None or i in stored_set:
+                n = self.cipher.chunk_plain_len(i) + fmt.CHUNK_OVERHEAD
+                try:
+                    plain = self.cipher.open_chunk(i, view[pos:pos + n])
+                except IntegrityError as e:
+                    raise IntegrityError(f"{self.vault.store.url}/{self.key}: {e}") from None
+                pos += n
+            else:
+                plain = bytearray(self.cipher.chunk_plain_len(i))
+            out.append(plain)
+            if deliver is not None:
+                deliver(i, plain)
+        return out
 
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext bytes ``[offset, offset+length)`` clipped to the end of the object."""
@@ -244,14 +264,18 @@ class Vault:
                  multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
                  key_resolver: Callable[[str], KeyProvider] | None = None,
                  epoch_prefix: str | None = None, epoch_max_age: float = DEFAULT_MAX_AGE,
-                 epoch_max_objects: int = DEFAULT_MAX_OBJECTS):
+                 epoch_max_objects: int = DEFAULT_MAX_OBJECTS,
+                 retry_budget: float = DEFAULT_RETRY_BUDGET):
         """``keys`` wraps new epoch keys.  ``key_resolver(kind)`` may supply a provider for reading
         objects whose keys another provider kind wrapped (e.g. a KMS-wrapped object read by a
         command configured with a keyring); without it such objects are refused.
 
         ``epoch_prefix``: the prefix whose epoch new objects below it use (a mount's prefix);
         objects elsewhere (and every object when None) use the epoch of their parent "directory".
-        A new epoch starts after ``epoch_max_age`` seconds or ``epoch_max_objects`` objects."""
+        A new epoch starts after ``epoch_max_age`` seconds or ``epoch_max_objects`` objects.
+
+        ``retry_budget``: seconds the read-back of a refused write (see :meth:`_store_write`)
+        retries a transient store failure before giving up."""
         if not fmt.MIN_CHUNK_LOG2 <= chunk_log2 <= fmt.MAX_CHUNK_LOG2:
             raise ValueError(f"chunk_log2 must be within {fmt.MIN_CHUNK_LOG2}..{fmt.MAX_CHUNK_LOG2}")
         self.store, self.keys = store, keys
@@ -269,6 +293,9 @@ class Vault:
         self._open_lock = threading.Lock()
         self._keys_cache: collections.OrderedDict[tuple, DataKeys] = collections.OrderedDict()
         self._cipher_cache: collections.OrderedDict[tuple, envelope.ObjectCipher] = collections.OrderedDict()
+        self.retry_budget = retry_budget
+        # memory only: writes whose outcome is unknown, per object key (see _store_write)
+        self._unconfirmed: collections.OrderedDict[str, list[_Unconfirmed]] = collections.OrderedDict()
         if epoch_prefix is not None and epoch_prefix and not epoch_prefix.endswith("/"):
             raise ValueError("an epoch prefix is empty or ends with '/'")
         self.epoch_prefix = epoch_prefix
@@ -483,29 +510,128 @@ class Vault:
     # ---- writing --------------------------------------------------------------------------------
 
     def _store_write(self, key: str, meta: dict[str, str], call: Callable[[], str], *,
-                     also: tuple[type[Exception], ...] = ()) -> str:
+                     also: tuple[type[Exception], ...] = (),
+                     condition: tuple[str | None, bool] | None = None,
+                     again: Callable[[str], str] | None = None,
+                     source: tuple[str, str] | None = None) -> str:
         """``call()``: one store request that stores a new version of ``key`` with metadata
         ``meta`` (a conditional put, a multipart completion, a copy); returns the new ETag.
 
-        A refused condition is not yet a conflict: when the store (botocore) retried a request
-        whose first attempt was applied but whose reply was lost, the retry finds our own version
-        in place and is refused.  So after PreconditionFailed (and the errors in ``also``) the key
-        is read back: if it holds exactly the envelope metadata sent here (its header carries a
-        fresh random message id per version, the attribute blob a fresh nonce), the write took
-        effect and its ETag is returned.  Otherwise the original error is raised."""
-        try:
-            return call()
-        except (PreconditionFailed, *also) as e:
+        A refused condition is not yet a conflict: when the store (botocore, or the S3 store's
+        own retries) retried a request whose first attempt was applied but whose reply was lost,
+        the retry finds our own version in place and is refused.  So after PreconditionFailed
+        (and the errors in ``also``) the key is read back (a transient failure of the read-back
+        is retried for ``retry_budget`` seconds): if it holds exactly the envelope metadata sent
+        here (its header carries a fresh random message id per version, the attribute blob a
+        fresh nonce), the write took effect and its ETag is returned.
+
+        A write that fails transiently (after every retry of the store) may have been applied
+        all the same: its outcome is unknown.  Its envelope metadata is remembered, in memory
+        only, with ``condition`` (the ``(if_match, if_none_match)`` it was sent with) and
+        ``source`` (a copy's ``(key, ETag)``: the body it stores; None: a body of its own).  A
+        later write of the key under the same condition that is refused and reads back one of
+        those versions finds our own earlier write in its way, not another client's: it is sent
+        again, ``again(etag)``, conditional on that version (for a copy, only if that version
+        holds the same body).  Otherwise the original error is raised; when the read-back could
+        not be made (the store keeps failing), its transient error is raised instead: the outcome
+        is unknown, not a conflict (the file system keeps the data and stores it later, where a
+        conflict would be saved as a conflict copy)."""
+        first_condition = condition
+        rounds = 0
+        while True:
             try:
-                info = self.store.head(key)
-            except (ObjectNotFound, StoreError):
-                info = None  # gone, or unknown: the original error stands
-            if info is None or not _same_envelope(info.metadata, meta):
+                etag = call()
+            except (PreconditionFailed, *also) as e:
+                if _transient(e):
+                    self._unknown_outcome(key, meta, first_condition, source, e)
+                    raise
+                try:
+                    info = self._read_back(key)
+                except StoreError as read_error:
+                    self._unknown_outcome(key, meta, first_condition, source, read_error)
+                    raise read_error from e
+                if info is not None and _same_envelope(info.metadata, meta):
+                    self._forget_unconfirmed(key)
+                    log.info("event=write_confirmed object=%s/%s reason='the store refused a retried request "
+                             "(%s) whose first attempt had stored this version'", self.store.url.rstrip("/"),
+                             key, type(e).__name__)
+                    return info.etag
+                if (info is None or again is None or rounds >= MAX_REBASES or not isinstance(e, PreconditionFailed)
+                        or not self._was_ours(key, info.metadata, first_condition, source)):
+                    raise
+                rounds += 1
+                log.info("event=write_rebased object=%s/%s reason='the version in the way is an earlier write "
+                         "of ours whose outcome was unknown (%s); sending this one on top of it'",
+                         self.store.url.rstrip("/"), key, type(e).__name__)
+                etag_in_the_way = info.etag
+                call = lambda: again(etag_in_the_way)  # noqa: E731
+                continue
+            except StoreError as e:
+                if _transient(e):
+                    self._unknown_outcome(key, meta, first_condition, source, e)
                 raise
-            log.info("event=write_confirmed object=%s/%s reason='the store refused a retried request "
-                     "(%s) whose first attempt had stored this version'", self.store.url.rstrip("/"), key,
-                     type(e).__name__)
-            return info.etag
+            self._forget_unconfirmed(key)
+            return etag
+
+    def _read_back(self, key: str) -> ObjectInfo | None:
+        """The version ``key`` holds now, or None when there is none or it cannot be read for a
+        lasting reason; a transient failure is retried with back-off until ``retry_budget``
+        seconds have passed, then raised."""
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                return self.store.head(key)
+            except ObjectNotFound:
+                return None
+            except StoreError as e:
+                if not _transient(e):
+                    return None
+                left = self.retry_budget - (time.monotonic() - started)
+                if left <= 0:
+                    raise
+                delay = min(left, _backoff(attempt))
+                attempt += 1
+                log.info("event=read_back_retry object=%s/%s attempt=%d retry_in=%.1fs reason=%s",
+                         self.store.url.rstrip("/"), key, attempt, delay, str(e).splitlines()[0] if str(e) else
+                         type(e).__name__)
+                time.sleep(delay)
+
+    def _unknown_outcome(self, key: str, meta: dict[str, str], condition: tuple[str | None, bool] | None,
+                         source: tuple[str, str] | None, err: BaseException) -> None:
+        """Remember a write of ``key`` that failed transiently: it may have been applied."""
+        log.info("event=write_outcome_unknown object=%s/%s reason=%s", self.store.url.rstrip("/"), key,
+                 str(err).splitlines()[0] if str(err) else type(err).__name__)
+        if condition is None or condition == (None, False):
+            return  # without a known condition (never refused): never taken for ours later
+        if_match, if_none_match = condition
+        record = _Unconfirmed(_dsse(meta), _bare_etag(if_match), bool(if_none_match), source)
+        with self._open_lock:
+            records = self._unconfirmed.pop(key, [])
+            records.append(record)
+            self._unconfirmed[key] = records[-UNCONFIRMED_PER_KEY:]
+            while len(self._unconfirmed) > UNCONFIRMED_KEYS:
+                self._unconfirmed.popitem(last=False)
+
+    def _forget_unconfirmed(self, key: str) -> None:
+        """A write of ``key`` is stored: the earlier unknown outcomes no longer matter (a version
+        overwritten does not come back)."""
+        with self._open_lock:
+            self._unconfirmed.pop(key, None)
+
+    def _was_ours(self, key: str, stored: dict[str, str], condition: tuple[str | None, bool] | None,
+                  source: tuple[str, str] | None) -> bool:
+        """Whether ``stored`` (the metadata ``key`` holds) is a write of ours whose outcome was
+        unknown, sent under ``condition`` as this one is, and (for a copy, ``source`` given)
+        holding the same body this one copies."""
+        if condition is None:
+            return False
+        found = _dsse(stored)
+        if_match, if_none_match = _bare_etag(condition[0]), bool(condition[1])
+        with self._open_lock:
+            records = list(self._unconfirmed.get(key, ()))
+        return any(r.dsse == found and r.if_match == if_match and r.if_none_match == if_none_match
+                   and (source is None or r.source == source) for r in records)
 
     def write(self, key: str, source: Source, size: int, *, attrs: bytes | None = None,
               file_id: bytes | None = None, generation: int = 0, data_keys: DataKeys | None = None,
@@ -544,8 +670,10 @@ class Vault:
             progress(size - sum(cipher.chunk_plain_len(i) for i in indexes))  # holes: done at once
         if body_size <= self.multipart_threshold:
             body = self._seal_chunks(cipher, indexes, source, progress, parallel=True, tail=sealed_map)
-            etag = self._store_write(key, meta, lambda: self.store.put(
-                key, body, meta, if_match=if_match, if_none_match=if_none_match))
+            etag = self._store_write(
+                key, meta, lambda: self.store.put(key, body, meta, if_match=if_match, if_none_match=if_none_match),
+                condition=(if_match, if_none_match),
+                again=lambda etag: self.store.put(key, body, meta, if_match=etag))
         else:
             etag = self._write_multipart(key, cipher, indexes, sealed_map, body_size, source, meta, if_match,
                                          if_none_match, progress)
@@ -610,42 +738,51 @@ class Vault:
                          progress) -> str:
         per_part = max(1, -(-self.part_size // cipher.chunk_size))
         runs = [stored[s:s + per_part] for s in range(0, len(stored), per_part)]
-        upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match,
-                                         size_hint=body_size)
-        sem = threading.BoundedSemaphore(self.workers)
-        spare: list[bytearray] = []  # part buffers whose upload returned: sealed into again
+        sent = itertools.count()
 
-        def part(number: int, run: list[int]) -> None:
-            try:
+        def upload_all(if_match: str | None, if_none_match: bool) -> str:
+            """One multipart upload of the whole body (sealed again from ``source``), conditional
+            as given; progress is reported by the first only."""
+            report = progress if next(sent) == 0 else None
+            upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match,
+                                             size_hint=body_size)
+            sem = threading.BoundedSemaphore(self.workers)
+            spare: list[bytearray] = []  # part buffers whose upload returned: sealed into again
+
+            def part(number: int, run: list[int]) -> None:
                 try:
-                    buf = spare.pop()
-                except IndexError:
-                    buf = None
-                body = self._seal_chunks(cipher, run, source, progress, buf=buf,
-                                         tail=sealed_map if number == len(runs) else b"")
-                upload.put_part(number, body)
-                spare.append(body.obj if isinstance(body, memoryview) else body)
-            finally:
-                sem.release()
-
-        futures = []
-        try:
-            for number, run in enumerate(runs, start=1):
-                sem.acquire()
-                if any(f.done() and f.exception() for f in futures):
+                    try:
+                        buf = spare.pop()
+                    except IndexError:
+                        buf = None
+                    body = self._seal_chunks(cipher, run, source, report, buf=buf,
+                                             tail=sealed_map if number == len(runs) else b"")
+                    upload.put_part(number, body)
+                    spare.append(body.obj if isinstance(body, memoryview) else body)
+                finally:
                     sem.release()
-                    break
-                futures.append(self.pool.submit(part, number, run))
-            for f in futures:
-                f.result()
-            # a completion whose reply was lost may be answered NoSuchUpload when retried
-            return self._store_write(key, meta, upload.complete, also=(StoreError,))
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            cf.wait(futures)
-            upload.abort()
-            raise
+
+            futures = []
+            try:
+                for number, run in enumerate(runs, start=1):
+                    sem.acquire()
+                    if any(f.done() and f.exception() for f in futures):
+                        sem.release()
+                        break
+                    futures.append(self.pool.submit(part, number, run))
+                for f in futures:
+                    f.result()
+                return upload.complete()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                cf.wait(futures)
+                upload.abort()
+                raise
+
+        # a completion whose reply was lost may be answered NoSuchUpload when retried
+        return self._store_write(key, meta, lambda: upload_all(if_match, if_none_match), also=(StoreError,),
+                                 condition=(if_match, if_none_match), again=lambda etag: upload_all(etag, False))
 
     # ---- metadata-only operations ---------------------------------------------------------------
 
@@ -662,8 +799,7 @@ class Vault:
             env = dataclasses.replace(obj.envelope, header=cipher.header,
                                       attrs=None if attrs is None else cipher.seal_attrs(attrs))
             meta = env.to_metadata()
-            etag = self._store_write(obj.key, meta, lambda: self.store.copy(obj.key, obj.key, meta,
-                                                                            if_match=obj.etag))
+            etag = self._self_copy(obj, meta)
             self._remember_cipher(cipher, obj.data_keys)
             info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
             return OpenObject(self, info, env, cipher, obj.data_keys, obj._map)  # same body
@@ -672,10 +808,16 @@ class Vault:
                        wrapped_inner=obj.envelope.wrapped_inner, wrapped_outer=obj.envelope.wrapped_outer,
                        attrs=None if attrs is None else obj.cipher.seal_attrs(attrs))
         meta = env.to_metadata()
-        etag = self._store_write(obj.key, meta, lambda: self.store.copy(obj.key, obj.key, meta,
-                                                                        if_match=obj.etag))
+        etag = self._self_copy(obj, meta)
         info = ObjectInfo(obj.key, obj.info.size, etag, time.time(), meta)
         return OpenObject(self, info, env, obj.cipher, obj.data_keys, obj._map)
+
+    def _self_copy(self, obj: OpenObject, meta: dict[str, str]) -> str:
+        """Replace the metadata of ``obj``'s version with ``meta`` (a server-side self-copy
+        conditional on its ETag; the body stays); returns the new ETag."""
+        return self._store_write(obj.key, meta, lambda: self.store.copy(obj.key, obj.key, meta, if_match=obj.etag),
+                                 condition=(obj.etag, False), source=(obj.key, _bare_etag(obj.etag)),
+                                 again=lambda etag: self.store.copy(obj.key, obj.key, meta, if_match=etag))
 
     def _rewrapped(self, obj: OpenObject, dst: str, key_id_inner: str | None = None,
                    key_id_outer: str | None = None) -> Envelope:
@@ -706,8 +848,11 @@ class Vault:
         else:
             env = self._rewrapped(obj, dst)
         meta = env.to_metadata()
-        etag = self._store_write(dst, meta, lambda: self.store.copy(
-            obj.key, dst, meta, if_match=dst_if_match, if_none_match=dst_if_none_match))
+        etag = self._store_write(
+            dst, meta, lambda: self.store.copy(obj.key, dst, meta, if_match=dst_if_match,
+                                               if_none_match=dst_if_none_match),
+            condition=(dst_if_match, dst_if_none_match), source=(obj.key, _bare_etag(obj.etag)),
+            again=lambda etag: self.store.copy(obj.key, dst, meta, if_match=etag))
         if delete_source and dst != obj.key:
             self.store.delete(obj.key)
         return etag
@@ -754,8 +899,7 @@ class Vault:
         env = self._rewrapped(obj, key, key_id_inner or self.keys.key_id(Layer.INNER),
                               key_id_outer or self.keys.key_id(Layer.OUTER))
         try:
-            meta = env.to_metadata()
-            return self._store_write(key, meta, lambda: self.store.copy(key, key, meta, if_match=obj.etag))
+            return self._self_copy(obj, env.to_metadata())
         except PreconditionFailed:
             raise PreconditionFailed(f"{self.store.url}/{key}: changed while re-keying; run rekey again") from None
 
@@ -774,13 +918,45 @@ def conflict_name(name: str, stamp: str, n: int = 0, limit: int = 255) -> str:
     return name + suffix
 
 
+def _dsse(meta: dict[str, str]) -> frozenset:
+    """The envelope entries (``dsse-``) of object metadata: header, wrapped keys, epoch or
+    wrapping descriptor, attributes; no plaintext."""
+    return frozenset((k.lower(), v) for k, v in meta.items() if k.lower().startswith("dsse-"))
+
+
 def _same_envelope(stored: dict[str, str], sent: dict[str, str]) -> bool:
     """Whether the stored metadata is exactly the envelope that was sent (every ``dsse-`` entry:
     header, wrapped keys, epoch or wrapping descriptor, attributes)."""
-    def dsse(meta: dict[str, str]) -> dict[str, str]:
-        return {k.lower(): v for k, v in meta.items() if k.lower().startswith("dsse-")}
-    mine = dsse(sent)
-    return bool(mine) and dsse(stored) == mine
+    mine = _dsse(sent)
+    return bool(mine) and _dsse(stored) == mine
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unconfirmed:
+    """A write whose outcome is unknown: the envelope entries it sent (metadata that is stored in
+    the object anyway: wrapped keys, header, sealed attributes), the condition it was sent with
+    (``if_match`` without quotes) and, for a copy, the ``(key, ETag)`` whose body it stores."""
+
+    dsse: frozenset
+    if_match: str | None
+    if_none_match: bool
+    source: tuple[str, str] | None
+
+
+def _bare_etag(etag: str | None) -> str | None:
+    return None if etag is None else etag.strip().strip('"')
+
+
+def _transient(err: BaseException) -> bool:
+    """A store failure that may pass when tried again; the store marks it (``transient``, see
+    :func:`dssefs.store.s3.is_transient`)."""
+    return bool(getattr(err, "transient", False))
+
+
+def _backoff(attempt: int) -> float:
+    """Capped exponential back-off with jitter: 0.5 s doubling up to 8 s, half of it random."""
+    cap = min(8.0, 0.5 * 2 ** min(attempt - 1, 16))
+    return cap / 2 + random.random() * cap / 2
 
 
 def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None) -> dict:

@@ -613,8 +613,12 @@ class JournalStore(ObjectStore):
             # a retried request whose first attempt was applied finds our own version
             try:
                 info = self.inner.head(e.key)
-            except (ObjectNotFound, StoreError):
+            except ObjectNotFound:
                 raise err from None
+            except StoreError as unknown:
+                # the read-back failed (after the store's retries): the outcome is unknown, which
+                # is no conflict; the entry stays and is uploaded again later
+                raise unknown from err
             if _same_dsse(info.metadata, e.meta):
                 log.info("event=write_confirmed object=%s reason='the store refused a retried request "
                          "(%s) whose first attempt had stored this version'", self._where(e.key),

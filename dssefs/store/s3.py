@@ -2,9 +2,22 @@
 
 Credentials and region come from boto3's standard chain (``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``,
 SSO, instance and container roles, ``AWS_REGION``).  The endpoint comes from ``AWS_ENDPOINT_URL_S3``
-or ``AWS_ENDPOINT_URL`` (boto3 reads them itself); an explicit ``endpoint_url`` wins.  Requests are
-retried by botocore (``standard`` or ``adaptive`` mode); a body that breaks off mid-read is fetched
-again up to ``max_attempts`` times.
+or ``AWS_ENDPOINT_URL`` (boto3 reads them itself); an explicit ``endpoint_url`` wins.
+
+Retries, in two layers:
+
+* botocore retries each request (``standard`` or ``adaptive`` mode, ``max_attempts`` attempts in
+  all).  Its retry quota (500 tokens per client, spent by retries and given back only by
+  successes) would run dry in a burst of faults and then stop retrying altogether: the clients
+  made here get a quota that never runs out (:func:`keep_retrying`).  A body that breaks off
+  mid-read is fetched again up to ``max_attempts`` times.
+* Above botocore, a request that still fails *transiently* (throttled, 5xx, connection refused,
+  reset or timed out, a body broken off: the error's ``transient`` attribute is True) is sent
+  again with capped exponential back-off and jitter until ``retry_budget`` seconds (default 60)
+  have passed since its first attempt; only then is the error raised.  Refusals are never
+  retried there: a 412 / 409 / ``NoSuchUpload`` answering the retry of a write whose earlier
+  attempt was applied reaches the caller unchanged (the Vault reads the key back to tell its
+  own version from another writer's).
 
 Conditional writes use S3's ``If-Match`` / ``If-None-Match`` on PutObject, CopyObject and
 CompleteMultipartUpload.  For copies and completions, where some S3-compatible services ignore
@@ -47,25 +60,31 @@ import dataclasses
 import errno as _errno
 import logging
 import math
+import random
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import botocore.config
 import botocore.exceptions as bce
+from botocore.retries import quota as _quota
+from botocore.retries import standard as _standard
+from botocore.utils import determine_content_length
 
 from .. import __version__
 from ..errors import (ConfigError, MetadataBudgetError, ObjectNotFound, PreconditionFailed,
                       StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
 from ._common import (MAX_PARTS, check_conditions, check_key, check_part_number, check_parts,
                       check_range, normalize_metadata, one_line, strip_etag)
-from .base import MIN_PART_SIZE, ObjectInfo, ObjectStore, PendingUpload, Upload
+from .base import DELETE_MANY_MAX, MIN_PART_SIZE, ObjectInfo, ObjectStore, PendingUpload, Upload
 
-__all__ = ["S3Store", "S3Upload", "MAX_COPY_OBJECT_SIZE", "RETRY_MODES"]
+__all__ = ["S3Store", "S3Upload", "MAX_COPY_OBJECT_SIZE", "RETRY_MODES", "DEFAULT_RETRY_BUDGET",
+           "DEFAULT_MAX_ATTEMPTS", "is_transient", "keep_retrying", "retry_budget_for", "retry_delay",
+           "transient_tls_error"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +95,17 @@ MAX_PART_SIZE = 5 * 1024**3
 DEFAULT_COPY_PART_SIZE = 512 * 1024**2
 RETRY_MODES = ("standard", "adaptive", "legacy")
 CONTENT_TYPE = "application/octet-stream"
+DEFAULT_MAX_ATTEMPTS = 5
+#: Seconds a transient failure is retried above botocore, from the request's first attempt.
+DEFAULT_RETRY_BUDGET = 60.0
+#: Back-off between those retries: the first wait, and the most any one wait may be.
+RETRY_FIRST_DELAY = 0.5
+RETRY_MAX_DELAY = 8.0
 
+_T = TypeVar("_T")
+
+#: Characters an XML request body cannot carry unchanged (see :meth:`S3Store.delete_many`).
+_XML_UNSAFE = re.compile(r"[\x00-\x1f\x7f\ufffe\uffff]")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIABLE_RANGE_RE = re.compile(r"^bytes \*/(\d+)$")
 
@@ -157,6 +186,103 @@ def _check_endpoint(url: str) -> None:
                           "fragment")
 
 
+# ---- retries ------------------------------------------------------------------------------------
+
+def retry_budget_for(retry_budget: float | None, max_attempts: int) -> float:
+    """The retry budget in seconds: ``retry_budget`` when given (0: no retries above botocore).
+    Unset: :data:`DEFAULT_RETRY_BUDGET`, unless ``max_attempts`` was lowered below the default,
+    which asks for requests that fail quickly (0)."""
+    if retry_budget is None:
+        return DEFAULT_RETRY_BUDGET if max_attempts >= DEFAULT_MAX_ATTEMPTS else 0.0
+    if not isinstance(retry_budget, (int, float)) or not 0 <= retry_budget <= 3600:
+        raise ConfigError(f"retry budget {retry_budget!r} is out of range: use 0..3600 seconds")
+    return float(retry_budget)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1-based) above botocore: capped exponential
+    back-off (:data:`RETRY_FIRST_DELAY` doubling up to :data:`RETRY_MAX_DELAY`), half of it
+    jitter, so that clients failing together do not come back together."""
+    cap = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** min(attempt - 1, 16))
+    return cap / 2 + random.random() * cap / 2
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` is a failure that may pass when tried again (throttled, 5xx, connection
+    lost or timed out, a body broken off), set by the store that raised it.  Refusals (412, 409,
+    ``NoSuchUpload``, a missing object) and configuration or permission errors never are."""
+    return bool(getattr(err, "transient", False))
+
+
+def _transient(err: StoreError) -> StoreError:
+    err.transient = True
+    return err
+
+
+def transient_tls_error(e: BaseException) -> bool:
+    """A TLS error worth retrying: a handshake cut short, not a certificate that is refused."""
+    text = str(e).lower()
+    return not any(word in text for word in ("certificate", "hostname", "wrong version number"))
+
+
+class _BottomlessQuota(_quota.RetryQuota):
+    """A retry quota that always grants: botocore's standard quota (500 tokens per client, 5 to
+    14 per retry, given back only by a 2xx answer) runs dry in a burst of faults, most of all when
+    requests end in a 404 or 412, and botocore then stops retrying at all."""
+
+    def acquire(self, capacity_amount):
+        return True
+
+    def release(self, capacity_amount):
+        return None
+
+    @property
+    def available_capacity(self):
+        return self._max_capacity
+
+
+def keep_retrying(client, max_attempts: int) -> None:
+    """Give ``client`` (a botocore client in ``standard`` or ``adaptive`` retry mode) a retry
+    quota that never runs out, so that each request gets its ``max_attempts`` attempts however
+    many requests failed before.  botocore's own retry handler is registered again (public
+    :func:`botocore.retries.standard.register_retry_handler`, under the same unique id) and its
+    quota replaced; the back-off, the attempts and what is retried stay botocore's.  Does
+    nothing in ``legacy`` mode (which has no quota) or if botocore's handler looks different."""
+    if (client.meta.config.retries or {}).get("mode") not in ("standard", "adaptive"):
+        return
+    service = client.meta.service_model.service_id.hyphenize()
+    unique_id = f"retry-config-{service}"
+    client.meta.events.unregister(f"needs-retry.{service}", unique_id=unique_id)
+    handler = _standard.register_retry_handler(client, max_attempts=max_attempts)
+    checker = getattr(handler, "_retry_quota", None)
+    if isinstance(getattr(checker, "_quota", None), _quota.RetryQuota):
+        checker._quota = _BottomlessQuota()
+    else:  # pragma: no cover - a botocore whose retry handler is built differently
+        log.debug("event=retry_quota_kept service=%s reason='unknown botocore retry handler'", service)
+
+
+#: Bodies up to this size are sent without ``Expect: 100-continue`` (see below).
+CONTINUE_MIN_BODY = 1 << 20
+
+
+def _no_continue_for_small_bodies(params: dict, **_kwargs: Any) -> None:
+    """botocore asks for ``Expect: 100-continue`` on every upload whose body it streams (every
+    PutObject and UploadPart with checksums): the request's headers go first and its body only
+    after the server's ``100 Continue``, one more round trip (20 ms per PUT at 20 ms latency, a
+    third of a small file's close).  Small bodies are sent with their headers at once; large ones
+    keep waiting, so that a refused request (412, 403) does not make us send megabytes first."""
+    headers = params.get("headers") or {}
+    if "Expect" not in headers:
+        return
+    body = params.get("body")
+    try:
+        size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else determine_content_length(body)
+    except Exception:  # noqa: BLE001 - unknown size: keep botocore's header
+        return
+    if size is not None and size <= CONTINUE_MIN_BODY:
+        del headers["Expect"]
+
+
 class S3Store(ObjectStore):
     """One S3 bucket.  Thread-safe: one botocore client shared by all threads."""
 
@@ -164,7 +290,8 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, *, region: str | None = None, profile: str | None = None,
                  endpoint_url: str | None = None, path_style: bool = False,
-                 retries_mode: str = "standard", max_attempts: int = 5,
+                 retries_mode: str = "standard", max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 retry_budget: float | None = None,
                  max_pool_connections: int = 32, session: Any = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0,
                  list_page_size: int = 1000,
@@ -176,10 +303,13 @@ class S3Store(ObjectStore):
         ``endpoint_url``: overrides ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; must be
         ``http(s)://HOST[:PORT][/PATH]`` without credentials.  ``path_style``: address buckets as
         ``ENDPOINT/BUCKET/KEY`` (most S3-compatible services need this).  ``retries_mode`` /
-        ``max_attempts``: botocore retries, counting every attempt.  ``list_page_size``: keys per
-        ListObjectsV2 page.  ``multipart_copy_threshold`` / ``copy_part_size`` /
-        ``copy_concurrency``: copies of larger sources go through UploadPartCopy in parts of that
-        size, that many at a time.
+        ``max_attempts``: botocore retries, counting every attempt (its retry quota never runs
+        out).  ``retry_budget``: seconds a request failing transiently is sent again above
+        botocore, from its first attempt (see the module docstring; 0: never); unset, 60 unless
+        ``max_attempts`` is below the default 5 (then 0: a lowered ``max_attempts`` asks for
+        quick failures).  ``list_page_size``: keys per ListObjectsV2 page.
+        ``multipart_copy_threshold`` / ``copy_part_size`` / ``copy_concurrency``: copies of
+        larger sources go through UploadPartCopy in parts of that size, that many at a time.
         """
         if not isinstance(bucket, str) or not bucket or "/" in bucket or bucket != bucket.strip():
             raise ConfigError(f"invalid bucket name {bucket!r}: use s3://BUCKET/KEY")
@@ -188,6 +318,7 @@ class S3Store(ObjectStore):
                               f"{', '.join(RETRY_MODES)}")
         if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 50:
             raise ConfigError(f"S3 max attempts {max_attempts!r} is out of range: use 1..50")
+        self.retry_budget = retry_budget_for(retry_budget, max_attempts)
         if not 1 <= list_page_size <= 1000:
             raise ConfigError("list_page_size must be 1..1000")
         if not MIN_PART_SIZE <= copy_part_size <= MAX_PART_SIZE:
@@ -204,6 +335,7 @@ class S3Store(ObjectStore):
         self.multipart_copy_threshold = multipart_copy_threshold
         self.copy_part_size = copy_part_size
         self.copy_concurrency = max(1, copy_concurrency)
+        self._local = threading.local()  # .retrying: inside a request's retry loop (no nesting)
         try:
             self._session = session or boto3.Session(profile_name=profile, region_name=region)
         except bce.ProfileNotFound:
@@ -228,13 +360,17 @@ class S3Store(ObjectStore):
                               f"{one_line(e)}") from None
         except bce.BotoCoreError as e:
             raise ConfigError(f"cannot configure the S3 client: {one_line(e)}") from None
+        keep_retrying(self._client, max_attempts)
+        self._client.meta.events.register_last("before-call.s3", _no_continue_for_small_bodies)
         self.endpoint = _safe_endpoint(self._client.meta.endpoint_url)
 
     # ------------------------------------------------------------------------------------------
     # Public operations
 
     def check(self) -> None:
-        """Verify at mount time that the bucket exists and these credentials may list it."""
+        """Verify at mount time that the bucket exists and these credentials may list it.  Only
+        botocore's attempts, not the retry budget: an unreachable store or a wrong endpoint is
+        reported within seconds, not after a minute."""
         with self._errors("check", None):
             self._client.head_bucket(Bucket=self.bucket)
 
@@ -247,8 +383,7 @@ class S3Store(ObjectStore):
                 info = self._info(key, r, metadata=True)
                 return dataclasses.replace(info, size=total, prefix=data)
             # an empty object: nothing to range over
-        with self._errors("head", key):
-            r = self._client.head_object(Bucket=self.bucket, Key=key)
+        r = self._request("head", key, self._client.head_object, Bucket=self.bucket, Key=key)
         info = self._info(key, r, metadata=True)
         return dataclasses.replace(info, prefix=b"") if prefix > 0 and info.size == 0 else info
 
@@ -265,6 +400,10 @@ class S3Store(ObjectStore):
                     ) -> tuple[bytes, int, dict | None]:
         """``(data, total_size, reply)``; the reply is None when the range starts at or after the
         end of the object (HTTP 416)."""
+        return self._retrying("get", key, lambda: self._ranged_get_once(key, start, length, if_match))
+
+    def _ranged_get_once(self, key: str, start: int, length: int, if_match: str | None
+                         ) -> tuple[bytes, int, dict | None]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
                                   "Range": f"bytes={start}-{start + length - 1}"}
         if if_match is not None:
@@ -286,9 +425,9 @@ class S3Store(ObjectStore):
             except _BODY_ERRORS as e:
                 # botocore retries requests, not bodies that break off mid-stream.
                 if attempt >= self.max_attempts:
-                    raise StoreUnavailable(f"lost the connection to S3 endpoint {self.endpoint} "
-                                           f"while reading {self._where(key)}: check network, "
-                                           "or retry") from e
+                    raise _transient(StoreUnavailable(
+                        f"lost the connection to S3 endpoint {self.endpoint} while reading "
+                        f"{self._where(key)}: check network, or retry")) from e
                 log.debug("event=body_read_retry object=%s attempt=%d", self._where(key), attempt)
             except bce.BotoCoreError as e:
                 raise StoreError(f"S3 get {self._where(key)} failed while reading the body: "
@@ -308,8 +447,8 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
                                   "Metadata": metadata, "ContentType": CONTENT_TYPE}
         kwargs.update(_conditions(if_match, if_none_match))
-        with self._errors("put", key, conditional=if_match is not None):
-            r = self._client.put_object(**kwargs)
+        r = self._request("put", key, self._client.put_object, conditional=if_match is not None,
+                          **kwargs)
         return r["ETag"]
 
     def begin_upload(self, key: str, metadata: dict[str, str], *,
@@ -318,9 +457,8 @@ class S3Store(ObjectStore):
         check_key(key)
         metadata = normalize_metadata(metadata)
         check_conditions(if_match, if_none_match)
-        with self._errors("upload", key):
-            r = self._client.create_multipart_upload(Bucket=self.bucket, Key=key,
-                                                     Metadata=metadata, ContentType=CONTENT_TYPE)
+        r = self._request("upload", key, self._client.create_multipart_upload, Bucket=self.bucket,
+                          Key=key, Metadata=metadata, ContentType=CONTENT_TYPE)
         return S3Upload(self, key, r["UploadId"], if_match=if_match, if_none_match=if_none_match)
 
     def copy(self, src: str, dst: str, metadata: dict[str, str], *,
@@ -354,72 +492,116 @@ class S3Store(ObjectStore):
             "MetadataDirective": "REPLACE", "Metadata": metadata, "ContentType": CONTENT_TYPE,
         }
         kwargs.update(_conditions(if_match, if_none_match))
-        with self._copy_errors(src, dst, if_match):
-            r = self._client.copy_object(**kwargs)
-        return r["CopyObjectResult"]["ETag"]
+
+        def once() -> dict:
+            with self._copy_errors(src, dst, if_match):
+                return self._client.copy_object(**kwargs)
+
+        return self._retrying("copy", dst, once)["CopyObjectResult"]["ETag"]
 
     def delete(self, key: str) -> None:
         check_key(key)
         try:
-            with self._errors("delete", key):
-                self._client.delete_object(Bucket=self.bucket, Key=key)
+            self._request("delete", key, self._client.delete_object, Bucket=self.bucket, Key=key)
         except ObjectNotFound:
             pass
 
+    def delete_many(self, keys) -> list[tuple[str, StoreError]]:
+        """DeleteObjects, up to 1000 keys per request (quiet mode: S3 answers only the keys it
+        could not delete).  A key that XML cannot carry exactly (control characters: an XML
+        parser would read a CR as a LF and delete another key) is deleted on its own."""
+        failures: list[tuple[str, StoreError]] = []
+        batch: list[str] = []
+        for key in keys:
+            try:
+                check_key(key)
+            except StoreError as e:
+                failures.append((key, e))
+                continue
+            if _XML_UNSAFE.search(key):
+                try:
+                    self.delete(key)
+                except StoreError as e:
+                    failures.append((key, e))
+                continue
+            batch.append(key)
+        for start in range(0, len(batch), DELETE_MANY_MAX):
+            failures.extend(self._delete_objects(batch[start:start + DELETE_MANY_MAX]))
+        return failures
+
+    def _delete_objects(self, keys: list[str]) -> list[tuple[str, StoreError]]:
+        try:
+            r = self._request("delete", keys[0] if len(keys) == 1 else None,
+                              self._client.delete_objects, Bucket=self.bucket,
+                              Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+        except StoreError as e:
+            return [(k, e) for k in keys]
+        failures = []
+        for err in r.get("Errors") or ():
+            key, code = err.get("Key"), str(err.get("Code") or "")
+            if key is None or code in _NOT_FOUND:
+                continue  # already gone: deleted
+            reply = bce.ClientError({"Error": {"Code": code, "Message": err.get("Message", "")},
+                                     "ResponseMetadata": {}}, "DeleteObjects")
+            failures.append((key, self._client_error(reply, "delete", key)))
+        return failures
+
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
-                                  "PaginationConfig": {"PageSize": self.list_page_size}}
+                                  "MaxKeys": self.list_page_size}
         if delimiter is not None:
             if not delimiter:
                 raise ValueError("delimiter must be None or a non-empty string")
             kwargs["Delimiter"] = delimiter
         last_prefix = None
-        with self._errors("list", prefix or None):
-            pages = self._client.get_paginator("list_objects_v2").paginate(**kwargs)
-            for page in pages:
-                objects = [self._info(o["Key"], o, metadata=False) for o in page.get("Contents", ())]
-                prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", ())]
-                objects.sort(key=lambda o: o.key)
-                prefixes.sort()
-                # S3 pages cover consecutive key ranges; within a page merge both kinds by key.
-                i = j = 0
-                while i < len(objects) or j < len(prefixes):
-                    if j >= len(prefixes) or (i < len(objects) and objects[i].key < prefixes[j]):
-                        yield objects[i]
-                        i += 1
-                    else:
-                        p = prefixes[j]
-                        j += 1
-                        if p != last_prefix:  # never repeat a prefix split across pages
-                            last_prefix = p
-                            yield p
+        for page in self._pages("list", prefix, self._client.list_objects_v2, kwargs,
+                                (("ContinuationToken", "NextContinuationToken"),)):
+            objects = [self._info(o["Key"], o, metadata=False) for o in page.get("Contents", ())]
+            prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+            objects.sort(key=lambda o: o.key)
+            prefixes.sort()
+            # S3 pages cover consecutive key ranges; within a page merge both kinds by key.
+            i = j = 0
+            while i < len(objects) or j < len(prefixes):
+                if j >= len(prefixes) or (i < len(objects) and objects[i].key < prefixes[j]):
+                    yield objects[i]
+                    i += 1
+                else:
+                    p = prefixes[j]
+                    j += 1
+                    if p != last_prefix:  # never repeat a prefix split across pages
+                        last_prefix = p
+                        yield p
 
     def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         """ListMultipartUploads, every page (``list_page_size`` uploads each)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
-                                  "PaginationConfig": {"PageSize": self.list_page_size}}
-        with self._errors("list_uploads", prefix or None):
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(**kwargs)
-            for page in pages:
-                for u in page.get("Uploads", ()):
-                    initiated = u.get("Initiated")
-                    # without a time (never seen from S3) the upload counts as just begun
-                    yield PendingUpload(u["Key"], u["UploadId"],
-                                        initiated.timestamp() if initiated is not None else time.time())
+                                  "MaxUploads": self.list_page_size}
+        for page in self._pages("list_uploads", prefix, self._client.list_multipart_uploads, kwargs,
+                                (("KeyMarker", "NextKeyMarker"), ("UploadIdMarker", "NextUploadIdMarker"))):
+            for u in page.get("Uploads", ()):
+                initiated = u.get("Initiated")
+                # without a time (never seen from S3) the upload counts as just begun
+                yield PendingUpload(u["Key"], u["UploadId"],
+                                    initiated.timestamp() if initiated is not None else time.time())
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         check_key(key)
         if not isinstance(upload_id, str) or not upload_id:
             raise ValueError("upload_id must be a non-empty string")
-        with self._errors("abort", key):
-            try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except bce.ClientError as e:
-                code = str((e.response.get("Error") or {}).get("Code") or "")
-                status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-                if code != "NoSuchUpload" and not (status == 404 and code in ("", "404", "NotFound")):
-                    raise
-                # completed or aborted meanwhile (or a retried abort whose first attempt worked)
+
+        def once() -> None:
+            with self._errors("abort", key):
+                try:
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                except bce.ClientError as e:
+                    code = str((e.response.get("Error") or {}).get("Code") or "")
+                    status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+                    if code != "NoSuchUpload" and not (status == 404 and code in ("", "404", "NotFound")):
+                        raise
+                    # completed or aborted meanwhile (or a retried abort whose first attempt worked)
+
+        self._retrying("abort", key, once)
 
     def close(self) -> None:
         close = getattr(self._client, "close", None)
@@ -432,6 +614,60 @@ class S3Store(ObjectStore):
     # ------------------------------------------------------------------------------------------
     # Helpers
 
+    def _request(self, op: str, key: str | None, method: Callable[..., dict], *,
+                 conditional: bool = False, **kwargs: Any) -> dict:
+        """``method(**kwargs)`` (a botocore client call) with its errors mapped (see
+        :meth:`_errors`), sent again after a transient failure (see :meth:`_retrying`)."""
+        def once() -> dict:
+            with self._errors(op, key, conditional=conditional):
+                return method(**kwargs)
+        return self._retrying(op, key, once)
+
+    def _retrying(self, op: str, key: str | None, once: Callable[[], _T]) -> _T:
+        """``once()``, again after each transient failure (:func:`is_transient`) with capped
+        exponential back-off and jitter, until ``retry_budget`` seconds have passed since the
+        first attempt; then that failure is raised.  Every other error is raised at once, as it
+        is: a refused condition answering a retried write is the caller's to judge.  A call made
+        inside another's retries (a HEAD while reading a range) is not retried on its own."""
+        if self.retry_budget <= 0 or getattr(self._local, "retrying", False):
+            return once()
+        self._local.retrying = True
+        try:
+            started = time.monotonic()
+            attempt = 1
+            while True:
+                try:
+                    return once()
+                except StoreError as e:
+                    left = self.retry_budget - (time.monotonic() - started)
+                    if not is_transient(e) or left <= 0:
+                        raise
+                    delay = min(left, retry_delay(attempt))
+                    attempt += 1
+                    log.info("event=store_retry op=%s object=%s attempt=%d elapsed=%.1fs retry_in=%.1fs "
+                             "reason=%s", op, self._where(key), attempt, time.monotonic() - started, delay,
+                             one_line(e, 200))
+                    time.sleep(delay)
+        finally:
+            self._local.retrying = False
+
+    def _pages(self, op: str, prefix: str, method: Callable[..., dict], kwargs: dict[str, Any],
+               tokens: tuple[tuple[str, str], ...]) -> Iterator[dict]:
+        """Every page of a listing, each fetched with :meth:`_request` (so a fault retries that
+        page, not the listing); ``tokens``: (request parameter, reply field) pairs that continue
+        a truncated page."""
+        kwargs = dict(kwargs)
+        while True:
+            page = self._request(op, prefix or None, method, **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            following = {param: page.get(field) for param, field in tokens if page.get(field)}
+            if not following or all(kwargs.get(k) == v for k, v in following.items()):
+                raise StoreError(f"S3 {op} {self._where(prefix or None)} failed: a truncated page "
+                                 "without a new continuation token (a broken S3-compatible service?)")
+            kwargs.update(following)
+
     def _info(self, key: str, r: dict, *, metadata: bool) -> ObjectInfo:
         size = r.get("ContentLength", r.get("Size", 0))
         lm = r.get("LastModified")
@@ -443,8 +679,7 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if if_match is not None:
             kwargs["IfMatch"] = if_match
-        with self._errors("head", key):
-            return int(self._client.head_object(**kwargs)["ContentLength"])
+        return int(self._request("head", key, self._client.head_object, **kwargs)["ContentLength"])
 
     @staticmethod
     def _unsatisfiable_total(e: bce.ClientError) -> int | None:
@@ -477,8 +712,8 @@ class S3Store(ObjectStore):
             data = data[start:start + length]
         expected = max(0, min(length, total - start))
         if len(data) != expected:
-            raise StoreUnavailable(f"s3://{self.bucket}/{key}: S3 returned {len(data)} bytes for a "
-                                   f"{expected}-byte range: retry")
+            raise _transient(StoreUnavailable(f"s3://{self.bucket}/{key}: S3 returned {len(data)} bytes "
+                                              f"for a {expected}-byte range: retry"))
         return data, total
 
     def _precondition(self, key: str, what: str) -> PreconditionFailed:
@@ -501,14 +736,15 @@ class S3Store(ObjectStore):
         except bce.ProfileNotFound as e:
             raise ConfigError(f"AWS profile not found ({one_line(e)}): check ~/.aws/config") from e
         except bce.SSLError as e:
-            raise StoreUnavailable(f"TLS error talking to S3 endpoint {self.endpoint}: check the "
-                                   "endpoint URL and AWS_CA_BUNDLE") from e
+            err = StoreUnavailable(f"TLS error talking to S3 endpoint {self.endpoint}: check the "
+                                   "endpoint URL and AWS_CA_BUNDLE")
+            raise (_transient(err) if transient_tls_error(e) else err) from e
         except (bce.ConnectTimeoutError, bce.ReadTimeoutError) as e:
-            raise StoreUnavailable(f"S3 endpoint {self.endpoint} timed out: check network / "
-                                   "AWS_ENDPOINT_URL, or retry") from e
+            raise _transient(StoreUnavailable(f"S3 endpoint {self.endpoint} timed out: check network / "
+                                              "AWS_ENDPOINT_URL, or retry")) from e
         except _UNREACHABLE as e:
-            raise StoreUnavailable(f"cannot reach S3 endpoint {self.endpoint}: check network / "
-                                   "AWS_ENDPOINT_URL") from e
+            raise _transient(StoreUnavailable(f"cannot reach S3 endpoint {self.endpoint}: check "
+                                              "network / AWS_ENDPOINT_URL")) from e
         except bce.ParamValidationError as e:
             raise StoreError(f"invalid S3 request for {self._where(key)}: {one_line(e)}",
                              errno=_errno.EINVAL) from e
@@ -582,8 +818,9 @@ class S3Store(ObjectStore):
             return StoreError(f"{where}: key too long for S3 (1024 bytes): shorten the path",
                               errno=_errno.ENAMETOOLONG)
         if code in _THROTTLED or (isinstance(status, int) and status >= 500):
-            return StoreUnavailable(f"S3 is throttling or unavailable for {where} ({code or status})"
-                                    f" after {self.max_attempts} attempts: retry later")
+            return _transient(StoreUnavailable(f"S3 is throttling or unavailable for {where} "
+                                               f"({code or status}) after {self.max_attempts} "
+                                               "attempts: retry later"))
         return StoreError(f"S3 {op} {where} failed: {code or 'error'} (HTTP {status}): "
                           f"{one_line(err.get('Message', ''), 160)}")
 
@@ -599,11 +836,15 @@ class S3Store(ObjectStore):
 
         def copy_part(spec: tuple[int, int, int]) -> None:
             number, first, last = spec
-            with self._copy_errors(source.key, dst, None):
-                r = self._client.upload_part_copy(
-                    Bucket=self.bucket, Key=dst, UploadId=upload.upload_id, PartNumber=number,
-                    CopySource={"Bucket": self.bucket, "Key": source.key},
-                    CopySourceRange=f"bytes={first}-{last}", CopySourceIfMatch=source.etag)
+
+            def once() -> dict:
+                with self._copy_errors(source.key, dst, None):
+                    return self._client.upload_part_copy(
+                        Bucket=self.bucket, Key=dst, UploadId=upload.upload_id, PartNumber=number,
+                        CopySource={"Bucket": self.bucket, "Key": source.key},
+                        CopySourceRange=f"bytes={first}-{last}", CopySourceIfMatch=source.etag)
+
+            r = self._retrying("copy", dst, once)
             upload._record(number, r["CopyPartResult"]["ETag"], last - first + 1)
 
         try:
@@ -656,10 +897,9 @@ class S3Upload(Upload):
                                  f"{self._state}", errno=_errno.EINVAL)
         if not isinstance(data, bytes):
             data = bytes(data)
-        with self.store._errors("upload", self.key):
-            r = self.store._client.upload_part(Bucket=self.store.bucket, Key=self.key,
-                                               UploadId=self.upload_id, PartNumber=number,
-                                               Body=data)
+        r = self.store._request("upload", self.key, self.store._client.upload_part,
+                                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                                PartNumber=number, Body=data)
         self._record(number, r["ETag"], len(data))
 
     def complete(self) -> str:
@@ -678,8 +918,8 @@ class S3Upload(Upload):
             if self._if_match is not None:
                 # Checked here too for services that ignore If-Match on this call.
                 self._check_if_match()
-            with self.store._errors("complete", self.key, conditional=self._if_match is not None):
-                r = self.store._client.complete_multipart_upload(**kwargs)
+            r = self.store._request("complete", self.key, self.store._client.complete_multipart_upload,
+                                    conditional=self._if_match is not None, **kwargs)
         except PreconditionFailed:
             self.abort()
             raise
