@@ -33,7 +33,7 @@ def test_requests_bytes_and_objects_are_counted(store):
     store.delete("b")
     s = snap(store)
     assert s["requests"] == {"head": 1, "get": 2, "put": 1, "upload_part": 0, "complete_upload": 0,
-                             "abort_upload": 0, "copy": 1, "delete": 1, "list": 1}
+                             "abort_upload": 0, "copy": 1, "delete": 1, "delete_many": 0, "list": 1}
     assert (s["bytes_written"], s["bytes_read"], s["objects_written"]) == (1000, 60, 2)
     assert (s["failures"], s["not_found"], s["writes_in_flight"]) == (0, 0, 0)
 

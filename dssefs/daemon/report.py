@@ -26,6 +26,7 @@ async def collect(daemon) -> dict:
     }
     report.update(await snapshot(daemon.fs))
     report["store"] = daemon.meter.snapshot()
+    report["deletes"] = daemon.fs.deletes.stats()  # the backlog of background deletes (unlink, rmdir)
     report["kms"] = {"provider": getattr(daemon.keys, "kind", "?"), **daemon.keys.stats}
     if isinstance(daemon.store, JournalStore):  # --write-back: the backlog of the journal
         report["write_back"] = daemon.store.stats()
@@ -37,6 +38,7 @@ def summary(daemon, dirty_files: int, dirty_bytes: int) -> dict:
     return {"state": daemon.state, "name": daemon.req.settings.name or daemon.req.source,
             "dirty": {"files": dirty_files, "bytes": dirty_bytes},
             "store": {"writes_in_flight": daemon.meter.snapshot()["writes_in_flight"]},
+            "deletes": {"pending": len(daemon.fs.deletes)},
             "errors": {"total": daemon.fs.activity.errors}}
 
 
@@ -53,11 +55,15 @@ def _plural(n: int, word: str) -> str:
 
 
 def status_line(r: dict) -> str:
-    """``serving NAME: 2 dirty files (3.0 MiB), 1 upload in flight, 0 errors``."""
+    """``serving NAME: 2 dirty files (3.0 MiB), 1 upload in flight, 0 errors`` (with ``, 5 deletes
+    pending`` before the errors while there are)."""
     dirty = r["dirty"]
     uploads = r["store"]["writes_in_flight"]
+    deletes = r.get("deletes", {}).get("pending", 0)
     return (f"{r['state']} {r['name']}: {_plural(dirty['files'], 'dirty file')} ({size(dirty['bytes'])}), "
-            f"{_plural(uploads, 'upload')} in flight, {_plural(r['errors']['total'], 'error')}")
+            f"{_plural(uploads, 'upload')} in flight, "
+            + (f"{_plural(deletes, 'delete')} pending, " if deletes else "")
+            + _plural(r['errors']['total'], 'error'))
 
 
 def format_text(r: dict) -> str:
@@ -84,6 +90,8 @@ def format_text(r: dict) -> str:
         f"files:      {r['open_files']} open, {r['inodes']} inodes known",
         f"errors:     {errors['total']}" + (f" ({by_errno})" if by_errno else ""),
     ]
+    if r.get("deletes") is not None:
+        lines.insert(-1, _deletes_line(r["deletes"]))  # before the errors
     wb = r.get("write_back")
     if wb is not None:
         lines.append(f"write-back: {wb['entries']} versions ({size(wb['bytes'])}) waiting in {wb['dir']}, "
@@ -94,6 +102,20 @@ def format_text(r: dict) -> str:
     for e in errors["recent"][-5:]:
         lines.append(f"  op={e['op']} errno={e['errno']} object={e['object']} reason={e['reason']}")
     return "\n".join(lines)
+
+
+def _deletes_line(d: dict) -> str:
+    """``deletes:    3 pending (1 being sent, 2 waiting to retry, oldest 4.0 s); 120 done in 7
+    requests, 2 failed attempts (last: REASON)``."""
+    line = f"deletes:    {d['pending']} pending"
+    if d["pending"]:
+        line += (f" ({d['sending']} being sent, {d['waiting_retry']} waiting to retry, "
+                 f"oldest {d['oldest_s']:.1f} s)")
+    line += (f"; {d['deleted']} done in {_plural(d['requests'], 'request')}, "
+             f"{_plural(d['failed_attempts'], 'failed attempt')}")
+    if d["failed_attempts"] and d.get("last_error"):
+        line += f" (last: {d['last_error']})"
+    return line
 
 
 def _duration(seconds: float) -> str:

@@ -117,11 +117,12 @@ class DirOps(RenameOps):
         self._listed(parent, name, None)
 
     async def _drop_object(self, node: Inode) -> None:
-        """Delete the stored object of a file (lock held); open handles keep working."""
+        """Remove a file's name and have its stored object deleted in the background (lock held;
+        see :mod:`.deletes`); open handles keep working on the data, read in first."""
         if node.open_count > 0 and node.content is not None:
             await self._io(node.content.materialize)
         if node.stored:
-            await self._io(self.store.delete, self.object_key(node))
+            self.deletes.add(self.object_key(node))
         node.stored = False
         node.meta_dirty = False
         self.table.detach(node)
@@ -134,6 +135,17 @@ class DirOps(RenameOps):
         entries = await self._io(self._list_sync, self.dir_prefix(node), None, reserved)
         return not entries
 
+    def _known_empty(self, node: Inode) -> bool:
+        """Empty without a request: this mount listed the directory less than ``entry_timeout``
+        ago (the small-directory listing, kept in step with this mount's own changes), every name
+        in it has been removed through this mount since, and that listing showed no '.dssefs'
+        records.  ``rm -r`` lists each directory just before it empties and removes it.  As with
+        lookups answered from that listing, an entry another client made within the last
+        ``entry_timeout`` is not seen; its objects stay in the store (rmdir deletes the marker)."""
+        cached = self._listings.get(node.ino)
+        return (cached is not None and cached[1] == {} and self._now() - cached[0] < self.cfg.entry_timeout
+                and not self.table.children(node.ino) and not self.deletes.has_records(self.dir_prefix(node)))
+
     async def rmdir(self, parent_ino: int, name: str) -> None:
         self._writable_fs()
         parent = self._dir(parent_ino)
@@ -141,12 +153,16 @@ class DirOps(RenameOps):
         if not node.is_dir():
             raise fail(errno.ENOTDIR)
         records: list = []
-        if not await self._is_empty(node, records):
+        if not self._known_empty(node) and not await self._is_empty(node, records):
             raise fail(errno.ENOTEMPTY)
         if records:  # only then: an rmdir costs no listing beyond the emptiness check
+            # the objects those records unwrap go first: after a crash none is left undecryptable
+            await self.deletes.sync(self.dir_prefix(node))
             await self._io(self._drop_records_sync, self.dir_prefix(node))
-        if node.stored:
-            await self._io(self.store.delete, self.object_key(node))
+            self.deletes.records_dropped(self.dir_prefix(node))
+        if node.stored:  # the marker: deleted in the background, like an unlinked file's object
+            self.deletes.add(self.object_key(node))
+        self.deletes.dir_removed(self.dir_prefix(node))
         node.stored = False
         node.meta_dirty = False  # pending attributes die with the directory
         self.table.detach(node)

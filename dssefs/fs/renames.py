@@ -85,6 +85,7 @@ class RenameOps:
         sp, dp = self._dir(old_parent), self._dir(new_parent)
         self._check_name(dp, new)
         src_key, dst_key = self.dir_prefix(sp) + old, self.dir_prefix(dp) + new
+        await self.deletes.settle_tree(dst_key)  # pending DELETEs of the target go first, never after
         if await self._settle_intents((src_key, dst_key), exact=(src_key + "/", dst_key + "/")):
             await self._adopt_rename(sp, old, dp, new)  # the very rename that was interrupted: done
             return

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
+
+from ..errors import DssefsError
 
 # S3 caps user-defined metadata at 2 KB, counted as the UTF-8 bytes of keys (without the
 # ``x-amz-meta-`` prefix) plus values.
@@ -17,6 +19,9 @@ METADATA_LIMIT = 2048
 
 #: Parts of a multipart upload other than the last must be at least this large (S3 rule).
 MIN_PART_SIZE = 5 * 1024 * 1024
+
+#: Keys per DeleteObjects request (S3's limit); :meth:`ObjectStore.delete_many` splits larger sets.
+DELETE_MANY_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,19 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Delete; deleting a missing key is not an error."""
+
+    def delete_many(self, keys: Iterable[str]) -> list[tuple[str, DssefsError]]:
+        """Delete several keys (missing ones are not an error) and return the keys that were not
+        deleted, each with its error, in the order given.  Never raises a DssefsError: a request
+        that failed as a whole reports its error for every key it carried.  This default deletes
+        one key at a time; S3 sends DeleteObjects requests of up to :data:`DELETE_MANY_MAX` keys."""
+        failures: list[tuple[str, DssefsError]] = []
+        for key in keys:
+            try:
+                self.delete(key)
+            except DssefsError as e:
+                failures.append((key, e))
+        return failures
 
     @abc.abstractmethod
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:

@@ -573,6 +573,35 @@ class LocalStore(ObjectStore):
                 _fsync_dir(dirpath, missing_ok=True)
             self._prune(dirpath)
 
+    def delete_many(self, keys) -> list[tuple[str, StoreError]]:
+        """Delete each key, then make the removals durable with one fsync per directory (instead
+        of one per key) and prune the directories left empty."""
+        failures: list[tuple[str, StoreError]] = []
+        touched: dict[str, list[str]] = {}
+        for key in keys:
+            try:
+                dirpath, path = self._paths(key)
+                with self._fs_errors("delete", key):
+                    with self._locked(key):
+                        try:
+                            os.unlink(path)
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue
+            except StoreError as e:
+                failures.append((key, e))
+                continue
+            touched.setdefault(dirpath, []).append(key)
+        for dirpath in sorted(touched, key=len, reverse=True):  # deepest first: parents prune after
+            if self._fsync:
+                try:
+                    with self._fs_errors("delete", touched[dirpath][0]):
+                        _fsync_dir(dirpath, missing_ok=True)
+                except StoreError as e:
+                    failures.extend((key, e) for key in touched[dirpath])
+                    continue
+            self._prune(dirpath)
+        return failures
+
     def _prune(self, dirpath: str) -> None:
         """Remove now-empty directories up to objects/ (writers re-create them as needed)."""
         while dirpath != self._objects and dirpath.startswith(self._objects + os.sep):

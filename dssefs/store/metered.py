@@ -12,10 +12,10 @@ import threading
 from typing import Iterator
 
 from ..errors import ObjectNotFound
-from .base import ObjectInfo, ObjectStore, PendingUpload, Upload
+from .base import DELETE_MANY_MAX, ObjectInfo, ObjectStore, PendingUpload, Upload
 
 REQUESTS = ("head", "get", "put", "upload_part", "complete_upload", "abort_upload", "copy",
-            "delete", "list")
+            "delete", "delete_many", "list")
 
 
 class StoreMeter:
@@ -32,9 +32,9 @@ class StoreMeter:
         self.writes_in_flight = 0  # puts, copies and multipart uploads begun but not finished
         self.stale_uploads_aborted = 0  # crashed writers' multipart uploads aborted (see store.uploads)
 
-    def count(self, kind: str, *, read: int = 0, written: int = 0) -> None:
+    def count(self, kind: str, *, read: int = 0, written: int = 0, n: int = 1) -> None:
         with self._lock:
-            self.requests[kind] += 1
+            self.requests[kind] += n
             self.bytes_read += read
             self.bytes_written += written
 
@@ -177,6 +177,23 @@ class MeteredStore(ObjectStore):
             self._failed(e, "delete")
             raise
         self.meter.count("delete")
+
+    def delete_many(self, keys) -> list:
+        """Counted as one ``delete_many`` request per 1000 keys (S3's DeleteObjects); keys the
+        store could not delete count one failure per call."""
+        keys = list(keys)
+        if not keys:
+            return []
+        many = getattr(self.inner, "delete_many", None)
+        try:
+            failures = many(keys) if many is not None else ObjectStore.delete_many(self.inner, keys)
+        except BaseException as e:
+            self._failed(e, "delete_many")
+            raise
+        self.meter.count("delete_many", n=-(-len(keys) // DELETE_MANY_MAX))
+        if failures:
+            self._failed(failures[0][1])
+        return failures
 
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | str]:
         self.meter.count("list")
