@@ -103,12 +103,18 @@ class FuseOps(pyfuse3.Operations):
             where = where.rstrip("/") + "/" + args[1].decode("utf-8", "replace")
         return where
 
-    def _attrs(self, st: Stat) -> pyfuse3.EntryAttributes:
+    def _attrs(self, st: Stat, fresh: bool = False) -> pyfuse3.EntryAttributes:
+        """``fresh``: the attributes come from the store (a lookup, getattr or listing), and the
+        kernel keeps them only for what is left of the TTL since the store was asked."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = st.ino
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        if fresh:
+            e.entry_timeout = self.fs.ttl_left(st.ino, self.entry_timeout)
+            e.attr_timeout = self.fs.ttl_left(st.ino, self.attr_timeout)
+        else:
+            e.entry_timeout = self.entry_timeout
+            e.attr_timeout = self.attr_timeout
         e.st_mode = st.mode
         e.st_nlink = st.nlink
         e.st_uid = st.uid
@@ -130,7 +136,7 @@ class FuseOps(pyfuse3.Operations):
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        return self._attrs(await self.fs.lookup(parent_inode, text))
+        return self._attrs(await self.fs.lookup(parent_inode, text), fresh=True)
 
     async def forget(self, inode_list):
         try:
@@ -140,7 +146,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_op
     async def getattr(self, inode, ctx=None):
-        return self._attrs(await self.fs.getattr(inode))
+        return self._attrs(await self.fs.getattr(inode), fresh=True)
 
     @_op
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -241,18 +247,20 @@ class FuseOps(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         offset = start_id
         while True:
-            entries = await self.fs.readdir(fh, offset)
+            entries = await self.fs.readdir(fh, offset, kernel=True)
             if not entries:
                 return
             try:
                 for name, st, nxt in entries:
-                    if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attrs(st), nxt):
+                    if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attrs(st, fresh=True), nxt):
                         return
                     if name not in (".", ".."):
                         self.fs.incref(st.ino)
                     offset = nxt
             finally:
                 self.fs.trim([st.ino for _n, st, _o in entries])
+            if self.fs.readdir_partial(fh):
+                return  # the rest when the kernel asks again (it holds the directory meanwhile)
 
     @_op(by_fh=True)
     async def releasedir(self, fh):
