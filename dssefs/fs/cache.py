@@ -18,10 +18,23 @@ from ..errors import ObjectNotFound, PreconditionFailed
 from .spill import SpillArea, SpillFile
 
 _ids = itertools.count(1)
-READ_AHEAD = 16 << 20  # bytes kept cached or on their way ahead of a sequential reader
-PREFETCH_JOBS = 4  # the read-ahead window is fetched in this many requests, decrypted in parallel
 FAST_WRITE_MAX = 1 << 20  # writes up to this size may be done on the event loop (no I/O)
-PREFETCH_WORKERS = 2
+
+# Read-ahead for sequential readers (see FileContent._note_read and _read_ahead), after
+# mountpoint-s3's growing read window.  The window is how far ahead of the reader chunks are kept
+# cached or on their way: a new sequential stream starts with READ_AHEAD_MIN; every read that
+# moves it on and has to wait doubles the window, up to READ_AHEAD_MAX and a quarter of the cache
+# budget (all files' requests in flight together stay within another quarter); a random read
+# ends the stream.  The window is fetched in ranged GETs: the first covers READ_AHEAD_MIN, each
+# next one is twice as large up to PREFETCH_REQUEST_MAX (S3's usual part size); up to
+# PREFETCH_JOBS of one file are in flight at once, and one that ends starts the next.
+# PREFETCH_WORKERS threads (for all files) fetch them and decrypt them chunk by chunk, each
+# chunk cached as soon as it is verified.
+READ_AHEAD_MIN = 4 << 20
+READ_AHEAD_MAX = 128 << 20
+PREFETCH_REQUEST_MAX = 8 << 20
+PREFETCH_JOBS = 4
+PREFETCH_WORKERS = 4
 
 
 class Chunk:
@@ -43,6 +56,7 @@ class ChunkCache:
         self.lru: OrderedDict[tuple[int, int], "FileContent"] = OrderedDict()
         self.used = 0
         self.spilled_chunks = 0
+        self.prefetching = 0  # bytes of read-ahead requested and not arrived yet (every file)
         self._prefetcher: cf.ThreadPoolExecutor | None = None
 
     def prefetcher(self) -> cf.ThreadPoolExecutor:
@@ -60,7 +74,7 @@ class ChunkCache:
     def stats(self) -> dict:
         with self.lock:
             return {"used": self.used, "budget": self.budget, "chunks": len(self.lru),
-                    "spilled_chunks": self.spilled_chunks}
+                    "spilled_chunks": self.spilled_chunks, "prefetching": self.prefetching}
 
     # all helpers below expect self.lock held
     def _touch(self, content: "FileContent", idx: int) -> None:
@@ -120,8 +134,21 @@ class FileContent:
         self.chunks: dict[int, Chunk] = {}
         self.modified = False
         self.spill_file: SpillFile | None = None
-        self.seq_end = -1  # where the last read ended (sequential-read detection)
-        self.inflight: dict[int, cf.Future] = {}  # chunks being read ahead
+        # read-ahead state (lock held): where the last read ended, the window (0: no sequential
+        # stream), the next request's size in chunks, the first chunk not requested yet, one
+        # future per chunk on its way (resolved once it is cached, or the request failed) and
+        # the requests in flight (pool future -> bytes)
+        self.seq_end = -1
+        self.ra_window = 0
+        self.ra_req = max(1, READ_AHEAD_MIN // self.cs)
+        self.ra_next = 0
+        self.inflight: dict[int, cf.Future] = {}
+        self.ra_jobs: dict[cf.Future, int] = {}
+        self.ra_fetching: set[int] = set()  # chunks whose request the store has not answered yet
+        self._ra_busy = False
+        # write-behind (fs/writebehind.py): the stream uploading this content while it is
+        # written; a write or truncate below ``stream.limit`` (bytes handed to its parts) breaks it
+        self.stream = None
 
     def __repr__(self) -> str:
         return f"FileContent(size={self.size}, chunks={len(self.chunks)}, modified={self.modified})"
@@ -247,11 +274,10 @@ class FileContent:
                 ch = self.chunks.get(i)
                 if (ch is None and i * self.cs < vb) or (ch is not None and ch.data is None):
                     return None
-            sequential = off == self.seq_end
-            self.seq_end = end
+            sequential = self._note_read(off, end, waited=False)
             data = self._assemble(off, end, {})
             if sequential:
-                self._maybe_prefetch((end - 1) // self.cs)
+                self._read_ahead((end - 1) // self.cs)
             return data
         finally:
             self.cache.lock.release()
@@ -259,62 +285,171 @@ class FileContent:
     def read(self, off: int, length: int) -> bytes:
         with self.cache.lock:
             end = min(self.size, off + length)
-            sequential = off == self.seq_end or off == 0
-            self.seq_end = end
             if off >= end:
                 return b""
             cs = self.cs
             want = list(range(off // cs, (end - 1) // cs + 1))
+            vb = self._valid_base()
+            # waiting for the store (not for a request already answered and being decrypted)
+            waited = any(i * cs < vb and i not in self.chunks and (i not in self.inflight or i in self.ra_fetching)
+                         for i in want)
+            sequential = self._note_read(off, end, waited=waited)
             if sequential:  # start the chunks after these before waiting for these
-                self._maybe_prefetch(want[-1])
-            waiting = {self.inflight[i] for i in want if i in self.inflight}
-        if waiting:  # already being read ahead: wait for that instead of a second request
+                self._read_ahead(want[-1])
+            waiting = [self.inflight[i] for i in want if i in self.inflight]
+        if waiting:  # already being read ahead: wait for those chunks instead of a second request
             cf.wait(waiting)
         got = self._fetch_and_lock(want, want)
         try:
             data = self._assemble(off, end, got)
             self.cache._enforce()
             if sequential:
-                self._maybe_prefetch(want[-1])
+                self._read_ahead(want[-1])
         finally:
             self.cache.lock.release()
         return data
 
-    def _maybe_prefetch(self, last: int) -> None:
-        """Sequential reader at chunk ``last`` (lock held): keep the read-ahead window after it
-        cached or on its way, fetched in several requests that the prefetch workers fetch and
-        decrypt in parallel, so the reader neither waits for the store nor for decryption."""
-        if self.base is None:
+    # ---- read-ahead (lock held unless noted) ------------------------------------------------------
+
+    def _max_window(self) -> int:
+        return min(READ_AHEAD_MAX, self.cache.budget // 4) // self.cs * self.cs
+
+    def _note_read(self, off: int, end: int, waited: bool) -> bool:
+        """Account a read of ``[off, end)`` to the sequential stream; True if it is part of one.
+
+        A stream starts with a read at the file's start or right where the previous read ended.
+        Within a stream, reads up to READ_AHEAD_MIN before or after its position count (the
+        kernel's read-ahead requests may arrive out of order); each one that moves the position
+        on and has to wait for the store (``waited``: the read-ahead is not far enough ahead)
+        doubles the window.  A reader served from memory, or waiting only for decryption, needs
+        no larger one: on a store that answers at once the window stays small, and so does what
+        it holds in memory (decrypted far ahead, chunks would also be cold in the CPU caches by
+        the time they are read).  Any other read ends the stream (and drops its requests that
+        have not started)."""
+        w, pos = self.ra_window, self.seq_end
+        slack = max(READ_AHEAD_MIN, self.cs)
+        if w and pos - slack <= off <= pos + slack:
+            if end > pos:
+                self.seq_end = end
+                if waited:
+                    self.ra_window = min(self._max_window(), w * 2)
+            return True
+        self._end_stream()
+        self.seq_end = end
+        if off == 0 or off == pos:
+            self.ra_window = min(self._max_window(), max(READ_AHEAD_MIN, self.cs))
+        return self.ra_window > 0
+
+    def _end_stream(self) -> None:
+        """No sequential stream any more: the window closes and requests not started yet are
+        dropped (those already talking to the store finish and their chunks are cached)."""
+        self.ra_window = 0
+        self.ra_req = max(1, READ_AHEAD_MIN // self.cs)
+        self.ra_next = 0
+        for job in list(self.ra_jobs):
+            job.cancel()  # runs _prefetch_done at once if it had not started
+
+    def _read_ahead(self, last: int) -> None:
+        """Sequential reader at chunk ``last``: request the chunks of the window after it that
+        are neither cached nor on their way, in ranged GETs that the prefetch workers fetch and
+        decrypt in parallel, so that the reader waits neither for the store nor for decryption.
+
+        Each request is one contiguous run of missing chunks: the first covers the initial
+        window, each next one is twice as large, up to PREFETCH_REQUEST_MAX and the window (so
+        its end passes the window's by less than a window); a rest of the file of up to half a
+        request goes with the request before it.  Nothing is requested beyond the cache's
+        bounds: a quarter of the budget per window, a quarter for all files' requests in flight
+        together."""
+        if self.base is None or not self.ra_window or self._ra_busy:
             return
-        cs = self.cs
-        depth = max(2, min(READ_AHEAD, self.cache.budget // 4) // cs)
-        job = max(1, depth // PREFETCH_JOBS)
-        limit = -(-self._valid_base() // cs)
-        stop = min(limit, last + 1 + depth)
-        todo = [i for i in range(last + 1, stop) if i not in self.chunks and i not in self.inflight]
-        runs = []
-        for run in _runs(todo):
-            for s in range(run.start, run.stop, job):
-                r = range(s, min(s + job, run.stop))
-                if len(r) == job or r.stop == limit:  # whole jobs only (the last may be short)
-                    runs.append(r)
-        for r in runs:
-            fut = self.cache.prefetcher().submit(self._prefetch_run, list(r))
-            for i in r:
-                self.inflight[i] = fut
-
-            def done(f: cf.Future, todo=r) -> None:
-                with self.cache.lock:
-                    for i in todo:
-                        if self.inflight.get(i) is f:
-                            del self.inflight[i]
-            fut.add_done_callback(done)
-
-    def _prefetch_run(self, todo: list[int]) -> None:
+        self._ra_busy = True  # a request that ends at once must not start this over (re-entrant lock)
         try:
-            self._fetch(todo)
+            self._request_window(last)
+        finally:
+            self._ra_busy = False
+
+    def _request_window(self, last: int) -> None:
+        cs = self.cs
+        window = self.ra_window // cs
+        limit = -(-self._valid_base() // cs)
+        horizon = min(limit, last + 1 + window)
+        biggest = max(1, min(PREFETCH_REQUEST_MAX // cs, window))
+        room = self.cache.budget // 4 - self.cache.prefetching
+        i = max(self.ra_next, last + 1)
+        while i < horizon and len(self.ra_jobs) < PREFETCH_JOBS:
+            if i in self.chunks or i in self.inflight:
+                i += 1
+                continue
+            n = min(self.ra_req, biggest)
+            stop = min(limit, i + n)
+            if limit - stop <= n // 2:
+                stop = limit  # a short rest of the file goes with this request, not in one of its own
+            j = i + 1
+            while j < stop and j not in self.chunks and j not in self.inflight:
+                j += 1
+            if (j - i) * cs > room:
+                break
+            room -= (j - i) * cs
+            self._submit(range(i, j))
+            self.ra_req = min(self.ra_req * 2, PREFETCH_REQUEST_MAX // cs or 1)
+            i = j
+        self.ra_next = i
+
+    def _submit(self, run: range) -> None:
+        base, size = self.base, len(run) * self.cs
+        futures = {i: cf.Future() for i in run}
+        try:
+            job = self.cache.prefetcher().submit(self._prefetch_run, base, run, futures)
+        except RuntimeError:  # shut down (unmounting): the reader fetches what it needs
+            return
+        self.inflight.update(futures)
+        self.ra_fetching.update(run)
+        self.ra_jobs[job] = size
+        self.cache.prefetching += size
+        job.add_done_callback(lambda job: self._prefetch_done(job, futures))
+
+    def _prefetch_done(self, job: cf.Future, futures: dict[int, cf.Future]) -> None:
+        """A request finished, failed or was dropped (any thread): its chunks are no longer on
+        their way; a reader waiting for one that did not arrive fetches it itself."""
+        with self.cache.lock:
+            self.cache.prefetching -= self.ra_jobs.pop(job, 0)
+            for i, f in futures.items():
+                if self.inflight.get(i) is f:
+                    del self.inflight[i]
+                    self.ra_fetching.discard(i)
+                if not f.done():
+                    f.set_result(None)
+            if self.ra_window and not self._ra_busy and not job.cancelled():
+                self._read_ahead((self.seq_end - 1) // self.cs)  # keep the requests going
+
+    def _prefetch_run(self, base, run: range, futures: dict[int, cf.Future]) -> None:
+        """Fetch ``run`` of ``base`` (a worker thread, no lock): each chunk is cached as soon as
+        it is decrypted and its waiting reader released, before the next one is decrypted."""
+        cs = self.cs
+
+        def deliver(i: int, plain: bytearray) -> None:
             with self.cache.lock:
-                self.cache._enforce()
+                if i == run.start:  # the store has answered: the rest is decryption
+                    self.ra_fetching.difference_update(j for j in run if self.inflight.get(j) is futures[j])
+                if self.base is base and i not in self.chunks:
+                    keep = max(0, min(len(plain), self._valid_base() - i * cs))
+                    if keep:
+                        if keep < len(plain):
+                            del plain[keep:]
+                        self.chunks[i] = Chunk(plain, False)
+                        self.cache.used += len(plain)
+                        self.cache._touch(self, i)
+                        if self.cache.used > self.cache.budget:
+                            self.cache._enforce()
+                f = futures[i]
+                if self.inflight.get(i) is f:
+                    del self.inflight[i]
+                    self.ra_fetching.discard(i)
+                if not f.done():
+                    f.set_result(None)
+
+        try:
+            base.read_chunks(run, deliver)
         except Exception:  # noqa: BLE001 - a failed read-ahead is retried by the real read
             pass
 
@@ -328,6 +463,8 @@ class FileContent:
         """Copy ``data`` into dirty chunks (lock held; base chunks it needs are cached)."""
         cs, end = self.cs, off + len(data)
         view = memoryview(data)
+        if self.stream is not None and off < self.stream.limit:
+            self.stream.broken = True  # a sealed chunk changes: never sealed again under its msg_id
         for i in range(off // cs, (end - 1) // cs + 1):
             c0 = i * cs
             a, b = max(off, c0) - c0, min(end, c0 + cs) - c0
@@ -417,6 +554,8 @@ class FileContent:
 
     def truncate(self, size: int) -> None:
         with self.cache.lock:
+            if self.stream is not None and size < self.stream.limit:
+                self.stream.broken = True
             if size < self.size:
                 cs = self.cs
                 for i in [i for i in self.chunks if i * cs >= size]:
@@ -440,6 +579,23 @@ class FileContent:
             if size != self.size:
                 self.size = size
             self.modified = True
+
+    def _drop_stream(self) -> None:
+        """Abandon a write-behind stream still attached (lock held; its abort runs elsewhere)."""
+        st, self.stream = self.stream, None
+        if st is not None:
+            st.broken = True
+            st.abort_soon()
+
+    def complete_chunks(self, chunks: range) -> bool:
+        """Whether every chunk of ``chunks`` was written locally, whole (a spilled one counts:
+        only efficiency depends on this, a later change of it breaks the stream)."""
+        with self.cache.lock:
+            for i in chunks:
+                ch = self.chunks.get(i)
+                if ch is None or not ch.dirty or (ch.data is not None and len(ch.data) < self.cs):
+                    return False
+            return True
 
     def stored_chunks(self) -> list[int]:
         """Indexes of the chunks that may hold data: written locally, or stored in the part of
@@ -528,6 +684,7 @@ class FileContent:
     def committed(self, new_base) -> None:
         """The flush stored everything: local chunks become clean copies of ``new_base``."""
         with self.cache.lock:
+            self._drop_stream()
             self.base = new_base
             self.size = new_base.size
             self.base_limit = new_base.size
@@ -551,6 +708,8 @@ class FileContent:
     def reset(self, new_base, size: int) -> None:
         """Another client replaced the object: drop clean chunks, read the new version."""
         with self.cache.lock:
+            self._drop_stream()
+            self._end_stream()
             for i in list(self.chunks):
                 self.cache._forget(self, i)
             self.base = new_base
@@ -587,7 +746,9 @@ class FileContent:
 
     def discard(self) -> None:
         with self.cache.lock:
+            self._drop_stream()
             self.base = None  # read-ahead still in flight has nowhere to put its chunks
+            self._end_stream()
             for i in list(self.chunks):
                 self.cache._forget(self, i)
             self.modified = False
@@ -602,12 +763,16 @@ class ForeignBase:
     def __init__(self, store, key: str, size: int, etag: str, chunk_size: int):
         self.store, self.key, self.size, self.etag, self.chunk_size = store, key, size, etag, chunk_size
 
-    def read_chunks(self, run: range) -> list[bytearray]:
+    def read_chunks(self, run: range, deliver=None) -> list[bytearray]:
         start = run.start * self.chunk_size
         length = min(self.size, run.stop * self.chunk_size) - start
         data, _total = self.store.get_range(self.key, start, length, if_match=self.etag)
-        buf = bytearray(data)
-        return [buf[j:j + self.chunk_size] for j in range(0, len(buf), self.chunk_size)]
+        view = memoryview(data)
+        out = [bytearray(view[j:j + self.chunk_size]) for j in range(0, len(view), self.chunk_size)]
+        if deliver is not None:
+            for i, plain in zip(run, out):
+                deliver(i, plain)
+        return out
 
 
 def _fit(buf: bytearray, length: int) -> bytearray:
