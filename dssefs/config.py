@@ -227,6 +227,11 @@ OPTIONS: tuple[Option, ...] = (
            "a HEAD on S3); 0 fetches metadata only", "SIZE", groups=("mount",)),
     Option("spill_dir", _path, None, "staging directory for dirty data beyond --cache-size (encrypted with "
            "an in-memory key; default under $XDG_CACHE_HOME or /var/cache/dssefs)", "DIR", groups=("mount",)),
+    Option("write_behind", _size, 0, "a new or truncated file written in order is encrypted and "
+           "uploaded in parts while it is written once it is larger than this (e.g. 16M), so close waits "
+           "for its last part, then one server-side copy (S3 only; not with --write-back); 0 (default): "
+           "every file is uploaded at close (see docs/performance.md)",
+           "SIZE", groups=("mount",)),
     Option("write_back", _bool, False, "close() returns once the file's encrypted object is durable in a "
            "local journal (--journal-dir); uploads run in the background, fsync still waits for the "
            "store, unmount waits for the journal to drain, and the next mount uploads what a crash "

@@ -70,6 +70,7 @@ workers = 4
 cache_size = "1G"
 small_file_prefetch = "128K"
 spill_dir = "/var/cache/dssefs/team"
+write_behind = "16M"
 write_back = true
 journal-dir = "/var/lib/dssefs/journal-team"
 attr_timeout = 2.5
@@ -108,6 +109,7 @@ def test_every_option_is_a_file_key(tmp_path):
     assert (s.file_mode, s.dir_mode, s.attr_timeout, s.attr_delay) == (0o640, 0o750, 2.5, 0.0)
     assert s.path_style is True and s.read_only is False and s.foreground is True
     assert s.write_back is True and s.journal_dir == "/var/lib/dssefs/journal-team"
+    assert s.write_behind == 16 << 20
     assert all(src == f"configuration file {path}" for src in s.sources.values())
 
 

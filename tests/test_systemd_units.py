@@ -514,7 +514,7 @@ EVERY_FLAG = {
     "gid": "1000", "file_mode": "640", "dir_mode": "0750", "foreign_objects": "read-only",
     "log_level": "debug", "kms_allowed_key_ids_outer": "alias/older-outer", "epoch_max_age": "3600",
     "epoch_max_objects": "5000", "keyrings": "/etc/dssefs/keyring-old,/etc/dssefs/keyring-2025", "stale_upload_age": "3600",
-    "write_back": None, "journal_dir": "/var/lib/dssefs/journal-x",
+    "write_back": None, "journal_dir": "/var/lib/dssefs/journal-x", "write_behind": "16M",
 }
 
 

@@ -8,9 +8,9 @@ Once it serves, a worker thread aborts the multipart uploads that crashed writer
 mount's prefix (:mod:`dssefs.store.uploads`, ``stale_upload_age``), and interrupted directory
 renames are finished (:mod:`dssefs.fs.renames`); READY waits for neither.
 SIGTERM, SIGINT or SIGHUP (or an unmount; signals are handled from before the mount exists until
-exit, see :mod:`.stopsignals`): ``STOPPING=1``, store every dirty file
-(``EXTEND_TIMEOUT_USEC=`` while that makes progress), unmount, exit 0; 1 if any file could not be
-stored (each named in the log); 2 after an internal failure, leaving the mount dead (ENOTCONN) so
+exit, see :mod:`.stopsignals`): ``STOPPING=1``, store every dirty file and send the pending
+deletes (``EXTEND_TIMEOUT_USEC=`` while that makes progress), unmount, exit 0; 1 if any file could
+not be stored or an object not deleted (each named in the log); 2 after an internal failure, leaving the mount dead (ENOTCONN) so
 it cannot be mistaken for an empty directory.
 """
 
@@ -84,7 +84,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    file_mode=s.file_mode, dir_mode=s.dir_mode, foreign_objects=s.foreign_objects,
                    read_only=s.read_only, cache_size=s.cache_size, small_file_prefetch=s.small_file_prefetch,
                    spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
-                   chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2),
+                   chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2), write_behind=s.write_behind,
                    crypto_workers=max(1, os.cpu_count() or 1))
     fs = Filesystem(vault, prefix, cfg)
     from ..store.journal import JournalStore
@@ -139,6 +139,7 @@ class Daemon:
         self.prefix = ""
         self._stop_cleanup = threading.Event()  # ends the stale-upload clean-up early
         self.failures: list = []
+        self.deletes_left: list = []  # (object, error): deletes the store still refused at unmount
         self.signals: StopSignals | None = None
 
     # ---- start ----------------------------------------------------------------------------------
@@ -209,10 +210,10 @@ class Daemon:
         pyfuse3.close(unmount=True)
         self._stop_cleanup.set()
         self._close()
-        code = 1 if self.failures else 0
-        if self.failures:
-            log.error("event=unmounted mountpoint=%s dirty_files_lost=%d (see the errors above)", mnt,
-                      len(self.failures))
+        code = 1 if self.failures or self.deletes_left else 0
+        if code:
+            log.error("event=unmounted mountpoint=%s dirty_files_lost=%d deletes_not_done=%d (see the errors "
+                      "above)", mnt, len(self.failures), len(self.deletes_left))
         else:
             spill = self.fs.cache.spill_area
             log.info("event=unmounted mountpoint=%s spill_bytes=%d", mnt, spill.bytes_written if spill else 0)
@@ -315,17 +316,35 @@ class Daemon:
             pyfuse3.terminate()
 
     async def _flush(self, final: bool = False) -> list:
-        """flush_all, telling systemd that the stop is making progress meanwhile."""
+        """flush_all, then the pending deletes (:meth:`_drain_deletes`), telling systemd that the
+        stop is making progress meanwhile."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._extend_while_progressing)
             try:
-                return await self.fs.flush_all(final=final)
+                failures = await self.fs.flush_all(final=final)
+                self.deletes_left = await self._drain_deletes()
+                return failures
             finally:
                 nursery.cancel_scope.cancel()
 
-    def _progress_mark(self) -> tuple[int, int]:
+    async def _drain_deletes(self) -> list:
+        """Wait for the deletes unlink and rmdir left to the background: each pending key is sent
+        at least once more.  A key the store still refuses is reported like an unstored file (exit
+        status 1); its object stays in the store, and the name reappears at the next mount."""
+        pending = len(self.fs.deletes)
+        if pending:
+            log.info("event=deletes_drain pending=%d", pending)
+        left = await self.fs.deletes.drain()
+        for obj, err in left:
+            log.error("op=delete object=%s errno=%s reason=%s effect='not deleted: the object stays in the "
+                      "store and reappears at the next mount'", obj,
+                      errno.errorcode.get(getattr(err, "errno", None), "EIO"), str(err).replace("\n", " "))
+        return left
+
+    def _progress_mark(self) -> tuple[int, int, int]:
         snap = self.meter.snapshot()
-        return snap["bytes_written"], snap["requests"]["upload_part"] + snap["objects_written"]
+        return (snap["bytes_written"], snap["requests"]["upload_part"] + snap["objects_written"],
+                self.fs.deletes.deleted)
 
     async def _extend_while_progressing(self) -> None:
         """While the stop is storing data, grant it more time: ``EXTEND_TIMEOUT_USEC`` after every

@@ -26,6 +26,10 @@ class Activity:
         self.flushes_in_flight = 0
         self.flushes_done = 0
         self.flush_failures = 0
+        # write-behind streams (fs/writebehind.py): begun, stored by their close, abandoned
+        self.streams_started = 0
+        self.streams_stored = 0
+        self.streams_abandoned = 0
 
     def error(self, op: str, target: str, code: int, reason: str) -> None:
         """An error returned to an application (expected ones such as ENOENT are not counted)."""
@@ -60,6 +64,8 @@ async def snapshot(fs) -> dict:
         "dirty": {"files": len(nodes), "bytes": dirty_bytes},
         "flushes": {"in_flight": act.flushes_in_flight, "done": act.flushes_done,
                     "failed": act.flush_failures},
+        "write_behind": {"started": act.streams_started, "stored": act.streams_stored,
+                         "abandoned": act.streams_abandoned},
         "open_files": len(fs.handles),
         "inodes": len(fs.table.by_ino),
         "errors": {"total": act.errors, "by_errno": dict(act.errors_by_errno), "recent": list(act.recent)},

@@ -59,6 +59,8 @@ class FsConfig:
     spill_dir: str | None = None
     chunk_size: int = 1 << 20
     io_workers: int = 8
+    # probes and listings in flight at once (plus a few for lookups only; see probes.py)
+    probe_workers: int = 32
     crypto_workers: int = max(1, os.cpu_count() or 1)
     # The kernel's writeback cache merges small writes (4 KiB writes: 29 -> 84 MB/s measured) but
     # is off: in that mode the kernel never takes a regular file's size from the daemon again, so
@@ -73,6 +75,10 @@ class FsConfig:
     # decrypted when they are looked up or listed, so opening and reading them needs no further
     # store request or worker-thread round trip; 0: probes fetch metadata only
     small_file_prefetch: int = 64 << 10
+    # write-behind (see writebehind.py): a new or truncated file written in order is encrypted and
+    # uploaded in parts while it is written once it is larger than this many bytes; 0 (default):
+    # never (on a fast link the staging copy at close costs more than it saves: docs/performance.md)
+    write_behind: int = 0
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Every public coroutine takes inode numbers and ``str`` names and raises :class:`DssefsError`
 (``.errno``) on failure, so tests drive it directly under trio.  State (inode table, handles) is
 owned by the trio thread; blocking work (store, KMS, crypto, spill I/O) runs in worker threads
-under two capacity limiters.  Per-inode ``trio.Lock`` serialises writes, truncates and flushes of
-one file; different files proceed concurrently.
+under two capacity limiters, and probes and listings through a metadata scheduler of their own
+(bounded, prioritised: see :mod:`.probes`).  Per-inode ``trio.Lock`` serialises writes, truncates
+and flushes of one file; different files proceed concurrently.
 
 Object layout under the mount's prefix ``P``:
 
@@ -20,10 +21,12 @@ The operations are split by job across mixins: :mod:`.namespace` (probes, lookup
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import itertools
 import stat
+import weakref
 
 import trio
 
@@ -36,25 +39,35 @@ from .attributes import Attrs, now_ns
 from .cache import ChunkCache
 from .common import (KEY_MAX, NAME_MAX, ConflictError, DirHandle, FsConfig, FsError, link_count,
                      Handle, Probe, Stat, fail)
+from .deletes import DeleteQueue
 from .dirs import DirOps
 from .files import FileOps
 from .flush import FlushOps
 from .inodes import ROOT_INODE, Inode, InodeTable
 from .metadata import MetadataOps
-from .namespace import NamespaceOps
+from .namespace import DirList, Kept, NamespaceOps
+from .probes import MetaScheduler
 from .readdir import ReaddirOps
 from .spill import SpillArea
+from .writebehind import WriteBehindOps
 from .xattrs import XattrOps
 
 __all__ = ["ConflictError", "FsConfig", "FsError", "Filesystem", "Probe", "Stat", "fail"]
 
+# metadata requests only lookups may use, beyond FsConfig.probe_workers: a lookup of a name not
+# probed yet is answered at once even while a big directory's probes fill every other slot
+LOOKUP_SLOTS = 8
 
-class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOps, XattrOps):
+
+class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, DirOps, ReaddirOps, XattrOps):
     """One mounted tree: shared state and plumbing here, the operations in the mixins."""
 
     def __init__(self, vault: Vault, prefix: str = "", config: FsConfig | None = None):
         self.vault = vault
-        self.store = vault.store
+        # unlink/rmdir leave their DELETEs to this queue; the mount reads the store through its
+        # view, in which keys whose delete is pending are already gone (see deletes.py)
+        self.deletes = DeleteQueue(vault.store)
+        self.store = self.deletes.view
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         # a name the store cannot hold is refused when it is created, never at close
         self.name_max = min(NAME_MAX, getattr(self.store, "max_segment_bytes", None) or NAME_MAX)
@@ -76,7 +89,27 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, FileOps, DirOps, ReaddirOp
         self.chunk_log2 = self.cfg.chunk_size.bit_length() - 1
         self._deferred: dict[int, float] = {}  # inode -> when its pending attributes are stored
         self._deferring = False
-        self._probe_seconds = 0.0  # average time of one store probe in readdir (see readdir.py)
+        # Probes and listings (metadata requests): their own worker threads and bound, so they
+        # neither wait behind file reads and writes (``io``) nor hold them up; lookups have slots
+        # of their own on top (see probes.py).  Answers and listings are kept for the entry TTL.
+        self.meta = MetaScheduler(self.cfg.probe_workers, LOOKUP_SLOTS, self._ahead_gate)
+        self._kept: dict[str, Kept] = {}  # object key -> the last probe answer
+        self._dirlists: dict[str, DirList] = {}  # directory prefix -> its last listing
+        self._key_changed: dict[str, float] = {}  # names (and directories' entries) changed here
+        self._settled = weakref.WeakKeyDictionary()  # inode -> version a listing may confirm
+        self._unused = 0  # read-ahead answers kept and not used yet
+        self._ahead_limit = 48  # the read-ahead budget in use (see readdir.py)
+        self._ahead_uses: collections.deque[float] = collections.deque()  # read-ahead answers used (1 s)
+        self._ahead_used = -1e9  # when read-ahead was last used (or asked for)
+        self._ahead_wanted: dict[str, tuple] = {}  # directories whose read-ahead waits for a listing
+        self._ahead_done: dict[str, DirList] = {}  # directories read ahead, by the listing used
+        self._trees: dict[str, tuple] = {}  # tree listings read ahead: top -> (time, last key, levels)
+        self._attrs_until = -1e9  # until when read-ahead probes every name (attributes asked for)
+        self._visited: dict[str, float] = {}  # directories a walk read ahead has opened
+        self._partial: set[int] = set()  # directory handles whose last readdir left names for the next
+        self._probe_time = 0.0  # moving average of how long a probe takes (s)
+        self._read_through: dict[int, float] = {}  # directory inode -> when a readdir reached its end
+        self._swept = 0.0
         # body bytes fetched with a file's probe: a small file whole, in chunks as small as 4 KiB
         small = self.cfg.small_file_prefetch
         self._probe_prefix = small + fmt.CHUNK_OVERHEAD * -(-small >> fmt.MIN_CHUNK_LOG2) if small > 0 else 0

@@ -11,7 +11,7 @@ import time
 import trio
 
 from ..errors import DssefsError, PreconditionFailed
-from ..objects.vault import bytes_source
+from ..objects.vault import bytes_source, conflict_name
 from .cache import FileContent, ForeignBase
 from .common import ConflictError
 from .inodes import Inode
@@ -30,6 +30,7 @@ class FlushOps:
         """Store a new version of ``key`` (a successor of ``prev`` when given: same file id, next
         generation, same data keys) and return it opened.  Conditional where the store allows:
         ``If-None-Match`` when ``create``, else ``If-Match`` on ``prev``."""
+        self.deletes.settle_sync(key)  # a pending DELETE of this key goes first, never after
         kw = {}
         if self._conditional:
             if create:
@@ -76,7 +77,12 @@ class FlushOps:
         act = self.activity
         act.flushes_in_flight += 1
         try:
-            new = await self._io(self._flush_sync, key, content, node.attrs.encode(), prev, node.stored)
+            attrs = node.attrs.encode()
+            new = None
+            if content.stream is not None:  # write-behind: most of the file is uploaded already
+                new = await self._wb_finish(node, key, attrs, prev)
+            if new is None:
+                new = await self._io(self._flush_sync, key, content, attrs, prev, node.stored)
         except PreconditionFailed:
             act.flush_failures += 1
             raise ConflictError(f"{self.store.url.rstrip('/')}/{key}: changed by another client since it "
@@ -145,7 +151,7 @@ class FlushOps:
     async def _save_conflict_copy(self, node: Inode) -> None:
         parent = self.node(node.parent)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        name = f"{node.name}.dssefs-conflict-{stamp}"
+        name = conflict_name(node.name, stamp, limit=self.name_max)
         key = self.dir_prefix(parent) + name
         content = node.content
         new = await self._io(self._flush_sync, key, content, node.attrs.encode(), None, False)

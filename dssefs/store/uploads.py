@@ -12,6 +12,11 @@ writer sent.  So an upload counts as dssefs's own, and abandoned, when
   upload of dssefs lasts as long as storing one file takes; ``max_age`` must be longer than the
   longest such upload, so another client's upload in progress is never aborted.
 
+Write-behind (docs/format.md 17.11) uploads a file being written to a staging key
+``<prefix>.dssefs/staging/<32 hex>`` and copies it to the file's key at close.  A crash leaves that
+upload, or the completed staging object: both are removed here under the same age rule (the
+uploads with the others; the objects with one listing of the staging directory).
+
 :func:`abort_stale_uploads` is what the mount daemon runs once it serves (in a worker thread), and
 what a command can run on a store directly.
 """
@@ -26,7 +31,8 @@ from dataclasses import dataclass, field
 from ..errors import DssefsError, StoreAccessDenied
 from .base import ObjectStore, PendingUpload
 
-__all__ = ["DEFAULT_STALE_UPLOAD_AGE", "StaleUploads", "abort_stale_uploads", "is_file_system_key"]
+__all__ = ["DEFAULT_STALE_UPLOAD_AGE", "STAGING_DIR", "StaleUploads", "abort_stale_uploads", "is_file_system_key",
+           "is_staging_key"]
 
 log = logging.getLogger("dssefs.store.uploads")
 
@@ -34,6 +40,8 @@ log = logging.getLogger("dssefs.store.uploads")
 DEFAULT_STALE_UPLOAD_AGE = 86400.0
 #: The reserved name below which dssefs keeps its own records (never a file system entry).
 RESERVED = ".dssefs"
+#: Below a mount's prefix: the staging keys of write-behind (objects and uploads, never files).
+STAGING_DIR = RESERVED + "/staging/"
 
 
 @dataclass
@@ -44,6 +52,7 @@ class StaleUploads:
     kept: int = 0  # the file system's uploads begun less than max_age ago (possibly live)
     ignored: int = 0  # under the prefix, but not the file system's (below .dssefs)
     failed: int = 0  # aborts that failed (logged each)
+    staging_deleted: list[str] = field(default_factory=list)  # stale write-behind staging objects
     stopped: bool = False  # asked to stop before the listing was done
 
 
@@ -54,6 +63,13 @@ def is_file_system_key(key: str, prefix: str) -> bool:
     if not key.startswith(prefix):
         return False
     return RESERVED not in key[len(prefix):].split("/")
+
+
+def is_staging_key(key: str, prefix: str) -> bool:
+    """Whether ``key`` is a write-behind staging key of a mount of ``prefix``."""
+    rest = key[len(prefix):] if key.startswith(prefix) else None
+    return rest is not None and rest.startswith(STAGING_DIR) and "/" not in rest[len(STAGING_DIR):] \
+        and len(rest) > len(STAGING_DIR)
 
 
 def _printable(key: str) -> str:
@@ -81,7 +97,7 @@ def abort_stale_uploads(store: ObjectStore, prefix: str, max_age: float = DEFAUL
         if stop is not None and stop.is_set():
             result.stopped = True
             break
-        if not is_file_system_key(upload.key, prefix):
+        if not (is_file_system_key(upload.key, prefix) or is_staging_key(upload.key, prefix)):
             result.ignored += 1
             continue
         age = now - upload.initiated
@@ -100,4 +116,24 @@ def abort_stale_uploads(store: ObjectStore, prefix: str, max_age: float = DEFAUL
         result.aborted.append(upload)
         log.info("event=stale_upload_aborted store=%s key=%s age=%.1f upload_id=%s", where,
                  _printable(upload.key), age, upload.upload_id)
+    if not result.stopped:
+        _delete_stale_staging(store, prefix, now - max_age, result, where)
     return result
+
+
+def _delete_stale_staging(store: ObjectStore, prefix: str, before: float, result: StaleUploads, where: str) -> None:
+    """Delete the completed staging objects (a crash between completing a staged upload and
+    copying it to the file's key) older than ``before``."""
+    stale = [o.key for o in store.list(prefix + STAGING_DIR, delimiter=None)
+             if not isinstance(o, str) and is_staging_key(o.key, prefix) and o.mtime < before]
+    if not stale:
+        return
+    failures = dict(store.delete_many(stale))
+    for key in stale:
+        if key in failures:
+            result.failed += 1
+            log.warning("event=stale_staging_delete_failed store=%s key=%s reason=%s", where, _printable(key),
+                        failures[key])
+        else:
+            result.staging_deleted.append(key)
+            log.info("event=stale_staging_deleted store=%s key=%s", where, _printable(key))

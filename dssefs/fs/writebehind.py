@@ -1,0 +1,163 @@
+"""Write-behind: large files written sequentially are encrypted and uploaded while they are written.
+
+A new or truncated file that grows past ``FsConfig.write_behind`` bytes (default 16 MiB) with
+every chunk below its end written gets a stream (:class:`dssefs.objects.stream.StreamWriter`):
+after each write, every run of ``part_size`` bytes of whole chunks with more data after it is
+handed to a worker thread that seals it (format 17.3, ``final = 0``) and uploads it as the next
+part of a multipart upload to a staging key.  At most ``workers`` parts are in flight per file: a
+writer that gets further ahead waits (backpressure).  The plaintext stays in the cache as dirty
+data (spilled, encrypted, beyond its bound), so any failure can still store it the ordinary way.
+
+close/fsync then only seal and upload the tail, complete the staging upload and copy it to the
+file's key with the final metadata (conditional as ever); see docs/semantics.md.  The stream is
+abandoned, and the file stored the ordinary way (a new message id, every chunk sealed again),
+when a write or truncate touches bytes already handed to a part, when a part failed, when the file
+ends inside the parts already sealed, or when the file was unlinked or replaced meanwhile.
+
+Not used with ``--write-back`` (the journal stores whole objects; close does not wait for the
+store there anyway) nor on a local directory store (no round trips to hide).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+
+import trio
+
+from ..objects.stream import STAGING_DIR, StreamUnusable, StreamWriter, staging_key
+from .inodes import Inode
+
+log = logging.getLogger("dssefs.fs")
+
+__all__ = ["STAGING_DIR", "StreamState", "WriteBehindOps"]
+
+
+class StreamState:
+    """A file's stream as the file system sees it (attached to its FileContent)."""
+
+    __slots__ = ("writer", "limit", "broken", "inflight", "pool", "file_id", "chunk_size")
+
+    def __init__(self, writer: StreamWriter, pool, file_id: bytes | None):
+        self.writer = writer
+        self.limit = 0  # bytes [0, limit) are handed to parts (FileContent breaks the stream below)
+        self.broken = False
+        self.inflight: set[cf.Future] = set()
+        self.pool = pool
+        self.file_id = file_id  # the previous version's, when the stream continues its file id
+        self.chunk_size = writer.cs
+
+    def reap(self) -> None:
+        self.inflight = {f for f in self.inflight if not f.done()}
+
+    def abort_soon(self) -> None:
+        """Abandon the stream without waiting: its parts finish or fail, then it is aborted."""
+        self.broken = True
+        futures, writer = list(self.inflight), self.writer
+
+        def later() -> None:
+            cf.wait(futures)
+            writer.abort()
+        try:
+            self.pool.submit(later)
+        except RuntimeError:  # the pool is shut down (unmount): a later mount cleans up
+            pass
+
+
+class WriteBehindOps:
+    """The write path's stream and the flush's end of it (mixed into Filesystem)."""
+
+    def _wb_usable_store(self) -> bool:
+        store = self.vault.store
+        return bool(getattr(store, "parallel_requests", False)) and getattr(store, "settle", None) is None \
+            and getattr(self.store, "settle", None) is None
+
+    async def _wb_pump(self, node: Inode) -> None:
+        """After a write (inode lock held): start the file's stream once it qualifies, hand every
+        complete part to a worker, and wait while too many are in flight."""
+        content = node.content
+        st = content.stream
+        if st is None:
+            threshold = self.cfg.write_behind
+            if (not threshold or content.size <= threshold or not node.linked or self.cfg.read_only
+                    or content._valid_base() > 0 or not self._wb_usable_store()):
+                return
+            n = -(-content.size // content.cs)
+            if len(content.chunks) < n - 1 or not content.complete_chunks(range(n - 1)):
+                return  # holes, or a write not in order: not a sequential writer
+            prev = node.obj
+            writer = StreamWriter(self.vault, staging_key(self.prefix), chunk_log2=content.cs.bit_length() - 1,
+                                  file_id=prev.file_id if prev is not None else None)
+            st = content.stream = StreamState(writer, self.vault.pool, prev.file_id if prev is not None else None)
+            self.activity.streams_started += 1
+            log.debug("event=write_behind_start object=%s staging=%s", self.describe(node.ino), writer.staging)
+        if st.broken:
+            return
+        writer, cs = st.writer, st.chunk_size
+        while not st.broken and writer.failed is None:
+            chunks = range(writer.next_chunk, writer.next_chunk + writer.per_part)
+            if content.size <= chunks.stop * cs or not content.complete_chunks(chunks):
+                return
+            st.reap()
+            if len(st.inflight) >= self.vault.workers:
+                pending = list(st.inflight)
+                await trio.to_thread.run_sync(
+                    lambda: cf.wait(pending, return_when=cf.FIRST_COMPLETED), abandon_on_cancel=True)
+                continue
+            number = writer.claim(chunks)
+            if number is None:  # no more parts: the file is stored the ordinary way at close
+                st.abort_soon()  # stays attached (broken), so no new stream starts over
+                return
+            st.limit = chunks.stop * cs
+            st.inflight.add(self.vault.pool.submit(writer.put_part, number, chunks, content.source))
+
+    async def _wb_finish(self, node: Inode, key: str, attrs: bytes, prev):
+        """At flush (inode lock held): the stored version if the file's stream stored it, None
+        when there was no usable stream (the caller stores the file the ordinary way)."""
+        content = node.content
+        st = content.stream
+        if st is None:
+            return None
+        content.stream = None  # from here on the stream is finished or abandoned
+        pending = list(st.inflight)
+        if pending:
+            await trio.to_thread.run_sync(cf.wait, pending)
+        writer = st.writer
+        reason = None
+        if st.broken:
+            reason = "bytes already uploaded were changed"
+        elif writer.failed is not None:
+            reason = f"a part failed: {writer.failed}"
+        elif content.size <= st.limit:
+            reason = "the file ends within the uploaded parts"
+        elif (prev.file_id if prev is not None else None) != st.file_id:
+            reason = "the file was replaced meanwhile"
+        if reason is None:
+            try:
+                new = await self._io(self._wb_finish_sync, writer, key, content, attrs, prev, node.stored)
+            except StreamUnusable as e:
+                reason = str(e)
+            except BaseException:
+                self.activity.streams_abandoned += 1
+                raise
+            else:
+                self.activity.streams_stored += 1
+                return new
+        self.activity.streams_abandoned += 1
+        log.info("event=write_behind_fallback object=%s reason=%r effect='stored the ordinary way, "
+                 "with a new message id'", self.describe(node.ino), reason)
+        await self._io(writer.abort)
+        return None
+
+    def _wb_finish_sync(self, writer: StreamWriter, key: str, content, attrs: bytes, prev, stored: bool):
+        self.deletes.settle_sync(key)  # a pending DELETE of this key goes first, never after
+        kw = {}
+        if self._conditional:
+            if not stored:
+                kw["if_none_match"] = True
+            elif prev is not None:
+                kw["if_match"] = prev.etag
+        new = writer.finish(key, content.size, content.source, attrs=attrs,
+                            generation=prev.generation + 1 if prev is not None else 0, **kw)
+        content.committed(new)
+        return new
