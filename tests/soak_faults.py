@@ -111,7 +111,7 @@ KNOWN = """Causes found by earlier full soaks (uncapped faults), all fixed; if o
   ~27,000 requests) must be sent again by the S3 store's retry budget (event=store_retry), never
   fail: EIO from lookup/opendir/symlink/close, cp skipping what it cannot reach.
 * botocore's retry quota (standard mode: 500 tokens per client, given back only by 2xx answers)
-  must never run dry (store.s3.keep_retrying): "N (no retry followed)" in faults_in_a_row.
+  must never run dry (retrying.keep_retrying): "N (no retry followed)" in faults_in_a_row.
 * a false conflict with one client: a conditional PUT applied, its response lost, the retry
   refused (412) and the HEAD that confirms the version as ours failing too must give an unknown
   outcome (EIO, data kept, stored later: event=write_outcome_unknown / write_rebased), never a

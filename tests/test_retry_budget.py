@@ -31,7 +31,7 @@ from dssefs.kms.aws import AwsKmsProvider
 from dssefs.kms.base import Layer, context
 from dssefs.objects import Vault, bytes_source
 from dssefs.objects import vault as vault_module
-from dssefs.store import s3 as s3_module
+from dssefs import retrying
 from dssefs.store.s3 import S3Store, is_transient
 
 from faultproxy import (COPY_SOURCE, KMS_TARGET, KMS_THROTTLE, LOST_RESPONSE, RESET, SLOWDOWN,
@@ -52,9 +52,8 @@ def fast_backoff(monkeypatch):
     delay = botocore_standard.ExponentialBackoff.delay_amount
     monkeypatch.setattr(botocore_standard.ExponentialBackoff, "delay_amount",
                         lambda self, context: delay(self, context) * 0.02)
-    monkeypatch.setattr(s3_module, "RETRY_FIRST_DELAY", 0.01)
-    monkeypatch.setattr(s3_module, "RETRY_MAX_DELAY", 0.16)
-    monkeypatch.setattr(vault_module, "_backoff", lambda attempt: 0.01)
+    monkeypatch.setattr(retrying, "RETRY_FIRST_DELAY", 0.01)
+    monkeypatch.setattr(retrying, "RETRY_MAX_DELAY", 0.16)
 
 
 def _path(bucket: str, key: str) -> str:

@@ -88,7 +88,7 @@ import botocore.exceptions as bce
 from .. import __version__
 from ..errors import (ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError,
                       KeyUnavailable)
-from ..store.s3 import keep_retrying, retry_budget_for, retry_delay, transient_tls_error
+from ..retrying import keep_retrying, retry_budget_for, retry_delay, transient_tls_error
 from ._common import (METADATA_KEY_ID_RE, Stats, WrappedKeyMismatch, check_context,
                       describe_context, key_noun, layer_value, one_line)
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey

@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import random
 import threading
 import time
 import types
@@ -37,6 +36,7 @@ from ..errors import (ConfigError, IntegrityError, KeyProviderError, ObjectNotFo
                       StoreError)
 from ..kms._common import WrappedKeyMismatch
 from ..kms.base import KeyProvider, Layer, WrappedKey, context, object_context_v2
+from ..retrying import DEFAULT_RETRY_BUDGET, is_transient, retry_delay
 from ..store.base import ObjectInfo, ObjectStore
 from .epochs import DEFAULT_MAX_AGE, DEFAULT_MAX_OBJECTS, Epoch, Epochs, fetch_record
 
@@ -52,8 +52,6 @@ DEFAULT_PART_SIZE = 8 * 1024 * 1024
 OPEN_CACHE_ENTRIES = 4096  # unwrapped data keys and verified ciphers kept in memory (LRU each)
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 READ_WINDOW = 8 * 1024 * 1024
-#: Seconds a read-back after a refused write retries a transient failure (as the S3 store does).
-DEFAULT_RETRY_BUDGET = 60.0
 #: Writes whose outcome is unknown, remembered (memory only): keys (LRU), and writes per key.
 UNCONFIRMED_KEYS = 1024
 UNCONFIRMED_PER_KEY = 4
@@ -542,7 +540,7 @@ class Vault:
             try:
                 etag = call()
             except (PreconditionFailed, *also) as e:
-                if _transient(e):
+                if is_transient(e):
                     self._unknown_outcome(key, meta, first_condition, source, e)
                     raise
                 try:
@@ -567,7 +565,7 @@ class Vault:
                 call = lambda: again(etag_in_the_way)  # noqa: E731
                 continue
             except StoreError as e:
-                if _transient(e):
+                if is_transient(e):
                     self._unknown_outcome(key, meta, first_condition, source, e)
                 raise
             self._forget_unconfirmed(key)
@@ -585,12 +583,12 @@ class Vault:
             except ObjectNotFound:
                 return None
             except StoreError as e:
-                if not _transient(e):
+                if not is_transient(e):
                     return None
                 left = self.retry_budget - (time.monotonic() - started)
                 if left <= 0:
                     raise
-                delay = min(left, _backoff(attempt))
+                delay = min(left, retry_delay(attempt))
                 attempt += 1
                 log.info("event=read_back_retry object=%s/%s attempt=%d retry_in=%.1fs reason=%s",
                          self.store.url.rstrip("/"), key, attempt, delay, str(e).splitlines()[0] if str(e) else
@@ -945,18 +943,6 @@ class _Unconfirmed:
 
 def _bare_etag(etag: str | None) -> str | None:
     return None if etag is None else etag.strip().strip('"')
-
-
-def _transient(err: BaseException) -> bool:
-    """A store failure that may pass when tried again; the store marks it (``transient``, see
-    :func:`dssefs.store.s3.is_transient`)."""
-    return bool(getattr(err, "transient", False))
-
-
-def _backoff(attempt: int) -> float:
-    """Capped exponential back-off with jitter: 0.5 s doubling up to 8 s, half of it random."""
-    cap = min(8.0, 0.5 * 2 ** min(attempt - 1, 16))
-    return cap / 2 + random.random() * cap / 2
 
 
 def describe(object_store: ObjectStore, key: str, info: ObjectInfo | None = None) -> dict:

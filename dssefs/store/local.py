@@ -561,14 +561,22 @@ class LocalStore(ObjectStore):
             finally:
                 os.close(fd)
 
-    def delete(self, key: str) -> None:
+    def _unlink(self, key: str) -> str | None:
+        """Remove ``key``'s file; its directory, or None when there was nothing to remove."""
         dirpath, path = self._paths(key)
         with self._fs_errors("delete", key):
             with self._locked(key):
                 try:
                     os.unlink(path)
                 except (FileNotFoundError, NotADirectoryError):
-                    return
+                    return None
+        return dirpath
+
+    def delete(self, key: str) -> None:
+        dirpath = self._unlink(key)
+        if dirpath is None:
+            return
+        with self._fs_errors("delete", key):
             if self._fsync:
                 _fsync_dir(dirpath, missing_ok=True)
             self._prune(dirpath)
@@ -580,17 +588,12 @@ class LocalStore(ObjectStore):
         touched: dict[str, list[str]] = {}
         for key in keys:
             try:
-                dirpath, path = self._paths(key)
-                with self._fs_errors("delete", key):
-                    with self._locked(key):
-                        try:
-                            os.unlink(path)
-                        except (FileNotFoundError, NotADirectoryError):
-                            continue
+                dirpath = self._unlink(key)
             except StoreError as e:
                 failures.append((key, e))
                 continue
-            touched.setdefault(dirpath, []).append(key)
+            if dirpath is not None:
+                touched.setdefault(dirpath, []).append(key)
         for dirpath in sorted(touched, key=len, reverse=True):  # deepest first: parents prune after
             if self._fsync:
                 try:
