@@ -235,7 +235,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("write_back", _bool, False, "close() returns once the file's encrypted object is durable in a "
            "local journal (--journal-dir); uploads run in the background, fsync still waits for the "
            "store, unmount waits for the journal to drain, and the next mount uploads what a crash "
-           "left (see docs/semantics.md)", flag=True, groups=("mount",)),
+           "left; names and attributes past their TTL are refreshed in the background for up to 10 "
+           "more TTLs (see docs/semantics.md)", flag=True, groups=("mount",)),
     Option("journal_dir", _path, None, "write-back journal: encrypted objects waiting for upload (default "
            "under $XDG_STATE_HOME or /var/lib/dssefs, one per mount point; keep it on a local disk "
            "that survives reboots)", "DIR", groups=("mount",)),
@@ -244,8 +245,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("entry_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache name lookups",
            "SECONDS", groups=("mount",)),
     Option("attr_delay", _nonneg_float, 1.0, "seconds within which attribute-only changes (chmod, "
-           "chown, utimens, xattrs) of a closed file are coalesced into one store; fsync, close and "
-           "unmount store them at once; 0 stores each change immediately", "SECONDS", groups=("mount",)),
+           "chown, utimens, xattrs) of a closed file are coalesced into one store (stored earlier once "
+           "0.1 s pass without another change); fsync, close and unmount store them at once; 0 stores "
+           "each change immediately", "SECONDS", groups=("mount",)),
     Option("stale_upload_age", _nonneg_float, 86400.0, "multipart uploads under the mount's prefix begun "
            "longer ago than this are a crashed writer's: the mount aborts them once it serves (no upload "
            "of dssefs lasts that long; keep it above the longest upload of any client); 0 keeps them",

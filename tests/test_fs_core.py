@@ -213,7 +213,7 @@ def count_puts(vault) -> list:
 
 
 async def test_attribute_changes_are_stored_together_after_a_delay(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=1.5)
+    fs = make_fs(backend, tmp_path, attr_delay=1.5, attr_idle=1.5)
     ino = await write_file(fs, "f", b"data")
     copies, puts = count_copies(backend), count_puts(backend)
     d = await fs.mkdir(ROOT, "d", 0o700, 0, 0)
@@ -238,8 +238,45 @@ async def test_attribute_changes_are_stored_together_after_a_delay(backend, tmp_
     assert (f.uid, f.gid, f.atime_ns, f.mtime_ns) == (1000, 1000, 1_000_000_000, 2_000_000_000)
 
 
+async def test_deferred_attributes_are_stored_once_the_burst_is_over(backend, tmp_path):
+    # attr_idle: a burst of changes (spaced less than attr_idle apart) is stored together once it
+    # stops, long before attr_delay; the deadline (attr_delay after the first change) still holds
+    # for changes that keep coming
+    fs = make_fs(backend, tmp_path, attr_delay=30, attr_idle=0.4)
+    ino = await write_file(fs, "f", b"data")
+    copies, puts = count_copies(backend), count_puts(backend)
+    d = await fs.mkdir(ROOT, "d", 0o700, 0, 0)
+    t0 = trio.current_time()
+    for mode in (0o751, 0o750, 0o755, 0o711):  # 0.6 s of changes, 0.15 s apart
+        await fs.setattr(ino, mode=mode)
+        await fs.setattr(d.ino, mode=mode)
+        await trio.sleep(0.15)
+    assert copies == [] and puts == []  # still within the burst
+    with trio.fail_after(10):
+        while not (copies and puts):
+            await trio.sleep(0.02)
+    stored_after = trio.current_time() - t0
+    await trio.sleep(0.5)  # nothing more comes
+    assert copies == [("f", "f")] and puts == ["d/"]  # one store each, with the last mode
+    assert 0.6 <= stored_after < 5  # after the burst, not after attr_delay (30 s)
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o1", "f") == 0o711
+    assert await mode_seen_by_another_mount(backend, tmp_path / "o2", "d") == 0o711
+
+    # changes that keep coming are stored attr_delay after the first of them
+    fs = make_fs(backend, tmp_path / "b", attr_delay=1.0, attr_idle=0.5)
+    ino = (await fs.lookup(ROOT, "f")).ino
+    copies.clear()
+    t0 = trio.current_time()
+    modes = iter(range(0o700, 0o777))
+    with trio.fail_after(10):
+        while not copies:
+            await fs.setattr(ino, mode=next(modes))
+            await trio.sleep(0.1)
+    assert 0.9 <= trio.current_time() - t0 < 5
+
+
 async def test_mkdir_marker_is_stored_with_later_attribute_changes(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=60)
+    fs = make_fs(backend, tmp_path, attr_delay=60, attr_idle=60)
     puts = count_puts(backend)
     a = await fs.mkdir(ROOT, "a", 0o700, 0, 0)
     b = await fs.mkdir(a.ino, "b", 0o700, 0, 0)
@@ -274,7 +311,7 @@ async def test_mkdir_marker_is_stored_with_later_attribute_changes(backend, tmp_
 
 
 async def test_deferred_mkdir_loses_to_another_clients_marker_without_losing_data(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=60)
+    fs = make_fs(backend, tmp_path, attr_delay=60, attr_idle=60)
     await fs.mkdir(ROOT, "d", 0o700, 0, 0)
     other = make_fs(backend, tmp_path / "o")
     await other.mkdir(ROOT, "d", 0o711, 0, 0)  # stored at once (attr_delay=0)
@@ -285,7 +322,7 @@ async def test_deferred_mkdir_loses_to_another_clients_marker_without_losing_dat
 
 
 async def test_fsync_fsyncdir_close_and_unmount_store_pending_attributes(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=60)
+    fs = make_fs(backend, tmp_path, attr_delay=60, attr_idle=60)
     ino = await write_file(fs, "f", b"data")
     d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
     await fs.setattr(ino, mode=0o600)
@@ -316,7 +353,7 @@ async def test_fsync_fsyncdir_close_and_unmount_store_pending_attributes(backend
 
 
 async def test_failed_deferred_attribute_store_is_reported_by_the_next_fsync(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_delay=60)
+    fs = make_fs(backend, tmp_path, attr_delay=60, attr_idle=60)
     ino = await write_file(fs, "f", b"data")
     await fs.setattr(ino, mode=0o600)
     assert ino in fs._deferred

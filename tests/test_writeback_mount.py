@@ -107,3 +107,33 @@ def test_conflict_found_in_the_background(wb, moto_server, bucket, tmp_path, mou
     assert (other / "doc").read_bytes() == b"theirs"
     assert (other / copies[0]).read_bytes() == b"mine, second"
     assert "event=conflict_copy" in wb.log()
+
+
+@requires_fuse
+def test_stale_answers_are_refreshed_in_the_background(tmp_path, mount_factory, bucket, kms_key, moto_server):
+    # write-back mode uses an answer past its TTL (here 0.5 s) once more while it asks the store
+    # again in the background (window: 10 TTLs); another client's deletion is seen right after
+    ttl = "0.5"
+    wb = mount_factory(tmp_path / "mnt", f"s3://{bucket}", "--kms-key-id", kms_key, "--write-back",
+                       "--journal-dir", str(tmp_path / "journal"), "--spill-dir", str(tmp_path / "spill"),
+                       "--endpoint-url", moto_server.endpoint, "--entry-timeout", ttl, "--attr-timeout", ttl)
+    wb.start()
+    (wb / "d").mkdir()
+    (wb / "d" / "f").write_bytes(b"x" * 10)
+    fd = os.open(wb / "d" / "f", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    assert os.stat(wb / "d" / "f").st_size == 10
+    moto_server.client("s3").delete_object(Bucket=bucket, Key="d/f")  # another client
+    time.sleep(0.8)  # past the TTL, within the window
+    assert os.stat(wb / "d" / "f").st_size == 10  # the known answer, at once
+    deadline = time.monotonic() + 10
+    while os.path.exists(wb / "d" / "f"):  # the refresh found the deletion
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    st = _status(wb)["stale_answers"]
+    assert st["window_s"] == 5.0 and st["served"] >= 1 and st["refreshed"] >= 1 and st["failed"] == 0
+    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(wb.mountpoint)],
+                       capture_output=True, text=True, timeout=60)
+    assert "answers used past their TTL (window 5 s)" in r.stdout
+    assert wb.stop() == 0

@@ -71,6 +71,9 @@ class FsConfig:
     # stored this many seconds after the first one, or at the next fsync/close, fsyncdir, rename
     # or unmount (0: store each change before the call returns)
     attr_delay: float = 1.0
+    # ... or once this long has passed without another deferred change (the burst, such as tar's
+    # chmod + utimens of what it extracted, is over: waiting longer would merge nothing more)
+    attr_idle: float = 0.1
     # files up to this size are read whole (one request: a ranged GET instead of a HEAD on S3) and
     # decrypted when they are looked up or listed, so opening and reading them needs no further
     # store request or worker-thread round trip; 0: probes fetch metadata only
@@ -79,6 +82,9 @@ class FsConfig:
     # uploaded in parts while it is written once it is larger than this many bytes; 0 (default):
     # never (on a fast link the staging copy at close costs more than it saves: docs/performance.md)
     write_behind: int = 0
+    # seconds beyond the entry/attribute TTL during which a known answer is used once more while
+    # it is asked again in the background (stale.py; the daemon sets it in write-back mode only)
+    stale_window: float = 0.0
 
 
 @dataclass

@@ -26,12 +26,13 @@ class DirOps(RenameOps):
         if await self._child(parent, name) is not None:
             raise fail(errno.EEXIST)
         key = self.dir_prefix(parent) + name + ("/" if kind == "dir" else "")
+        sent = self._now()
         try:
             obj = await self._io(self._write_sync, key, body, attrs.encode(), None, True)
         except PreconditionFailed:
             raise fail(errno.EEXIST, f"{key} was created by another client") from None
         node = self.table.add(parent.ino, name, attrs)
-        self._stored(node, obj)
+        self._stored(node, obj, sent)
         node.nlookup += 1
         self._touch_dir(parent)
         self._listed(parent, name, kind)

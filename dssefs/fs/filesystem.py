@@ -49,6 +49,7 @@ from .namespace import DirList, Kept, NamespaceOps
 from .probes import MetaScheduler
 from .readdir import ReaddirOps
 from .spill import SpillArea
+from .stale import StaleAnswers
 from .writebehind import WriteBehindOps
 from .xattrs import XattrOps
 
@@ -89,10 +90,13 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, D
         self.chunk_log2 = self.cfg.chunk_size.bit_length() - 1
         self._deferred: dict[int, float] = {}  # inode -> when its pending attributes are stored
         self._deferring = False
+        self._deferred_last = 0.0  # when the last deferred attribute change was made
         # Probes and listings (metadata requests): their own worker threads and bound, so they
         # neither wait behind file reads and writes (``io``) nor hold them up; lookups have slots
         # of their own on top (see probes.py).  Answers and listings are kept for the entry TTL.
         self.meta = MetaScheduler(self.cfg.probe_workers, LOOKUP_SLOTS, self._ahead_gate)
+        # answers used beyond their TTL while they are refreshed (write-back mode; see stale.py)
+        self.stale = StaleAnswers(self.cfg.stale_window)
         self._kept: dict[str, Kept] = {}  # object key -> the last probe answer
         self._dirlists: dict[str, DirList] = {}  # directory prefix -> its last listing
         self._key_changed: dict[str, float] = {}  # names (and directories' entries) changed here

@@ -48,11 +48,13 @@ class FlushOps:
         return self._write_version(key, bytes_source(body), len(body), attrs, prev,
                                    create=prev is None and if_none_match)
 
-    def _stored(self, node: Inode, obj) -> None:
+    def _stored(self, node: Inode, obj, at: float | None = None) -> None:
+        """``at``: when the write was sent (its confirmation of the directories above)."""
         node.obj = obj
         node.etag = obj.etag
         node.stored = True
         node.validated = self._now()
+        self._confirm_above(node, node.validated if at is None else at)
         if node.content is not None:
             node.content.rebase(obj)
 
@@ -76,6 +78,7 @@ class FlushOps:
         prev = node.obj
         act = self.activity
         act.flushes_in_flight += 1
+        sent = self._now()
         try:
             attrs = node.attrs.encode()
             new = None
@@ -96,6 +99,7 @@ class FlushOps:
         node.obj, node.etag, node.stored = new, new.etag, True
         node.stores += 1
         node.validated = self._now()
+        self._confirm_above(node, sent)
         node.meta_dirty = False
         node.cached_etag = new.etag  # the page cache holds exactly what was stored
 

@@ -1,8 +1,9 @@
 """setattr (chmod, chown, truncate, utimens) and storing attribute-only changes.
 
-Attribute-only changes of an inode without unsaved data are stored ``attr_delay`` seconds after
-the first of them (one metadata-only self-copy for a chmod + chown + utimens burst, off the
-caller's path), or earlier by the inode's next fsync/close, a rename, ``fsyncdir`` or unmount.
+Attribute-only changes of an inode without unsaved data are stored once ``attr_idle`` seconds
+pass without another such change in the mount, at the latest ``attr_delay`` seconds after the
+first of them (one metadata-only self-copy for a chmod + chown + utimens burst, off the caller's
+path), or earlier by the inode's next fsync/close, a rename, ``fsyncdir`` or unmount.
 """
 
 from __future__ import annotations
@@ -101,9 +102,13 @@ class MetadataOps:
         return node.stored and node.obj is not None and not (node.content is not None and node.content.modified)
 
     def _defer_attrs(self, node: Inode) -> None:
-        """Store ``node``'s attributes within ``attr_delay`` seconds (inode lock held)."""
+        """Store ``node``'s attributes within ``attr_delay`` seconds (inode lock held), or once
+        ``attr_idle`` seconds pass without another deferred change (the burst is over: waiting
+        longer would merge nothing more)."""
+        now = self._now()
         if node.ino not in self._deferred:  # the first change sets the deadline: no starvation
-            self._deferred[node.ino] = self._now() + self.cfg.attr_delay
+            self._deferred[node.ino] = now + self.cfg.attr_delay
+        self._deferred_last = now
         if not self._deferring:
             self._deferring = True
             trio.lowlevel.spawn_system_task(self._deferred_attrs_task, name="dssefs-deferred-attrs")
@@ -112,9 +117,10 @@ class MetadataOps:
         try:
             while self._deferred:
                 now = self._now()
-                due = [ino for ino, t in self._deferred.items() if t <= now]
+                quiet = self._deferred_last + min(self.cfg.attr_idle, self.cfg.attr_delay)
+                due = [ino for ino, t in self._deferred.items() if t <= now or quiet <= now]
                 if not due:
-                    await trio.sleep(max(0.0, min(self._deferred.values()) - now))
+                    await trio.sleep(max(0.0, min(quiet, *self._deferred.values()) - now))
                     continue
                 async with trio.open_nursery() as nursery:
                     for ino in due:
@@ -164,6 +170,7 @@ class MetadataOps:
             node.meta_dirty = False
             return
         blob = node.attrs.encode()
+        sent = self._now()
         if node.stored and node.obj is not None:
             obj = node.obj
             try:
@@ -171,7 +178,7 @@ class MetadataOps:
             except PreconditionFailed:
                 raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: changed by another client; "
                                       "attributes not stored") from None
-            self._stored(node, new)
+            self._stored(node, new, sent)
         elif node.is_dir() or not node.stored:
             if not node.is_dir() and not (node.content is not None):
                 node.meta_dirty = False
@@ -182,7 +189,7 @@ class MetadataOps:
                 except PreconditionFailed:
                     raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: directory marker created "
                                           "by another client meanwhile; attributes not stored") from None
-                self._stored(node, res)
+                self._stored(node, res, sent)
             else:
                 await self._flush_locked(node, force=True)
                 return

@@ -377,12 +377,26 @@ class NamespaceOps:
         """True when local state must not be replaced by what the store says."""
         return node.dirty or node.writers > 0 or not node.linked
 
-    async def _child(self, parent: Inode, name: str, hint: str | None = None) -> Inode | None:
+    def _stale_ok(self, node: Inode, ttl: float) -> bool:
+        """Whether ``node``'s answer, past ``ttl``, may be used once more while it is refreshed
+        in the background (write-back mode; see stale.py).  Never for a name listed without a
+        probe or one whose object could not be used."""
+        return (node.validated > 0.0 and node.broken is None and not self._unprobed(node)
+                and self.stale.usable(self._now() - node.validated, ttl))
+
+    async def _child(self, parent: Inode, name: str, hint: str | None = None, *,
+                     fresh: bool = False) -> Inode | None:
         """The linked child ``name`` of ``parent``, revalidated against the store if stale: from a
         probe answer kept from a listing, from the directory's listing (one request for the
-        whole directory), or with a probe of its own (joining one queued or running)."""
+        whole directory), or with a probe of its own (joining one queued or running).  Unless
+        ``fresh``, an answer within the stale window is used while that is done in the
+        background."""
         node = self.table.child(parent.ino, name)
         if node is not None and (self._local_authority(node) or self._fresh(node, self.cfg.entry_timeout)):
+            return node
+        if not fresh and node is not None and self._stale_ok(node, self.cfg.entry_timeout):
+            self.stale.refresh(("name", parent.ino, name),
+                               functools.partial(self._child, parent, name, hint, fresh=True))
             return node
         if node is not None and self._unprobed(node):
             self._want_attrs(parent)
@@ -393,7 +407,7 @@ class NamespaceOps:
         if k is not None and k.error is None:
             return self._install(parent, name, k.probe, k.at)
         if hint is None:
-            names = await self._dir_names(parent)
+            names = await self._dir_names(parent, fresh=fresh)
             if names is not None:
                 hint = names.get(name)
                 node = self.table.child(parent.ino, name)  # the table may have changed meanwhile
@@ -411,13 +425,19 @@ class NamespaceOps:
         p, at = await self._probe(parent, name, hint, prev)
         return self._install(parent, name, p, at)
 
-    async def _dir_names(self, parent: Inode) -> dict[str, str] | None:
+    async def _dir_names(self, parent: Inode, *, fresh: bool = False) -> dict[str, str] | None:
         """``name -> kind`` of a small directory from one listing request, cached for the entry
         TTL and kept up to date with this mount's own changes.  Negative lookups (every create
         starts with one) are answered from it, and known names are revalidated by it (see
-        :meth:`_listing_confirms`).  None for directories of more than one page."""
+        :meth:`_listing_confirms`).  None for directories of more than one page.  Unless
+        ``fresh``, a listing within the stale window is used while it is asked again in the
+        background."""
         cached = self._listings.get(parent.ino)
         if cached is not None and self._now() - cached[0] < self.cfg.entry_timeout:
+            return cached[1]
+        if (not fresh and cached is not None and cached[1] is not None
+                and self.stale.usable(self._now() - cached[0], self.cfg.entry_timeout)):
+            self.stale.refresh(("list", parent.ino), functools.partial(self._dir_names, parent, fresh=True))
             return cached[1]
         started = self._now()
         if len(self._listings) > 4096:  # drop expired listings
@@ -517,12 +537,17 @@ class NamespaceOps:
                 mode |= stat.S_ISGID
         return Attrs.new(mode, uid, gid, rdev)
 
-    async def _refresh(self, node: Inode) -> None:
+    async def _refresh(self, node: Inode, *, fresh: bool = False) -> None:
+        """Revalidate ``node``'s attributes after the attribute TTL (unless ``fresh``, in the
+        background while its answer is within the stale window)."""
         if (node.ino == ROOT_INODE or self._local_authority(node)
                 or self._fresh(node, self.cfg.attr_timeout)):
             return
         parent = self.table.get(node.parent)
         if parent is None:
+            return
+        if not fresh and self._stale_ok(node, self.cfg.attr_timeout):
+            self.stale.refresh(("attr", node.ino), functools.partial(self._refresh, node, fresh=True))
             return
         kind = "dir" if node.is_dir() else "file"
         if self._unprobed(node):
@@ -536,7 +561,7 @@ class NamespaceOps:
             if node.obj is not None and self._settled.get(node) is node.obj:
                 # a version a listing can confirm: one listing revalidates every such name of the
                 # directory (a file read a while after its directory was listed, and its siblings)
-                await self._dir_names(parent)
+                await self._dir_names(parent, fresh=True)
                 if self._local_authority(node) or self._fresh(node, self.cfg.attr_timeout):
                     return
                 if self._listing_confirms(parent, node, self.cfg.attr_timeout):
@@ -551,6 +576,18 @@ class NamespaceOps:
             node.validated = self._now()
             return
         self._apply(node, p, at)
+
+    def _confirm_above(self, node: Inode, at: float) -> None:
+        """The store (or the write-back journal) accepted a write of ``node``'s object, sent at
+        ``at``: the directories above it exist at that time, which counts as their revalidation
+        (no HEAD or listing of each ancestor while files are written below it).  A change another
+        client makes to such a directory's own attributes is seen once this mount has stopped
+        writing below it for the TTL.  Directories never probed are left alone."""
+        p = self.table.get(node.parent)
+        while p is not None and p.ino != ROOT_INODE:
+            if p.linked and 0.0 < p.validated < at:
+                p.validated = at
+            p = self.table.get(p.parent)
 
     def _touch_dir(self, parent: Inode) -> None:
         """An entry of ``parent`` was added, removed or renamed through this mount.  The new

@@ -1,0 +1,174 @@
+"""Revalidation that costs no request of its own, and answers used past their TTL while they are
+refreshed (write-back mode's stale window, dssefs/fs/stale.py).
+
+* A write below a directory confirms the directories above it: while files are written below
+  them, their lookups need no HEAD or listing of their own after the TTL.
+* With a stale window, a lookup, a negative lookup and a getattr past the TTL answer at once from
+  what the mount knows, and the request that would have been waited for runs in the background;
+  the next use sees what it found (another client's deletion, new name or attribute change).
+  Past the window, the answer is waited for, as without one.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+from dssefs.errors import DssefsError
+from test_fs_core import ROOT, backend, make_fs, write_file  # noqa: F401 (fixture)
+
+TTL = 0.3
+
+
+class Requests:
+    """Counts HEADs and listings of the store (the requests a revalidation makes)."""
+
+    def __init__(self, store):
+        self.heads: list[str] = []
+        self.lists: list[str] = []
+        real_head, real_list = store.head, store.list
+
+        def head(key, *a, **kw):
+            self.heads.append(key)
+            return real_head(key, *a, **kw)
+
+        def listing(prefix="", *a, **kw):
+            self.lists.append(prefix)
+            return real_list(prefix, *a, **kw)
+        store.head, store.list = head, listing
+
+    def clear(self):
+        self.heads.clear()
+        self.lists.clear()
+
+
+async def _lookup_path(fs, *names):
+    ino = ROOT
+    for n in names:
+        ino = (await fs.lookup(ino, n)).ino
+    return ino
+
+
+async def test_writes_below_a_directory_revalidate_it(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL)
+    a = await fs.mkdir(ROOT, "a", 0o755, 0, 0)
+    b = await fs.mkdir(a.ino, "b", 0o755, 0, 0)
+    await write_file(fs, "f0", b"x", parent=b.ino)
+    req = Requests(backend.store)
+    # files written below a/b for three TTLs, each after a path walk from the root (what the
+    # kernel does once the entries of a and b have expired)
+    end = trio.current_time() + 3 * TTL
+    i = 1
+    while trio.current_time() < end:
+        ino = await _lookup_path(fs, "a", "b")
+        await fs.getattr(ino)
+        await write_file(fs, f"f{i}", b"x", parent=ino)
+        i += 1
+        await trio.sleep(TTL / 3)
+    assert i > 6
+    # neither directory was probed: each write confirmed that both exist
+    assert not [k for k in req.heads if k in ("a", "a/", "a/b", "a/b/")], req.heads
+    assert "a/" not in req.lists and "" not in req.lists, req.lists
+    # (b's own listing answers the lookups of the new names, and is asked again once per TTL)
+    assert req.lists.count("a/b/") <= 4, req.lists
+
+    # once nothing is written below them, they are revalidated again after the TTL
+    await trio.sleep(TTL * 1.5)
+    req.clear()
+    await _lookup_path(fs, "a", "b")
+    assert "a/" in req.heads or "" in req.lists
+
+
+async def test_without_a_stale_window_a_stale_answer_is_waited_for(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL)
+    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    await write_file(fs, "f", b"x", parent=d.ino)
+    await fs.lookup(d.ino, "f")
+    other = make_fs(backend, tmp_path / "o")
+    await other.unlink(await _lookup_path(other, "d"), "f")
+    await trio.sleep(TTL * 1.5)
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(d.ino, "f")
+    assert e.value.errno == errno.ENOENT
+    assert fs.stale.served == 0
+
+
+async def test_stale_answers_are_used_while_refreshed_in_the_background(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
+    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    await write_file(fs, "f", b"x", parent=d.ino)
+    await write_file(fs, "g", b"y", parent=d.ino)
+    f = await fs.lookup(d.ino, "f")
+    with pytest.raises(DssefsError):
+        await fs.lookup(d.ino, "new")  # the directory's listing answers it (absent)
+    other = make_fs(backend, tmp_path / "o")
+    od = await _lookup_path(other, "d")
+    await other.unlink(od, "f")  # another client deletes f, changes g and creates new
+    await other.setattr((await other.lookup(od, "g")).ino, mode=0o600)
+    await write_file(other, "new", b"z", parent=od)
+    await trio.sleep(TTL * 1.5)
+
+    req = Requests(backend.store)
+    # past the TTL, within the window: this mount's answers come at once, without a request
+    with trio.fail_after(5):
+        assert (await fs.lookup(d.ino, "f")).ino == f.ino
+        assert (await fs.getattr((await fs.lookup(d.ino, "g")).ino)).mode & 0o777 == 0o644
+        with pytest.raises(DssefsError) as e:
+            await fs.lookup(d.ino, "new")
+        assert e.value.errno == errno.ENOENT
+    assert fs.stale.served >= 3
+    # ... and the requests that were not waited for run in the background
+    with trio.fail_after(10):
+        while fs.stale.running or fs.stale.refreshed < 3:
+            await trio.sleep(0.01)
+    assert req.heads or req.lists
+    assert fs.stale.failed == 0
+    # the next uses see what the refresh found
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(d.ino, "f")
+    assert e.value.errno == errno.ENOENT
+    assert (await fs.getattr((await fs.lookup(d.ino, "g")).ino)).mode & 0o777 == 0o600
+    assert (await fs.lookup(d.ino, "new")).size == 1
+
+
+async def test_answers_older_than_the_window_are_waited_for(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=TTL)
+    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    await write_file(fs, "f", b"x", parent=d.ino)
+    await fs.lookup(d.ino, "f")
+    other = make_fs(backend, tmp_path / "o")
+    await other.unlink(await _lookup_path(other, "d"), "f")
+    await trio.sleep(TTL * 2.5)  # past the TTL and the window
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(d.ino, "f")
+    assert e.value.errno == errno.ENOENT
+    assert fs.stale.served == 0
+
+
+async def test_a_failed_background_refresh_is_counted_and_asked_again(backend, tmp_path):
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
+    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    await write_file(fs, "f", b"x", parent=d.ino)
+    f = await fs.lookup(d.ino, "f")
+    await trio.sleep(TTL * 1.5)
+    store = backend.store
+    real_head, real_list, real_get = store.head, store.list, store.get_range
+
+    def down(*_a, **_kw):
+        from dssefs.errors import StoreError
+        raise StoreError("store unreachable (test)", errno=errno.EIO)
+    store.head = store.list = store.get_range = down
+    try:
+        assert (await fs.getattr(f.ino)).size == 1  # the known answer, at once
+        with trio.fail_after(5):
+            while fs.stale.failed == 0:
+                await trio.sleep(0.01)
+        assert (await fs.getattr(f.ino)).size == 1  # still within the window: asked again
+    finally:
+        store.head, store.list, store.get_range = real_head, real_list, real_get
+    with trio.fail_after(5):
+        while fs.stale.running or fs.stale.refreshed == 0:
+            await trio.sleep(0.01)
+    assert (await fs.getattr(f.ino)).size == 1
