@@ -178,3 +178,19 @@ def test_failing_probe_in_a_walk_lists_the_name_as_broken(fault_proxy, mount_fac
     assert e.value.errno == 5  # EIO
     assert (m / "top" / "b" / "c" / "f2").stat().st_size == 2000
     assert "event=probe_failed" in m.log() and "top/b/c/f3" in m.log()
+
+
+def test_listing_order_is_kept_when_probes_answer_out_of_order(fault_proxy, mount_factory, s3_source,
+                                                               tmp_path, bucket):
+    """The first name's probe answers last: a readdir returns the names in the listing's order
+    anyway (those answered before the first one still probed), so a tree walk (fts visits
+    subdirectories in the order it reads them) follows the order they were read ahead in."""
+    m = _mount(fault_proxy, mount_factory, s3_source, tmp_path).start()
+    files = _populate(m, "d", 12)
+    for sub in ("s0", "s1", "s2"):
+        (m / "d" / sub).mkdir()
+    m.remount()
+    held = fault_proxy.add(DELAY, path=rf"^/{bucket}/d/f000$", delay=0.06)
+    names = os.listdir(m / "d")
+    assert held.seen >= 1
+    assert names == sorted(list(files) + ["s0", "s1", "s2"])

@@ -102,7 +102,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, D
         self._key_changed: dict[str, float] = {}  # names (and directories' entries) changed here
         self._settled = weakref.WeakKeyDictionary()  # inode -> version a listing may confirm
         self._unused = 0  # read-ahead answers kept and not used yet
-        self._ahead_limit = 48  # the read-ahead budget in use (see readdir.py)
+        self._ahead_limit = 96  # the read-ahead budget in use (see readdir.py)
         self._ahead_uses: collections.deque[float] = collections.deque()  # read-ahead answers used (1 s)
         self._ahead_used = -1e9  # when read-ahead was last used (or asked for)
         self._ahead_wanted: dict[str, tuple] = {}  # directories whose read-ahead waits for a listing

@@ -10,13 +10,15 @@ size, mode and times.  So a readdir
   probe while nobody asks for attributes (find): its type is right, and the kernel is told to
   keep none of its default attributes (TTL 0), so it asks again before using them;
 * probes the other names through the metadata scheduler (:mod:`.probes`; dozens at once,
-  bounded), the batch after it read ahead while the kernel takes this one, and returns those
-  answered first: the kernel holds the directory while a readdir runs (no parallel directory
-  operations with pyfuse3), so a readdir never waits for every probe of its batch, and a lookup
-  in the directory gets its turn between two readdirs;
-* lists a name whose probe has not answered within ``_readdir_wait()`` (when nothing else is
-  ready) with its type unknown (DT_UNKNOWN: mode 0, which the kernel does not keep; it sends a
-  FORGET for the lookup count the entry carried).
+  bounded), the batch after it read ahead while the kernel takes this one, and returns the names
+  ready up to the first one still probed, in the listing's order: the kernel holds the directory
+  while a readdir runs (no parallel directory operations with pyfuse3), so a readdir never waits
+  for every probe of its batch, and a lookup in the directory gets its turn between two
+  readdirs; the order never changes, because a tree walk (fts) visits subdirectories in the
+  order it reads them, and read-ahead queues them in the listing's order;
+* lists the names whose probes have not answered when the first of them has not answered within
+  ``_readdir_wait()`` with their type unknown (DT_UNKNOWN: mode 0, which the kernel does not
+  keep; it sends a FORGET for the lookup count the entry carried).
 
 When attributes of a file listed without a probe are asked for (ls -l, stat, open), the other such
 files of its directory are probed together, and for AHEAD_IDLE seconds listings probe every
@@ -60,7 +62,7 @@ log = logging.getLogger("dssefs.fs")
 # uses in half the entry TTL (an answer read ahead further would expire before it is used),
 # between AHEAD_MIN and AHEAD_BUDGET
 AHEAD_BUDGET = 256
-AHEAD_MIN = 48
+AHEAD_MIN = 96
 # queued read-ahead is dropped when nothing read ahead was used for this long (seconds)
 AHEAD_IDLE = 2.0
 # keys of one recursive listing that gives the shape of a tree being walked (a request per 1,000)
@@ -174,21 +176,23 @@ class ReaddirOps:
         unknown: set[str] = set()
         if todo:
             if self.store.parallel_requests:
-                pending = await self._probe_batch(node, dirpfx, todo, nodes, wait=not nodes, every=not kernel)
+                lead = batch[0][0] if batch and batch[0][0] not in nodes else None
+                pending = await self._probe_batch(node, dirpfx, todo, nodes, wait_for=lead, every=not kernel)
             else:
                 await self._probe_grouped(node, dirpfx, todo, nodes)
         self._partial.discard(fh)
-        if pending and nodes:
-            # the names answered go first; the others follow in the next readdir, so that this
-            # one returns now: the kernel holds the directory while a readdir runs, and a lookup
-            # in it waits for that
-            done = [e for e in batch if e[0] not in pending]
-            d.names[first:first + len(batch)] = done + [e for e in batch if e[0] in pending]
-            batch = done
+        ready = next((i for i, (name, _k) in enumerate(batch) if name in pending), len(batch))
+        if pending and ready:
+            # the names answered up to the first one still probed go now, in order; the others
+            # follow in the next readdir, so that this one returns now (the kernel holds the
+            # directory while a readdir runs, and a lookup in it waits for that).  The order
+            # stays the listing's: a tree walk (fts) visits subdirectories in the order it
+            # reads them, which is the order they are read ahead in
+            batch = batch[:ready]
             self._partial.add(fh)
         elif pending:
-            # nothing answered in time: listed with their type unknown (no attributes for the
-            # kernel to keep), the probes go on for the lookups that follow
+            # the first name not answered in time: listed with their type unknown (no attributes
+            # for the kernel to keep), the probes go on for the lookups that follow
             unknown = pending
             for name, kind in batch:
                 if name in unknown and self.table.child(node.ino, name) is None:
@@ -212,18 +216,21 @@ class ReaddirOps:
         adapter then returns to the kernel instead of asking for more)."""
         return fh in self._partial
 
-    async def _probe_batch(self, parent: Inode, dirpfx: str, todo, nodes, wait: bool, every: bool) -> set[str]:
+    async def _probe_batch(self, parent: Inode, dirpfx: str, todo, nodes, wait_for: str | None,
+                           every: bool) -> set[str]:
         """Probe the names of a batch, all queued at once (the scheduler bounds how many run),
-        and install those answered: with ``every``, all of them; with ``wait``, after the first
-        answer (at most ``_readdir_wait()``) and those that follow within a few ms; else only
-        those answered already.  Returns the names still being probed."""
+        and install those answered: with ``every``, all of them; with ``wait_for`` (a name),
+        once that one is answered (at most ``_readdir_wait()``) and those that follow within a
+        few ms; else only those answered already.  Returns the names still being probed."""
         jobs = [(name, kind, self._submit_probe(dirpfx, name, kind, prev, READDIR)) for name, kind, prev in todo]
         if every:
             for _n, _k, job in jobs:
                 await job.done.wait()
-        elif wait and not any(job.state == "done" for _n, _k, job in jobs):
-            with trio.move_on_after(self._readdir_wait()):
-                await self._first_done([job for _n, _k, job in jobs])
+        elif wait_for is not None:
+            lead = next((job for name, _k, job in jobs if name == wait_for), None)
+            if lead is not None and lead.state != "done":
+                with trio.move_on_after(self._readdir_wait()):
+                    await lead.done.wait()
         if any(job.state == "done" for _n, _k, job in jobs):
             with trio.move_on_after(0.003):
                 for _n, _k, job in jobs:
@@ -240,20 +247,6 @@ class ReaddirOps:
                 p, at = self._broken_probe(key, kind, e), job.started
             nodes[name] = self._listed_probe(parent, name, p, at)
         return pending
-
-    @staticmethod
-    async def _first_done(jobs) -> None:
-        first = trio.Event()
-
-        async def watch(job):
-            await job.done.wait()
-            first.set()
-
-        async with trio.open_nursery() as nursery:
-            for job in jobs:
-                nursery.start_soon(watch, job)
-            await first.wait()
-            nursery.cancel_scope.cancel()
 
     def _readdir_wait(self) -> float:
         """How long a readdir waits for the first answer of its probes: a few probe times."""
