@@ -235,8 +235,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("write_back", _bool, False, "close() returns once the file's encrypted object is durable in a "
            "local journal (--journal-dir); uploads run in the background, fsync still waits for the "
            "store, unmount waits for the journal to drain, and the next mount uploads what a crash "
-           "left; names and attributes past their TTL are refreshed in the background for up to 10 "
-           "more TTLs (see docs/semantics.md)", flag=True, groups=("mount",)),
+           "left; directories past their TTL are refreshed in the background for up to 10 more TTLs "
+           "(see docs/semantics.md)", flag=True, groups=("mount",)),
     Option("journal_dir", _path, None, "write-back journal: encrypted objects waiting for upload (default "
            "under $XDG_STATE_HOME or /var/lib/dssefs, one per mount point; keep it on a local disk "
            "that survives reboots)", "DIR", groups=("mount",)),

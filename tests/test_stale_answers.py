@@ -3,10 +3,11 @@ refreshed (write-back mode's stale window, dssefs/fs/stale.py).
 
 * A write below a directory confirms the directories above it: while files are written below
   them, their lookups need no HEAD or listing of their own after the TTL.
-* With a stale window, a lookup, a negative lookup and a getattr past the TTL answer at once from
-  what the mount knows, and the request that would have been waited for runs in the background;
-  the next use sees what it found (another client's deletion, new name or attribute change).
-  Past the window, the answer is waited for, as without one.
+* With a stale window, a lookup or getattr of a directory and a lookup of an absent name past the
+  TTL answer at once from what the mount knows, and the request that would have been waited for
+  runs in the background; the next use sees what it found (another client's removal, new name or
+  attribute change).  Files are revalidated first, as without one.  Past the window, the answer
+  is waited for.
 """
 
 from __future__ import annotations
@@ -98,60 +99,68 @@ async def test_without_a_stale_window_a_stale_answer_is_waited_for(backend, tmp_
 async def test_stale_answers_are_used_while_refreshed_in_the_background(backend, tmp_path):
     fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
     d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    s1 = await fs.mkdir(d.ino, "s1", 0o755, 0, 0)
+    s2 = await fs.mkdir(d.ino, "s2", 0o755, 0, 0)
     await write_file(fs, "f", b"x", parent=d.ino)
-    await write_file(fs, "g", b"y", parent=d.ino)
-    f = await fs.lookup(d.ino, "f")
+    await fs.lookup(d.ino, "f")
     with pytest.raises(DssefsError):
         await fs.lookup(d.ino, "new")  # the directory's listing answers it (absent)
     other = make_fs(backend, tmp_path / "o")
     od = await _lookup_path(other, "d")
-    await other.unlink(od, "f")  # another client deletes f, changes g and creates new
-    await other.setattr((await other.lookup(od, "g")).ino, mode=0o600)
+    # another client removes s1, changes s2's mode, creates a name and deletes f
+    await other.lookup(od, "s1")
+    await other.rmdir(od, "s1")
+    await other.setattr((await other.lookup(od, "s2")).ino, mode=0o700)
     await write_file(other, "new", b"z", parent=od)
+    await other.unlink(od, "f")
     await trio.sleep(TTL * 1.5)
 
     req = Requests(backend.store)
-    # past the TTL, within the window: this mount's answers come at once, without a request
+    # past the TTL, within the window: a directory's answers and an absent name's come at once,
+    # without a request
     with trio.fail_after(5):
-        assert (await fs.lookup(d.ino, "f")).ino == f.ino
-        assert (await fs.getattr((await fs.lookup(d.ino, "g")).ino)).mode & 0o777 == 0o644
+        assert (await fs.lookup(d.ino, "s1")).ino == s1.ino
+        assert (await fs.getattr(s2.ino)).mode & 0o777 == 0o755
         with pytest.raises(DssefsError) as e:
             await fs.lookup(d.ino, "new")
         assert e.value.errno == errno.ENOENT
     assert fs.stale.served >= 3
-    # ... and the requests that were not waited for run in the background
+    # a file's answer is not used past its TTL: it is revalidated first
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(d.ino, "f")
+    assert e.value.errno == errno.ENOENT
+    # the requests that were not waited for run in the background
     with trio.fail_after(10):
         while fs.stale.running or fs.stale.refreshed < 3:
             await trio.sleep(0.01)
     assert req.heads or req.lists
     assert fs.stale.failed == 0
-    # the next uses see what the refresh found
+    # the next uses see what the refreshes found
     with pytest.raises(DssefsError) as e:
-        await fs.lookup(d.ino, "f")
+        await fs.lookup(d.ino, "s1")
     assert e.value.errno == errno.ENOENT
-    assert (await fs.getattr((await fs.lookup(d.ino, "g")).ino)).mode & 0o777 == 0o600
+    assert (await fs.getattr(s2.ino)).mode & 0o777 == 0o700
     assert (await fs.lookup(d.ino, "new")).size == 1
 
 
 async def test_answers_older_than_the_window_are_waited_for(backend, tmp_path):
     fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=TTL)
     d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
-    await write_file(fs, "f", b"x", parent=d.ino)
-    await fs.lookup(d.ino, "f")
+    await fs.mkdir(d.ino, "s", 0o755, 0, 0)
     other = make_fs(backend, tmp_path / "o")
-    await other.unlink(await _lookup_path(other, "d"), "f")
+    od = await _lookup_path(other, "d")
+    await other.lookup(od, "s")
+    await other.rmdir(od, "s")
     await trio.sleep(TTL * 2.5)  # past the TTL and the window
     with pytest.raises(DssefsError) as e:
-        await fs.lookup(d.ino, "f")
+        await fs.lookup(d.ino, "s")
     assert e.value.errno == errno.ENOENT
     assert fs.stale.served == 0
 
 
 async def test_a_failed_background_refresh_is_counted_and_asked_again(backend, tmp_path):
     fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
-    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
-    await write_file(fs, "f", b"x", parent=d.ino)
-    f = await fs.lookup(d.ino, "f")
+    d = await fs.mkdir(ROOT, "d", 0o750, 0, 0)
     await trio.sleep(TTL * 1.5)
     store = backend.store
     real_head, real_list, real_get = store.head, store.list, store.get_range
@@ -161,14 +170,14 @@ async def test_a_failed_background_refresh_is_counted_and_asked_again(backend, t
         raise StoreError("store unreachable (test)", errno=errno.EIO)
     store.head = store.list = store.get_range = down
     try:
-        assert (await fs.getattr(f.ino)).size == 1  # the known answer, at once
+        assert (await fs.getattr(d.ino)).mode & 0o777 == 0o750  # the known answer, at once
         with trio.fail_after(5):
             while fs.stale.failed == 0:
                 await trio.sleep(0.01)
-        assert (await fs.getattr(f.ino)).size == 1  # still within the window: asked again
+        assert (await fs.getattr(d.ino)).mode & 0o777 == 0o750  # still within the window
     finally:
         store.head, store.list, store.get_range = real_head, real_list, real_get
     with trio.fail_after(5):
         while fs.stale.running or fs.stale.refreshed == 0:
             await trio.sleep(0.01)
-    assert (await fs.getattr(f.ino)).size == 1
+    assert (await fs.getattr(d.ino)).mode & 0o777 == 0o750

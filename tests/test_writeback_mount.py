@@ -111,24 +111,24 @@ def test_conflict_found_in_the_background(wb, moto_server, bucket, tmp_path, mou
 
 @requires_fuse
 def test_stale_answers_are_refreshed_in_the_background(tmp_path, mount_factory, bucket, kms_key, moto_server):
-    # write-back mode uses an answer past its TTL (here 0.5 s) once more while it asks the store
-    # again in the background (window: 10 TTLs); another client's deletion is seen right after
+    # write-back mode uses a directory's answer past its TTL (here 0.5 s) once more while it asks
+    # the store again in the background (window: 10 TTLs); another client's removal is seen
+    # right after
     ttl = "0.5"
     wb = mount_factory(tmp_path / "mnt", f"s3://{bucket}", "--kms-key-id", kms_key, "--write-back",
                        "--journal-dir", str(tmp_path / "journal"), "--spill-dir", str(tmp_path / "spill"),
                        "--endpoint-url", moto_server.endpoint, "--entry-timeout", ttl, "--attr-timeout", ttl)
     wb.start()
-    (wb / "d").mkdir()
-    (wb / "d" / "f").write_bytes(b"x" * 10)
-    fd = os.open(wb / "d" / "f", os.O_RDONLY)
-    os.fsync(fd)
+    (wb / "d" / "e").mkdir(parents=True)
+    fd = os.open(wb / "d", os.O_RDONLY)
+    os.fsync(fd)  # the markers are stored
     os.close(fd)
-    assert os.stat(wb / "d" / "f").st_size == 10
-    moto_server.client("s3").delete_object(Bucket=bucket, Key="d/f")  # another client
+    assert os.path.isdir(wb / "d" / "e")
+    moto_server.client("s3").delete_object(Bucket=bucket, Key="d/e/")  # another client removes e
     time.sleep(0.8)  # past the TTL, within the window
-    assert os.stat(wb / "d" / "f").st_size == 10  # the known answer, at once
+    assert os.path.isdir(wb / "d" / "e")  # the known answer, at once
     deadline = time.monotonic() + 10
-    while os.path.exists(wb / "d" / "f"):  # the refresh found the deletion
+    while os.path.exists(wb / "d" / "e"):  # the refresh found it gone
         assert time.monotonic() < deadline
         time.sleep(0.05)
     st = _status(wb)["stale_answers"]

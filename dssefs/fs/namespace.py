@@ -379,9 +379,11 @@ class NamespaceOps:
 
     def _stale_ok(self, node: Inode, ttl: float) -> bool:
         """Whether ``node``'s answer, past ``ttl``, may be used once more while it is refreshed
-        in the background (write-back mode; see stale.py).  Never for a name listed without a
-        probe or one whose object could not be used."""
-        return (node.validated > 0.0 and node.broken is None and not self._unprobed(node)
+        in the background (write-back mode; see stale.py).  Directories only (every path walk
+        revalidates each of them; a file's revalidation is cheap by its directory's listing, and
+        using its answers stale would only make the kernel ask again at every use), never one
+        whose marker could not be used."""
+        return (node.is_dir() and node.validated > 0.0 and node.broken is None
                 and self.stale.usable(self._now() - node.validated, ttl))
 
     async def _child(self, parent: Inode, name: str, hint: str | None = None, *,

@@ -7,13 +7,16 @@ and then asked again before it is used.  With ``--write-back`` the mount is alre
 waiting for that request is what a tree extraction spends most of its time on: every directory
 entered a second after it was created costs a listing and a HEAD while the writer waits.
 
-So in write-back mode an answer older than the TTL but younger than the TTL plus ``window`` is
-used once more, and the same request that would have been waited for is sent in the background
-(one at a time per name or directory); the kernel is told to keep that answer for no time, so it
-asks again and gets the refreshed one as soon as it is in.  What another client changed is
-therefore seen within the TTL plus ``window`` (plus one request), instead of within the TTL.
-Nothing older than that is ever used; failures of a background request are counted and the next
-use asks again (in the foreground once the answer is too old).
+So in write-back mode an answer about a directory (its lookup, its attributes, and a lookup of
+an absent name in it, which its listing answers) older than the TTL but younger than the TTL plus
+``window`` is used once more, and the same request that would have been waited for is sent in
+the background (one at a time per name or directory); the kernel is told to keep that answer for
+no time, so it asks again and gets the refreshed one as soon as it is in.  What another client
+changed is therefore seen within the TTL plus ``window`` (plus one request), instead of within
+the TTL.  Nothing older than that is ever used; failures of a background request are counted and
+the next use asks again (in the foreground once the answer is too old).  Files are not answered
+this way: one listing revalidates a directory's files together, and an answer the kernel may keep
+for no time would make it ask again at every use of the file.
 
 The window is 0 (off) without write-back.
 """
