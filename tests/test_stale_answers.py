@@ -6,8 +6,8 @@ refreshed (write-back mode's stale window, dssefs/fs/stale.py).
 * With a stale window, a lookup or getattr of a directory and a lookup of an absent name past the
   TTL answer at once from what the mount knows, and the request that would have been waited for
   runs in the background; the next use sees what it found (another client's removal, new name or
-  attribute change).  Files are revalidated first, as without one.  Past the window, the answer
-  is waited for.
+  attribute change).  Directories this mount created are not refreshed within the window.
+  Files are revalidated first, as without one.  Past the window, the answer is waited for.
 """
 
 from __future__ import annotations
@@ -97,16 +97,19 @@ async def test_without_a_stale_window_a_stale_answer_is_waited_for(backend, tmp_
 
 
 async def test_stale_answers_are_used_while_refreshed_in_the_background(backend, tmp_path):
+    # the directories are another client's (this mount's own are not refreshed: see below)
+    other = make_fs(backend, tmp_path / "o")
+    od = (await other.mkdir(ROOT, "d", 0o755, 0, 0)).ino
+    await other.mkdir(od, "s1", 0o755, 0, 0)
+    await other.mkdir(od, "s2", 0o755, 0, 0)
+    await write_file(other, "f", b"x", parent=od)
     fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
-    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
-    s1 = await fs.mkdir(d.ino, "s1", 0o755, 0, 0)
-    s2 = await fs.mkdir(d.ino, "s2", 0o755, 0, 0)
-    await write_file(fs, "f", b"x", parent=d.ino)
+    d = await fs.lookup(ROOT, "d")
+    s1 = await fs.lookup(d.ino, "s1")
+    s2 = await fs.lookup(d.ino, "s2")
     await fs.lookup(d.ino, "f")
     with pytest.raises(DssefsError):
         await fs.lookup(d.ino, "new")  # the directory's listing answers it (absent)
-    other = make_fs(backend, tmp_path / "o")
-    od = await _lookup_path(other, "d")
     # another client removes s1, changes s2's mode, creates a name and deletes f
     await other.lookup(od, "s1")
     await other.rmdir(od, "s1")
@@ -124,7 +127,7 @@ async def test_stale_answers_are_used_while_refreshed_in_the_background(backend,
         with pytest.raises(DssefsError) as e:
             await fs.lookup(d.ino, "new")
         assert e.value.errno == errno.ENOENT
-    assert fs.stale.served >= 3
+    assert fs.stale.served >= 3 and fs.stale.own == 0
     # a file's answer is not used past its TTL: it is revalidated first
     with pytest.raises(DssefsError) as e:
         await fs.lookup(d.ino, "f")
@@ -143,13 +146,36 @@ async def test_stale_answers_are_used_while_refreshed_in_the_background(backend,
     assert (await fs.lookup(d.ino, "new")).size == 1
 
 
-async def test_answers_older_than_the_window_are_waited_for(backend, tmp_path):
-    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=TTL)
-    d = await fs.mkdir(ROOT, "d", 0o755, 0, 0)
-    await fs.mkdir(d.ino, "s", 0o755, 0, 0)
+async def test_directories_made_here_are_not_refreshed_within_the_window(backend, tmp_path):
+    # a directory this mount created, and absent names in it, are answered past the TTL without
+    # any request until the window is over; then they are revalidated (waited for) again
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=4 * TTL)
+    mine = await fs.mkdir(ROOT, "mine", 0o755, 0, 0)
     other = make_fs(backend, tmp_path / "o")
-    od = await _lookup_path(other, "d")
-    await other.lookup(od, "s")
+    om = (await other.lookup(ROOT, "mine")).ino
+    await write_file(other, "theirs", b"t", parent=om)
+    await trio.sleep(TTL * 1.5)
+    req = Requests(backend.store)
+    assert (await fs.lookup(ROOT, "mine")).ino == mine.ino
+    assert (await fs.getattr(mine.ino)).mode & 0o777 == 0o755
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(mine.ino, "theirs")  # not seen yet: the listing of its creation answers
+    assert e.value.errno == errno.ENOENT
+    await trio.sleep(0.1)
+    assert req.heads == [] and req.lists == [] and fs.stale.running == 0
+    assert fs.stale.own >= 3
+    await trio.sleep(TTL * 4)  # past the TTL and the window
+    assert (await fs.lookup(mine.ino, "theirs")).size == 1
+    assert req.lists or req.heads
+
+
+async def test_answers_older_than_the_window_are_waited_for(backend, tmp_path):
+    other = make_fs(backend, tmp_path / "o")
+    od = (await other.mkdir(ROOT, "d", 0o755, 0, 0)).ino
+    await other.mkdir(od, "s", 0o755, 0, 0)
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=TTL)
+    d = await fs.lookup(ROOT, "d")
+    await fs.lookup(d.ino, "s")
     await other.rmdir(od, "s")
     await trio.sleep(TTL * 2.5)  # past the TTL and the window
     with pytest.raises(DssefsError) as e:
@@ -159,8 +185,9 @@ async def test_answers_older_than_the_window_are_waited_for(backend, tmp_path):
 
 
 async def test_a_failed_background_refresh_is_counted_and_asked_again(backend, tmp_path):
+    await make_fs(backend, tmp_path / "o").mkdir(ROOT, "d", 0o750, 0, 0)  # another client's
     fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
-    d = await fs.mkdir(ROOT, "d", 0o750, 0, 0)
+    d = await fs.lookup(ROOT, "d")
     await trio.sleep(TTL * 1.5)
     store = backend.store
     real_head, real_list, real_get = store.head, store.list, store.get_range

@@ -119,12 +119,10 @@ def test_stale_answers_are_refreshed_in_the_background(tmp_path, mount_factory, 
                        "--journal-dir", str(tmp_path / "journal"), "--spill-dir", str(tmp_path / "spill"),
                        "--endpoint-url", moto_server.endpoint, "--entry-timeout", ttl, "--attr-timeout", ttl)
     wb.start()
-    (wb / "d" / "e").mkdir(parents=True)
-    fd = os.open(wb / "d", os.O_RDONLY)
-    os.fsync(fd)  # the markers are stored
-    os.close(fd)
+    s3 = moto_server.client("s3")
+    s3.put_object(Bucket=bucket, Key="d/e/x", Body=b"another client's")  # d and e exist through it
     assert os.path.isdir(wb / "d" / "e")
-    moto_server.client("s3").delete_object(Bucket=bucket, Key="d/e/")  # another client removes e
+    s3.delete_object(Bucket=bucket, Key="d/e/x")  # ... and are gone with it
     time.sleep(0.8)  # past the TTL, within the window
     assert os.path.isdir(wb / "d" / "e")  # the known answer, at once
     deadline = time.monotonic() + 10

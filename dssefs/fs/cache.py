@@ -33,6 +33,9 @@ FAST_WRITE_MAX = 1 << 20  # writes up to this size may be done on the event loop
 READ_AHEAD_MIN = 4 << 20
 READ_AHEAD_MAX = 128 << 20
 PREFETCH_REQUEST_MAX = 8 << 20
+# ... from a store that answers at once (a local directory): small requests, so that several
+# chunks are decrypted in parallel within a small window
+LOCAL_REQUEST_MAX = 2 << 20
 PREFETCH_JOBS = 4
 PREFETCH_WORKERS = 4
 
@@ -49,9 +52,12 @@ class Chunk:
 
 
 class ChunkCache:
-    def __init__(self, budget: int, spill: SpillArea | None):
+    def __init__(self, budget: int, spill: SpillArea | None, request_max: int = PREFETCH_REQUEST_MAX):
         self.lock = threading.RLock()
         self.budget = budget
+        # the largest read-ahead request: a store whose requests mostly compute (a local
+        # directory: read and decrypt) gets several small ones, decrypted in parallel
+        self.request_max = request_max
         self.spill_area = spill
         self.lru: OrderedDict[tuple[int, int], "FileContent"] = OrderedDict()
         self.used = 0
@@ -373,7 +379,7 @@ class FileContent:
         window = self.ra_window // cs
         limit = -(-self._valid_base() // cs)
         horizon = min(limit, last + 1 + window)
-        biggest = max(1, min(PREFETCH_REQUEST_MAX // cs, window))
+        biggest = max(1, min(self.cache.request_max // cs, window))
         room = self.cache.budget // 4 - self.cache.prefetching
         i = max(self.ra_next, last + 1)
         while i < horizon and len(self.ra_jobs) < PREFETCH_JOBS:
@@ -391,7 +397,7 @@ class FileContent:
                 break
             room -= (j - i) * cs
             self._submit(range(i, j))
-            self.ra_req = min(self.ra_req * 2, PREFETCH_REQUEST_MAX // cs or 1)
+            self.ra_req = min(self.ra_req * 2, self.cache.request_max // cs or 1)
             i = j
         self.ra_next = i
 

@@ -38,6 +38,7 @@ class DirOps(RenameOps):
         self._listed(parent, name, kind)
         if kind == "dir":  # nothing was under the new name: its listing is known to be empty
             self._listings[node.ino] = (self._now(), {})
+            node.made = self._now()
         return node
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Stat:
@@ -68,6 +69,7 @@ class DirOps(RenameOps):
         self._touch_dir(parent)
         self._listed(parent, name, "dir")
         self._listings[node.ino] = (self._now(), {})  # nothing is under the new name
+        node.made = self._now()
         self._defer_attrs(node)
         return node
 

@@ -36,7 +36,7 @@ from ..errors import ObjectNotFound
 from ..objects.vault import Vault
 from .activity import Activity
 from .attributes import Attrs, now_ns
-from .cache import ChunkCache
+from .cache import LOCAL_REQUEST_MAX, PREFETCH_REQUEST_MAX, ChunkCache
 from .common import (KEY_MAX, NAME_MAX, ConflictError, DirHandle, FsConfig, FsError, link_count,
                      Handle, Probe, Stat, fail)
 from .deletes import DeleteQueue
@@ -78,7 +78,10 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, D
         self.io = trio.CapacityLimiter(max(1, self.cfg.io_workers))
         self.cpu = trio.CapacityLimiter(max(1, self.cfg.crypto_workers))
         spill = SpillArea(self.cfg.spill_dir) if self.cfg.spill_dir else None
-        self.cache = ChunkCache(self.cfg.cache_size, spill)
+        # read-ahead from a store whose requests mostly compute (a local directory) comes in
+        # requests of up to 2 MiB, several decrypted in parallel; from S3 in requests up to 8 MiB
+        self.cache = ChunkCache(self.cfg.cache_size, spill,
+                                request_max=PREFETCH_REQUEST_MAX if self.store.parallel_requests else LOCAL_REQUEST_MAX)
         t = now_ns()
         self.table = InodeTable(Attrs(stat.S_IFDIR | self.cfg.dir_mode, self.cfg.uid, self.cfg.gid, t, t, t))
         self.activity = Activity()

@@ -24,7 +24,7 @@ ROOT_INODE = 1
 class Inode:
     __slots__ = ("ino", "parent", "name", "attrs", "nlookup", "open_count", "writers", "linked", "stored",
                  "obj", "etag", "foreign_size", "foreign", "validated", "lock", "content", "symlink_target",
-                 "cached_etag", "meta_dirty", "meta_error", "broken", "touched_ns", "stores", "__weakref__")
+                 "cached_etag", "meta_dirty", "meta_error", "broken", "touched_ns", "stores", "made", "__weakref__")
 
     def __init__(self, ino: int, parent: int, name: str, attrs: Attrs):
         self.ino, self.parent, self.name, self.attrs = ino, parent, name, attrs
@@ -49,6 +49,7 @@ class Inode:
         # a refresh from the store never shows an older mtime/ctime than this (see namespace.py)
         self.touched_ns = 0
         self.stores = 0  # successful content stores of this inode (see Handle.changed)
+        self.made = 0.0  # directories: trio time this mount created it (mkdir), else 0
 
     def __repr__(self) -> str:
         return f"Inode({self.ino}, parent={self.parent}, name={self.name!r}, mode={self.attrs.mode:o})"

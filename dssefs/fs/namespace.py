@@ -386,6 +386,10 @@ class NamespaceOps:
         return (node.is_dir() and node.validated > 0.0 and node.broken is None
                 and self.stale.usable(self._now() - node.validated, ttl))
 
+    def _made_recently(self, node: Inode, ttl: float) -> bool:
+        """A directory this mount created (mkdir) less than the TTL plus the stale window ago."""
+        return node.made > 0.0 and self._now() - node.made < ttl + self.stale.window
+
     async def _child(self, parent: Inode, name: str, hint: str | None = None, *,
                      fresh: bool = False) -> Inode | None:
         """The linked child ``name`` of ``parent``, revalidated against the store if stale: from a
@@ -398,7 +402,8 @@ class NamespaceOps:
             return node
         if not fresh and node is not None and self._stale_ok(node, self.cfg.entry_timeout):
             self.stale.refresh(("name", parent.ino, name),
-                               functools.partial(self._child, parent, name, hint, fresh=True))
+                               functools.partial(self._child, parent, name, hint, fresh=True),
+                               own=self._made_recently(node, self.cfg.entry_timeout))
             return node
         if node is not None and self._unprobed(node):
             self._want_attrs(parent)
@@ -439,7 +444,8 @@ class NamespaceOps:
             return cached[1]
         if (not fresh and cached is not None and cached[1] is not None
                 and self.stale.usable(self._now() - cached[0], self.cfg.entry_timeout)):
-            self.stale.refresh(("list", parent.ino), functools.partial(self._dir_names, parent, fresh=True))
+            self.stale.refresh(("list", parent.ino), functools.partial(self._dir_names, parent, fresh=True),
+                               own=self._made_recently(parent, self.cfg.entry_timeout))
             return cached[1]
         started = self._now()
         if len(self._listings) > 4096:  # drop expired listings
@@ -549,7 +555,8 @@ class NamespaceOps:
         if parent is None:
             return
         if not fresh and self._stale_ok(node, self.cfg.attr_timeout):
-            self.stale.refresh(("attr", node.ino), functools.partial(self._refresh, node, fresh=True))
+            self.stale.refresh(("attr", node.ino), functools.partial(self._refresh, node, fresh=True),
+                               own=self._made_recently(node, self.cfg.attr_timeout))
             return
         kind = "dir" if node.is_dir() else "file"
         if self._unprobed(node):

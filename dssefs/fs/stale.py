@@ -37,6 +37,7 @@ class StaleAnswers:
         self.window = max(0.0, window)
         self._running: set[Hashable] = set()
         self.served = 0  # answers used beyond the TTL while refreshed
+        self.own = 0  # of those, about directories this mount created within the window (no refresh)
         self.refreshed = 0  # background refreshes done
         self.failed = 0  # background refreshes that failed (the next use asks again)
 
@@ -44,10 +45,16 @@ class StaleAnswers:
         """Whether an answer ``age`` seconds old may be used once more while it is refreshed."""
         return self.window > 0 and age < ttl + self.window
 
-    def refresh(self, key: Hashable, fn: Callable[[], Awaitable[object]]) -> None:
+    def refresh(self, key: Hashable, fn: Callable[[], Awaitable[object]], *, own: bool = False) -> None:
         """An answer for ``key`` was used stale: run ``await fn()`` (which asks the store and
-        installs the answer) in the background, unless a refresh of ``key`` is running."""
+        installs the answer) in the background, unless a refresh of ``key`` is running.  ``own``:
+        the answer is about a directory this mount created within the window; it is used without
+        a refresh (nothing older than the window is used either way, and a directory a writer has
+        just created is rarely anyone else's)."""
         self.served += 1
+        if own:
+            self.own += 1
+            return
         if key in self._running:
             return
         self._running.add(key)
@@ -58,7 +65,7 @@ class StaleAnswers:
         return len(self._running)
 
     def stats(self) -> dict:
-        return {"window_s": self.window, "served": self.served, "refreshed": self.refreshed,
+        return {"window_s": self.window, "served": self.served, "own": self.own, "refreshed": self.refreshed,
                 "failed": self.failed, "running": self.running}
 
     async def _run(self, key: Hashable, fn: Callable[[], Awaitable[object]]) -> None:
