@@ -208,3 +208,20 @@ async def test_a_failed_background_refresh_is_counted_and_asked_again(backend, t
         while fs.stale.running or fs.stale.refreshed == 0:
             await trio.sleep(0.01)
     assert (await fs.getattr(d.ino)).mode & 0o777 == 0o750
+
+
+async def test_a_stale_listing_never_hides_a_name_known_since(backend, tmp_path):
+    # a listing used past its TTL answers only for names the mount knows nothing about: a known
+    # name missing from it (the listing predates it) is probed, not dropped
+    other = make_fs(backend, tmp_path / "o")
+    od = (await other.mkdir(ROOT, "d", 0o755, 0, 0)).ino
+    await write_file(other, "x", b"1", parent=od)
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, stale_window=20 * TTL)
+    d = await fs.lookup(ROOT, "d")
+    x = await fs.lookup(d.ino, "x")
+    fs._listings[d.ino] = (trio.current_time() - 2 * TTL, {})  # an older listing, without x
+    await trio.sleep(TTL * 1.5)
+    assert (await fs.lookup(d.ino, "x")).ino == x.ino
+    with pytest.raises(DssefsError) as e:  # an unknown name is answered by that listing
+        await fs.lookup(d.ino, "y")
+    assert e.value.errno == errno.ENOENT

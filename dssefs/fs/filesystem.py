@@ -106,6 +106,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, D
         self._settled = weakref.WeakKeyDictionary()  # inode -> version a listing may confirm
         self._unused = 0  # read-ahead answers kept and not used yet
         self._ahead_limit = 96  # the read-ahead budget in use (see readdir.py)
+        self._ahead_since = -1e9  # when the walk being read ahead began (its first second: AHEAD_START)
         self._ahead_uses: collections.deque[float] = collections.deque()  # read-ahead answers used (1 s)
         self._ahead_used = -1e9  # when read-ahead was last used (or asked for)
         self._ahead_wanted: dict[str, tuple] = {}  # directories whose read-ahead waits for a listing

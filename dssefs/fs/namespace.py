@@ -414,7 +414,9 @@ class NamespaceOps:
         if k is not None and k.error is None:
             return self._install(parent, name, k.probe, k.at)
         if hint is None:
-            names = await self._dir_names(parent, fresh=fresh)
+            # a listing used past its TTL answers only names this mount knows nothing about: it
+            # may be older than what a known name's inode holds
+            names = await self._dir_names(parent, fresh=fresh or node is not None)
             if names is not None:
                 hint = names.get(name)
                 node = self.table.child(parent.ino, name)  # the table may have changed meanwhile

@@ -31,7 +31,8 @@ through, one recursive listing of the parent's subtree (up to TREE_KEYS keys) gi
 the tree, and the listings and probes of every directory below are queued in the order such a
 walk reaches them (a directory's entries, then each subdirectory's subtree in name order); a
 level's listing is skipped while the recursive one is fresh.  Unused answers stay within a budget
-(as many as the walk uses in half the entry TTL, AHEAD_MIN..AHEAD_BUDGET); what is queued is
+(as many as the walk uses in half the entry TTL, AHEAD_MIN..AHEAD_BUDGET, AHEAD_START while its
+pace is not known yet); what is queued is
 dropped once nothing read ahead has been used for AHEAD_IDLE seconds (the walk stopped or went
 elsewhere).
 """
@@ -60,9 +61,11 @@ log = logging.getLogger("dssefs.fs")
 
 # read-ahead answers (and read-ahead requests running) not used yet: at most as many as the reader
 # uses in half the entry TTL (an answer read ahead further would expire before it is used),
-# between AHEAD_MIN and AHEAD_BUDGET
+# between AHEAD_MIN and AHEAD_BUDGET; AHEAD_START for the first second of a walk, before its pace
+# is known
 AHEAD_BUDGET = 256
-AHEAD_MIN = 96
+AHEAD_MIN = 32
+AHEAD_START = 96
 # queued read-ahead is dropped when nothing read ahead was used for this long (seconds)
 AHEAD_IDLE = 2.0
 # keys of one recursive listing that gives the shape of a tree being walked (a request per 1,000)
@@ -150,9 +153,11 @@ class ReaddirOps:
         todo = []
         # regular files the listing shows as such (by their size) are listed without a probe
         # while nobody asks for attributes (find, a walk for names only)
+        in_order = True
         if self._attrs_wanted():  # a walk that asks for attributes: it keeps asking
             self._attrs_until = self._now() + AHEAD_IDLE
             dl = None
+            in_order = False  # ls -l and the like: they sort what they read
         else:
             dl = self._dirlist(dirpfx) if self.store.parallel_requests and kernel else None
         for name, kind in batch:
@@ -176,11 +181,22 @@ class ReaddirOps:
         unknown: set[str] = set()
         if todo:
             if self.store.parallel_requests:
-                lead = batch[0][0] if batch and batch[0][0] not in nodes else None
+                if in_order:
+                    lead = batch[0][0] if batch and batch[0][0] not in nodes else None
+                else:
+                    lead = "" if not nodes else None  # any first answer
                 pending = await self._probe_batch(node, dirpfx, todo, nodes, wait_for=lead, every=not kernel)
             else:
                 await self._probe_grouped(node, dirpfx, todo, nodes)
         self._partial.discard(fh)
+        if pending and not in_order and nodes:
+            # a program that asks for every entry's attributes sorts what it reads: the names
+            # answered go first, the others with the next readdir
+            done = [e for e in batch if e[0] not in pending]
+            d.names[first:first + len(batch)] = done + [e for e in batch if e[0] in pending]
+            batch = done
+            self._partial.add(fh)
+            pending = set()
         ready = next((i for i, (name, _k) in enumerate(batch) if name in pending), len(batch))
         if pending and ready:
             # the names answered up to the first one still probed go now, in order; the others
@@ -219,13 +235,17 @@ class ReaddirOps:
     async def _probe_batch(self, parent: Inode, dirpfx: str, todo, nodes, wait_for: str | None,
                            every: bool) -> set[str]:
         """Probe the names of a batch, all queued at once (the scheduler bounds how many run),
-        and install those answered: with ``every``, all of them; with ``wait_for`` (a name),
+        and install those answered: with ``every``, all of them; with ``wait_for`` (a name; "": any),
         once that one is answered (at most ``_readdir_wait()``) and those that follow within a
         few ms; else only those answered already.  Returns the names still being probed."""
         jobs = [(name, kind, self._submit_probe(dirpfx, name, kind, prev, READDIR)) for name, kind, prev in todo]
         if every:
             for _n, _k, job in jobs:
                 await job.done.wait()
+        elif wait_for == "":  # the first answer, whichever it is
+            if not any(job.state == "done" for _n, _k, job in jobs):
+                with trio.move_on_after(self._readdir_wait()):
+                    await self._first_done([job for _n, _k, job in jobs])
         elif wait_for is not None:
             lead = next((job for name, _k, job in jobs if name == wait_for), None)
             if lead is not None and lead.state != "done":
@@ -247,6 +267,20 @@ class ReaddirOps:
                 p, at = self._broken_probe(key, kind, e), job.started
             nodes[name] = self._listed_probe(parent, name, p, at)
         return pending
+
+    @staticmethod
+    async def _first_done(jobs) -> None:
+        first = trio.Event()
+
+        async def watch(job):
+            await job.done.wait()
+            first.set()
+
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(watch, job)
+            await first.wait()
+            nursery.cancel_scope.cancel()
 
     def _readdir_wait(self) -> float:
         """How long a readdir waits for the first answer of its probes: a few probe times."""
@@ -361,6 +395,8 @@ class ReaddirOps:
         if cached is None or cached[1] is None:
             return
         now = self._now()
+        if now - self._ahead_used > AHEAD_IDLE:
+            self._ahead_since = now  # a new walk: its pace is not known yet
         self._ahead_used = now
         dirpfx = self.dir_prefix(top)
         for tpfx, (_started, end, _levels) in self._trees.items():
@@ -526,7 +562,10 @@ class ReaddirOps:
         used = self._ahead_uses
         while used and now - used[0] > 1.0:
             used.popleft()
-        self._ahead_limit = max(AHEAD_MIN, min(AHEAD_BUDGET, int(len(used) * self.cfg.entry_timeout / 2)))
+        if now - self._ahead_since < 1.0:
+            self._ahead_limit = AHEAD_START
+        else:
+            self._ahead_limit = max(AHEAD_MIN, min(AHEAD_BUDGET, int(len(used) * self.cfg.entry_timeout / 2)))
         return self._unused + self.meta.running_background < self._ahead_limit
 
     def _ahead_used_one(self) -> None:
