@@ -18,7 +18,6 @@ import functools
 import logging
 import stat
 import time
-import weakref
 
 from ..envelope import format as fmt
 from ..envelope.epoch import RESERVED_NAME
