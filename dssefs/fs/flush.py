@@ -96,10 +96,8 @@ class FlushOps:
         finally:
             act.flushes_in_flight -= 1
         act.flushes_done += 1
-        node.obj, node.etag, node.stored = new, new.etag, True
+        self._stored(node, new, sent)
         node.stores += 1
-        node.validated = self._now()
-        self._confirm_above(node, sent)
         node.meta_dirty = False
         node.cached_etag = new.etag  # the page cache holds exactly what was stored
 

@@ -94,6 +94,12 @@ def _check(rc: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def _aligned(off: int, n: int, align: int) -> tuple[int, int]:
+    """O_DIRECT I/O: the offset rounded down and the length rounded to a multiple of ``align``
+    (at least one block)."""
+    return off - off % align, (n - n % align) or align
+
+
 class Entry:
     __slots__ = ("id", "ft", "parent", "xattrs")
 
@@ -206,10 +212,7 @@ class Stress:
             off = self.lrandom() % (st.st_size + MiB)
             n = self.random() % FILELEN_MAX + 1
             if direct:
-                align = st.st_blksize
-                off -= off % align
-                n -= n % align
-                n = n or align
+                off, n = _aligned(off, n, st.st_blksize)
                 buf = mmap.mmap(-1, n)
                 buf.write(self._fill(n))
                 try:
@@ -234,10 +237,7 @@ class Stress:
             off = self.lrandom() % st.st_size
             n = self.random() % FILELEN_MAX + 1
             if direct:
-                align = st.st_blksize
-                off -= off % align
-                n -= n % align
-                n = n or align
+                off, n = _aligned(off, n, st.st_blksize)
                 buf = mmap.mmap(-1, n)
                 try:
                     os.preadv(fd, [buf], off)

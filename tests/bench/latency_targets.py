@@ -40,27 +40,15 @@ sys.path.insert(0, str(HERE.parent))  # tests/: moto server and Mount helpers us
 
 from conftest import MotoServer  # noqa: E402
 from fuse_fixtures import FUSERMOUNT, Mount, force_unmount, mounted  # noqa: E402
+from mount_bench import drop_caches, log  # noqa: E402,F401 (log and drop_caches are used by the benches)
 
 REGION = "us-east-1"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as e:
-        log(f"warning: cannot drop caches ({e}); read figures include the page cache")
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
