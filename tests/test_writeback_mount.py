@@ -62,6 +62,24 @@ def test_close_returns_before_upload_fsync_and_unmount_wait(wb, moto_server, buc
 
 
 @requires_fuse
+def test_fsync_of_a_directory_waits_for_its_names_uploads(wb, moto_server, bucket):
+    """fsync(2) of a directory returns once the names made in it (files, a new subdirectory's
+    marker, a symbolic link) are in the store, not only in the journal."""
+    (wb / "d").mkdir()
+    (wb / "d" / "a").write_bytes(b"a" * 100)
+    (wb / "d" / "b").write_bytes(b"b" * 200)
+    (wb / "d" / "sub").mkdir()
+    os.symlink("a", wb / "d" / "l")
+    assert not {"d/a", "d/b"} <= _keys(moto_server, bucket)  # PUTs take 1.5 s each
+    fd = os.open(wb / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert {"d/", "d/a", "d/b", "d/sub/", "d/l"} <= _keys(moto_server, bucket)
+
+
+@requires_fuse
 def test_crash_leaves_the_journal_to_the_next_mount(wb, moto_server, bucket, tmp_path):
     data = {f"g{i}": os.urandom(3000) for i in range(8)}
     for name, body in data.items():

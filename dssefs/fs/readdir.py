@@ -601,7 +601,8 @@ class ReaddirOps:
     async def fsyncdir(self, fh: int) -> None:
         """fsync(2) of a directory: its pending attribute changes, and the marker objects of
         directories made in it whose store is pending, are stored before it returns (the other
-        names are stored by the operations that change them)."""
+        names are stored by the operations that change them; with --write-back, what the journal
+        holds of the directory's marker and of the names in it is uploaded first)."""
         d = self.dirs.get(fh)
         if d is None:
             raise fail(errno.EBADF)
@@ -609,4 +610,8 @@ class ReaddirOps:
         for child in self.table.children(d.node.ino):
             if child.is_dir() and not child.stored and child.meta_dirty:
                 await self.store_attrs_now(child)
-        await self.deletes.sync(self.dir_prefix(d.node))  # entries removed below it: deleted
+        dirpfx = self.dir_prefix(d.node)
+        if d.node.linked:
+            await self._settle(self.object_key(d.node))
+            await self._settle(dirpfx, under=True)
+        await self.deletes.sync(dirpfx)  # entries removed below it: deleted
