@@ -49,8 +49,16 @@ def _listings(proxy, since: int):
     return [r for r in proxy.log[since:] if r.method == "GET" and "list-type=2" in r.target]
 
 
+def _not_plain(path) -> None:
+    """Make a directory made by mkdir not plain (a symbolic link entered it once; see
+    test_plain_dirs.py): a listing of it must probe its small objects for their type."""
+    os.symlink("x", path / ".link")
+    os.unlink(path / ".link")
+
+
 def _populate(m, directory: str, n: int, size=lambda i: 1000 + 97 * i) -> dict[str, bytes]:
     (m / directory).mkdir()
+    _not_plain(m / directory)
     files = {}
     for i in range(n):
         data = os.urandom(size(i))
@@ -159,6 +167,7 @@ def test_failing_probe_in_a_walk_lists_the_name_as_broken(fault_proxy, mount_fac
     m = _mount(fault_proxy, mount_factory, s3_source, tmp_path, "--max-attempts", "2").start()
     for d in ("top/a", "top/b", "top/b/c"):
         (m / d).mkdir(parents=True)
+        _not_plain(m / d)
         for i in range(5):
             (m / d / f"f{i}").write_bytes(os.urandom(2000))
     m.remount()

@@ -9,7 +9,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from ..envelope.format import MAX_PLAINTEXT
+from ..envelope.format import MAX_PLAINTEXT, MIN_CHUNK_LOG2, body_size
 from ..errors import DssefsError
 from .attributes import Attrs
 from .inodes import Inode
@@ -20,6 +20,14 @@ KEY_MAX = 1024  # S3 object keys are at most 1024 UTF-8 bytes
 READDIR_BATCH = 256
 LISTING_CACHE_MAX = 1000  # directories up to one S3 listing page are cached for negative lookups
 XATTR_PREFIX = "user."
+
+# A directory marker whose body is one byte long declares its directory plain: no symbolic link,
+# FIFO, socket or device directly in it (docs/format.md, section E, "Plain directories").  A
+# writer makes the marker not plain (an empty body) before such an object enters the directory,
+# so a listing of a plain directory gives every name's type without a probe.  Only mkdir of a new
+# name writes a plain marker.  The listed size of such a marker is PLAIN_MARKER_SIZE.
+PLAIN_MARKER_BODY = b"\x00"
+PLAIN_MARKER_SIZE = body_size(len(PLAIN_MARKER_BODY), 1 << MIN_CHUNK_LOG2)
 
 
 class FsError(DssefsError):

@@ -11,7 +11,7 @@ from ..envelope.epoch import RESERVED_NAME
 from ..errors import PreconditionFailed
 from ..objects.intents import parse_intent_key
 from .attributes import Attrs
-from .common import Stat, fail
+from .common import PLAIN_MARKER_BODY, Stat, fail
 from .inodes import Inode
 from .renames import RenameOps
 
@@ -25,6 +25,8 @@ class DirOps(RenameOps):
         self._check_name(parent, name)
         if await self._child(parent, name) is not None:
             raise fail(errno.EEXIST)
+        if kind == "file" and not attrs.is_reg():
+            await self._unplain(parent)  # a symbolic link or special file (common.PLAIN_MARKER_BODY)
         key = self.dir_prefix(parent) + name + ("/" if kind == "dir" else "")
         sent = self._now()
         try:
@@ -47,7 +49,7 @@ class DirOps(RenameOps):
         if self.cfg.attr_delay > 0:
             node = await self._create_dir_deferred(parent, name, attrs)
         else:
-            node = await self._create_object(parent, name, attrs, kind="dir")
+            node = await self._create_object(parent, name, attrs, PLAIN_MARKER_BODY, kind="dir")
         return self.stat(node)
 
     async def _create_dir_deferred(self, parent: Inode, name: str, attrs: Attrs) -> Inode:

@@ -24,7 +24,8 @@ ROOT_INODE = 1
 class Inode:
     __slots__ = ("ino", "parent", "name", "attrs", "nlookup", "open_count", "writers", "linked", "stored",
                  "obj", "etag", "foreign_size", "foreign", "validated", "lock", "content", "symlink_target",
-                 "cached_etag", "meta_dirty", "meta_error", "broken", "touched_ns", "stores", "made", "__weakref__")
+                 "cached_etag", "meta_dirty", "meta_error", "broken", "touched_ns", "stores", "made", "holds_special",
+                 "__weakref__")
 
     def __init__(self, ino: int, parent: int, name: str, attrs: Attrs):
         self.ino, self.parent, self.name, self.attrs = ino, parent, name, attrs
@@ -50,6 +51,9 @@ class Inode:
         self.touched_ns = 0
         self.stores = 0  # successful content stores of this inode (see Handle.changed)
         self.made = 0.0  # directories: trio time this mount created it (mkdir), else 0
+        # directories: a symbolic link or special file entered it through this mount, so its
+        # marker is not (or no longer) plain (see common.PLAIN_MARKER_BODY)
+        self.holds_special = False
 
     def __repr__(self) -> str:
         return f"Inode({self.ino}, parent={self.parent}, name={self.name!r}, mode={self.attrs.mode:o})"

@@ -16,7 +16,7 @@ import trio
 
 from ..errors import DssefsError, MetadataBudgetError, PreconditionFailed
 from .attributes import now_ns
-from .common import Stat, check_size, fail, with_links
+from .common import PLAIN_MARKER_BODY, Stat, check_size, fail, with_links
 from .inodes import Inode
 
 log = logging.getLogger("dssefs.fs")
@@ -185,7 +185,7 @@ class MetadataOps:
                 return
             if node.is_dir():
                 try:
-                    res = await self._io(self._write_sync, key, b"", blob, None, True)
+                    res = await self._io(self._write_sync, key, self._marker_body(node), blob, None, True)
                 except PreconditionFailed:
                     raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: directory marker created "
                                           "by another client meanwhile; attributes not stored") from None
@@ -194,3 +194,41 @@ class MetadataOps:
                 await self._flush_locked(node, force=True)
                 return
         node.meta_dirty = False
+
+    # ---- plain directories (PLAIN_MARKER_BODY) --------------------------------------------------
+
+    @staticmethod
+    def _marker_body(node: Inode) -> bytes:
+        """The body of a new marker of directory ``node``: plain only for a directory made by
+        mkdir here that no symbolic link or special file has entered since."""
+        return PLAIN_MARKER_BODY if node.made and not node.holds_special else b""
+
+    async def _unplain(self, d: Inode) -> None:
+        """Before a symbolic link or special file enters directory ``d`` (docs/format.md, section
+        E): a plain marker is replaced by one that is not (same attributes, conditional on the
+        version replaced) and stored first; a marker not stored yet is stored not plain."""
+        d.holds_special = True
+        key = self.object_key(d)
+        for _attempt in range(3):
+            await self._refresh(d, fresh=True)
+            obj = d.obj
+            if key is None or not d.linked or not d.stored or obj is None or obj.size != len(PLAIN_MARKER_BODY):
+                return
+            async with d.lock:
+                if d.obj is not obj:
+                    continue
+                sent = self._now()
+                try:
+                    new = await self._io(self._write_sync, key, b"", d.attrs.encode(), obj, False)
+                except PreconditionFailed:
+                    d.validated = 0.0  # changed by another client: look at it again
+                    continue
+                self._stored(d, new, sent)
+                d.meta_dirty = False  # stored with it
+                self._deferred.pop(d.ino, None)
+            dl = self._dirlists.get(self.dir_prefix(d))
+            if dl is not None:
+                dl.versions.pop("", None)
+            return
+        raise fail(errno.EIO, f"{self.store.url.rstrip('/')}/{key}: directory marker changed by another "
+                              "client while it was being updated; try again")

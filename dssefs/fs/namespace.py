@@ -25,7 +25,7 @@ from ..errors import DssefsError, NotDssefsObject, ObjectNotFound
 from ..store.base import ObjectInfo
 from .attributes import Attrs, now_ns
 from .cache import FileContent, ForeignBase
-from .common import LISTING_CACHE_MAX, NAME_MAX, Probe, Stat, fail, with_links
+from .common import LISTING_CACHE_MAX, NAME_MAX, PLAIN_MARKER_SIZE, Probe, Stat, fail, with_links
 from .inodes import ROOT_INODE, Inode
 from .probes import LOOKUP, Job
 
@@ -61,8 +61,14 @@ class DirList:
 
     at: float
     names: dict[str, str]  # name -> "file" | "dir"
-    versions: dict[str, tuple[str, int, float]]  # file name -> (ETag, size, time) as listed
+    # file name -> (ETag, size, time) as listed; "" -> the same of the directory's own marker
+    versions: dict[str, tuple[str, int, float]]
     ahead: bool = False  # fetched by read-ahead and not yet used by an opendir
+
+    def plain(self) -> bool:
+        """Whether the directory's marker, as listed, declares it plain (PLAIN_MARKER_BODY)."""
+        m = self.versions.get("")
+        return m is not None and m[1] == PLAIN_MARKER_SIZE
 
 
 class NamespaceOps:
@@ -147,7 +153,7 @@ class NamespaceOps:
         """Sorted ``(name, kind)`` of one directory level; None if it has more than ``limit``.
         ``reserved`` (a list) gets ``True`` appended when the level holds dssefs's own ``.dssefs``
         records, which are never listed.  ``versions`` (a dict) gets ``name -> (ETag, size,
-        time)`` of every file listed."""
+        time)`` of every file listed, and ``""`` the same of the directory's marker."""
         names: dict[str, str] = {}
         for n, item in enumerate(self.store.list(dirpfx, delimiter="/")):
             if limit is not None and n >= limit:
@@ -158,6 +164,8 @@ class NamespaceOps:
                 name, kind = item.key[len(dirpfx):], "file"
             if name == RESERVED_NAME and reserved is not None:
                 reserved.append(True)
+            if not name and versions is not None and not isinstance(item, str):
+                versions[""] = (item.etag, item.size, item.mtime)  # the directory's own marker
             if not name or "/" in name or name in (".", "..", RESERVED_NAME) or len(name.encode()) > NAME_MAX:
                 continue
             if names.get(name) != "file":  # a file and a directory of one name: the file wins

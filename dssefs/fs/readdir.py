@@ -2,13 +2,16 @@
 
 pyfuse3 answers every readdir as READDIRPLUS, with each entry's attributes and type.  A listing
 tells directories from other names, and the object's size tells a regular file from what could
-also be a symbolic link, FIFO, socket or device (their bodies are at most a link target), but
-only a probe of the object's sealed attributes gives the type of a small object and anyone's
-size, mode and times.  So a readdir
+also be a symbolic link, FIFO, socket or device (their bodies are at most a link target); in a
+plain directory (its marker, listed with it, says that no such object is in it: see
+common.PLAIN_MARKER_BODY) every object is a regular file.  Otherwise only a probe of the
+object's sealed attributes gives the type of a small object, and anyone's size, mode and times
+come only from a probe.  So a readdir
 
-* lists a regular file the listing shows as such (larger than SPECIAL_OBJECT_MAX) without a
-  probe while nobody asks for attributes (find): its type is right, and the kernel is told to
-  keep none of its default attributes (TTL 0), so it asks again before using them;
+* lists a regular file the listing shows as such (larger than SPECIAL_OBJECT_MAX, or any object
+  of a plain directory) without a probe while nobody asks for attributes (find): its type is
+  right, and the kernel is told to keep none of its default attributes (TTL 0), so it asks again
+  before using them;
 * probes the other names through the metadata scheduler (:mod:`.probes`; dozens at once,
   bounded), the batch after it read ahead while the kernel takes this one, and returns the names
   ready up to the first one still probed, in the listing's order: the kernel holds the directory
@@ -346,7 +349,8 @@ class ReaddirOps:
     @staticmethod
     def _surely_regular(dl, name: str) -> bool:
         v = dl.versions.get(name)
-        return v is not None and v[1] > SPECIAL_OBJECT_MAX and dl.names.get(name) == "file"
+        return (v is not None and dl.names.get(name) == "file"
+                and (v[1] > SPECIAL_OBJECT_MAX or dl.plain()))
 
     def _unprobed_entry(self, parent: Inode, name: str, dl, kind: str = "file") -> Inode:
         """An inode for a name known only from a listing: it has its number and type (a regular
@@ -425,8 +429,9 @@ class ReaddirOps:
             pfx = top
             for i, part in enumerate(parts):
                 final = i == len(parts) - 1
-                if final and not part:
-                    break  # a directory marker: its level exists already
+                if final and not part:  # a directory marker: its level exists already
+                    levels[pfx][1][""] = (item.etag, item.size, item.mtime)
+                    break
                 if not part or part in (".", "..", RESERVED_NAME) or len(part.encode()) > NAME_MAX:
                     break
                 names, versions = levels[pfx]

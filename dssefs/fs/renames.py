@@ -110,6 +110,8 @@ class RenameOps:
                 if p is src:
                     raise fail(errno.EINVAL, "cannot move a directory into itself")
                 p = self.node(p.parent)
+        if not src.is_dir() and not src.attrs.is_reg():
+            await self._unplain(dp)  # a symbolic link or special file enters it
         locks = sorted({src.ino: src, **({dst.ino: dst} if dst is not None else {})}.items())
         async with _Locks([n.lock for _, n in locks]):
             if src.is_dir():
