@@ -225,3 +225,38 @@ async def test_a_stale_listing_never_hides_a_name_known_since(backend, tmp_path)
     with pytest.raises(DssefsError) as e:  # an unknown name is answered by that listing
         await fs.lookup(d.ino, "y")
     assert e.value.errno == errno.ENOENT
+
+
+async def test_default_mode_asks_nothing_about_directories_made_here_within_the_own_window(backend, tmp_path):
+    # without write-back: a directory this mount created, its attributes and absent names in it
+    # are answered past the TTL without a request until the own window is over; another client's
+    # directory is still revalidated (waited for) after the TTL
+    other = make_fs(backend, tmp_path / "o")
+    od = (await other.mkdir(ROOT, "theirs", 0o755, 0, 0)).ino
+    fs = make_fs(backend, tmp_path, attr_timeout=TTL, entry_timeout=TTL, own_window=4 * TTL)
+    assert fs.stale.window == 0
+    mine = await fs.mkdir(ROOT, "mine", 0o755, 0, 0)
+    await write_file(other, "x", b"t", parent=(await other.lookup(ROOT, "mine")).ino)
+    theirs = await fs.lookup(ROOT, "theirs")
+    with pytest.raises(DssefsError):
+        await fs.lookup(theirs.ino, "y")  # its listing is asked (absent)
+    await write_file(other, "y", b"u", parent=od)
+    await trio.sleep(TTL * 1.5)
+
+    req = Requests(backend.store)
+    assert (await fs.lookup(ROOT, "mine")).ino == mine.ino
+    assert (await fs.getattr(mine.ino)).mode & 0o777 == 0o755
+    with pytest.raises(DssefsError) as e:
+        await fs.lookup(mine.ino, "x")  # not seen yet: what the mount knows since mkdir answers
+    assert e.value.errno == errno.ENOENT
+    assert req.heads == [] and req.lists == [] and fs.stale.running == 0
+    assert fs.stale.own >= 3 and fs.stale.served == fs.stale.own
+    # another client's directory: waited for, the new name is seen
+    assert (await fs.lookup(theirs.ino, "y")).size == 1
+    assert req.lists or req.heads
+    assert fs.stale.served == fs.stale.own  # nothing else was answered past its TTL
+    await trio.sleep(TTL * 4)  # past the TTL and the own window
+    req.clear()
+    assert (await fs.lookup(mine.ino, "x")).size == 1
+    assert req.lists or req.heads
+

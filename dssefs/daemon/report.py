@@ -30,7 +30,7 @@ async def collect(daemon) -> dict:
     report["kms"] = {"provider": getattr(daemon.keys, "kind", "?"), **daemon.keys.stats}
     if isinstance(daemon.store, JournalStore):  # --write-back: the backlog of the journal
         report["write_back"] = daemon.store.stats()
-    if daemon.fs.stale.window > 0:  # answers used past their TTL while refreshed (write-back)
+    if daemon.fs.stale.window > 0 or daemon.fs.stale.own_window > 0:  # answers used past their TTL
         report["stale_answers"] = daemon.fs.stale.stats()
     return report
 
@@ -103,7 +103,8 @@ def format_text(r: dict) -> str:
             lines.append(f"  conflict object={c['object']} saved_as={c['saved_as']}")
     st = r.get("stale_answers")
     if st is not None:
-        lines.append(f"revalidate: {st['served']} answers used past their TTL (window {st['window_s']:g} s), "
+        lines.append(f"revalidate: {st['served']} answers used past their TTL (window {st['window_s']:g} s, "
+                     f"{st['own_window_s']:g} s for directories made here: {st['own']}), "
                      f"{st['refreshed']} refreshed in the background, {st['failed']} refreshes failed")
     for e in errors["recent"][-5:]:
         lines.append(f"  op={e['op']} errno={e['errno']} object={e['object']} reason={e['reason']}")

@@ -74,7 +74,8 @@ def open_backend(req: MountRequest, meter: StoreMeter | None = None):
 
 
 # write-back mode: an answer up to this many TTLs past its TTL is used while it is refreshed in the
-# background (fs/stale.py; docs/semantics.md)
+# background; either mode: what is known of a directory this mount created is used that long
+# without a request (fs/stale.py; docs/semantics.md)
 STALE_FACTOR = 10
 
 
@@ -91,7 +92,8 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
                    chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2), write_behind=s.write_behind,
                    crypto_workers=max(1, os.cpu_count() or 1),
-                   stale_window=STALE_FACTOR * min(s.entry_timeout, s.attr_timeout) if s.write_back else 0.0)
+                   stale_window=STALE_FACTOR * min(s.entry_timeout, s.attr_timeout) if s.write_back else 0.0,
+                   own_window=STALE_FACTOR * min(s.entry_timeout, s.attr_timeout))
     fs = Filesystem(vault, prefix, cfg)
     from ..store.journal import JournalStore
 

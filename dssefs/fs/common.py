@@ -93,6 +93,9 @@ class FsConfig:
     # seconds beyond the entry/attribute TTL during which a known answer is used once more while
     # it is asked again in the background (stale.py; the daemon sets it in write-back mode only)
     stale_window: float = 0.0
+    # seconds beyond the entry/attribute TTL during which what this mount knows of a directory it
+    # created (mkdir) is used without asking the store again, in either mode (stale.py)
+    own_window: float = 0.0
 
 
 @dataclass

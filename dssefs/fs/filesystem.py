@@ -99,7 +99,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, D
         # of their own on top (see probes.py).  Answers and listings are kept for the entry TTL.
         self.meta = MetaScheduler(self.cfg.probe_workers, LOOKUP_SLOTS, self._ahead_gate)
         # answers used beyond their TTL while they are refreshed (write-back mode; see stale.py)
-        self.stale = StaleAnswers(self.cfg.stale_window)
+        self.stale = StaleAnswers(self.cfg.stale_window, self.cfg.own_window)
         self._kept: dict[str, Kept] = {}  # object key -> the last probe answer
         self._dirlists: dict[str, DirList] = {}  # directory prefix -> its last listing
         self._key_changed: dict[str, float] = {}  # names (and directories' entries) changed here

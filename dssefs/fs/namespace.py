@@ -386,16 +386,18 @@ class NamespaceOps:
 
     def _stale_ok(self, node: Inode, ttl: float) -> bool:
         """Whether ``node``'s answer, past ``ttl``, may be used once more while it is refreshed
-        in the background (write-back mode; see stale.py).  Directories only (every path walk
+        in the background (write-back mode), or as it is (a directory this mount created within
+        the own window, either mode; see stale.py).  Directories only (every path walk
         revalidates each of them; a file's revalidation is cheap by its directory's listing, and
         using its answers stale would only make the kernel ask again at every use), never one
         whose marker could not be used."""
         return (node.is_dir() and node.validated > 0.0 and node.broken is None
-                and self.stale.usable(self._now() - node.validated, ttl))
+                and self.stale.usable(self._now() - node.validated, ttl, own=self._made_recently(node, ttl)))
 
     def _made_recently(self, node: Inode, ttl: float) -> bool:
-        """A directory this mount created (mkdir) less than the TTL plus the stale window ago."""
-        return node.made > 0.0 and self._now() - node.made < ttl + self.stale.window
+        """A directory this mount created (mkdir) less than the TTL plus the own window ago (its
+        answers are used without asking the store within that window, in either mode)."""
+        return node.made > 0.0 and self._now() - node.made < ttl + self.stale.own_limit
 
     async def _child(self, parent: Inode, name: str, hint: str | None = None, *,
                      fresh: bool = False) -> Inode | None:
@@ -451,10 +453,11 @@ class NamespaceOps:
         cached = self._listings.get(parent.ino)
         if cached is not None and self._now() - cached[0] < self.cfg.entry_timeout:
             return cached[1]
+        own = self._made_recently(parent, self.cfg.entry_timeout)
         if (not fresh and cached is not None and cached[1] is not None
-                and self.stale.usable(self._now() - cached[0], self.cfg.entry_timeout)):
+                and self.stale.usable(self._now() - cached[0], self.cfg.entry_timeout, own=own)):
             self.stale.refresh(("list", parent.ino), functools.partial(self._dir_names, parent, fresh=True),
-                               own=self._made_recently(parent, self.cfg.entry_timeout))
+                               own=own)
             return cached[1]
         started = self._now()
         if len(self._listings) > 4096:  # drop expired listings

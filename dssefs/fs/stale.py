@@ -1,4 +1,4 @@
-"""Stale-while-revalidate for names and attributes (write-back mode).
+"""Stale-while-revalidate for names and attributes (write-back mode), and own directories.
 
 An answer about a name (a known inode, a directory's listing that answers lookups of absent
 names, attributes) is normally used for the entry/attribute TTL from when the store was asked,
@@ -19,6 +19,17 @@ this way: one listing revalidates a directory's files together, and an answer th
 for no time would make it ask again at every use of the file.
 
 The window is 0 (off) without write-back.
+
+Directories this mount created (mkdir) less than the TTL plus ``own_window`` ago are a case of
+their own, in both modes: what the mount knows of such a directory (that it exists, its
+attributes, the names in it, all kept up to date with the mount's own changes) is used without
+asking the store at all, for answers less than the TTL plus ``own_window`` old.  A directory a
+writer has just created is rarely anyone else's, and a tree being extracted enters each of its
+directories again seconds after creating them (tar creates the directories first): in the
+default mode that cost a HEAD and a listing per directory.  What another client changes in such a
+directory (a name it creates there, a chmod, a removal) is therefore seen within the TTL plus
+``own_window``, not within the TTL; a name both create is still never overwritten (every create
+is conditional).  ``own_window`` is 0 with ``--entry-timeout 0`` (always ask).
 """
 
 from __future__ import annotations
@@ -33,24 +44,32 @@ log = logging.getLogger("dssefs.fs")
 
 
 class StaleAnswers:
-    def __init__(self, window: float = 0.0):
+    def __init__(self, window: float = 0.0, own_window: float = 0.0):
         self.window = max(0.0, window)
+        self.own_window = max(0.0, own_window)
         self._running: set[Hashable] = set()
         self.served = 0  # answers used beyond the TTL while refreshed
-        self.own = 0  # of those, about directories this mount created within the window (no refresh)
+        self.own = 0  # of those, about directories this mount created within own_window (no refresh)
         self.refreshed = 0  # background refreshes done
         self.failed = 0  # background refreshes that failed (the next use asks again)
 
-    def usable(self, age: float, ttl: float) -> bool:
-        """Whether an answer ``age`` seconds old may be used once more while it is refreshed."""
-        return self.window > 0 and age < ttl + self.window
+    @property
+    def own_limit(self) -> float:
+        """The window for directories this mount created (never shorter than the stale window)."""
+        return max(self.window, self.own_window)
+
+    def usable(self, age: float, ttl: float, *, own: bool = False) -> bool:
+        """Whether an answer ``age`` seconds old may be used once more while it is refreshed (or,
+        ``own``: about a directory this mount created within :attr:`own_limit`, used as it is)."""
+        window = self.own_limit if own else self.window
+        return window > 0 and age < ttl + window
 
     def refresh(self, key: Hashable, fn: Callable[[], Awaitable[object]], *, own: bool = False) -> None:
         """An answer for ``key`` was used stale: run ``await fn()`` (which asks the store and
         installs the answer) in the background, unless a refresh of ``key`` is running.  ``own``:
-        the answer is about a directory this mount created within the window; it is used without
-        a refresh (nothing older than the window is used either way, and a directory a writer has
-        just created is rarely anyone else's)."""
+        the answer is about a directory this mount created within ``own_window``; it is used
+        without a refresh (nothing older than that window is used either way, and a directory a
+        writer has just created is rarely anyone else's)."""
         self.served += 1
         if own:
             self.own += 1
@@ -65,7 +84,7 @@ class StaleAnswers:
         return len(self._running)
 
     def stats(self) -> dict:
-        return {"window_s": self.window, "served": self.served, "own": self.own, "refreshed": self.refreshed,
+        return {"window_s": self.window, "own_window_s": self.own_window, "served": self.served, "own": self.own, "refreshed": self.refreshed,
                 "failed": self.failed, "running": self.running}
 
     async def _run(self, key: Hashable, fn: Callable[[], Awaitable[object]]) -> None:
