@@ -698,3 +698,25 @@ def test_key_holding_objects_never_show_or_pickle_keys(obj):
     with pytest.raises(IntegrityError) as err:
         ObjectCipher.open_version(obj.header, obj.dk_out, obj.dk_in)
     assert obj.dk_in.hex() not in str(err.value) and obj.dk_out.hex() not in str(err.value)
+
+
+def test_a_reused_scratch_buffer_opens_every_chunk_and_keeps_no_plaintext():
+    # read-only chunk bodies (what a store returns) are opened through one scratch buffer reused
+    # from chunk to chunk; a tampered chunk still wipes the output, and the scratch never holds
+    # plaintext
+    o = make(3 * CS + 100)
+    c = o.cipher
+    scratch = bytearray(CS + 16)
+    for i, data in enumerate(_chunks(o)):
+        assert c.open_chunk(i, bytes(data), scratch) == o.plaintext[i * CS:(i + 1) * CS]
+    data = bytearray(_chunks(o)[1])
+    data[5] ^= 1
+    out = bytearray([SENTINEL]) * CS
+    with pytest.raises(IntegrityError):
+        c.open_chunk_into(1, bytes(data), out, scratch)
+    assert out == bytes(CS)
+    for i, data in enumerate(_chunks(o)):
+        c.open_chunk_into(i, bytes(data), bytearray(c.chunk_plain_len(i)), scratch)
+        assert o.plaintext[i * CS:i * CS + 64] not in bytes(scratch)
+    with pytest.raises(IntegrityError):  # too small a scratch is not used
+        c.open_chunk(0, bytes(_chunks(o)[0][:-1]), bytearray(8))

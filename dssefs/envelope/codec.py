@@ -275,10 +275,12 @@ class ObjectCipher:
         self.seal_chunk_into(index, plaintext, out)
         return out
 
-    def open_chunk_into(self, index: int, data, out) -> None:
+    def open_chunk_into(self, index: int, data, out, scratch=None) -> None:
         """Verify and decrypt chunk ``index`` into ``out`` (exactly its plaintext length).
 
-        ``data`` is the chunk's body bytes; if it is writable it is used as scratch space.  On any
+        ``data`` is the chunk's body bytes; if it is writable it is used as scratch space, else
+        ``scratch`` (a writable buffer of at least the chunk's size plus one tag, reusable for
+        the next chunk: it only ever holds inner-layer ciphertext), else a new buffer.  On any
         failure ``out`` is wiped and IntegrityError is raised: no unverified plaintext escapes.
         """
         if not 0 <= index < self.n_chunks:
@@ -292,7 +294,12 @@ class ObjectCipher:
             raise IntegrityError(f"chunk {index} is {len(data)} bytes, expected {n + fmt.CHUNK_OVERHEAD}"
                                  " (truncated or extended object)")
         view = memoryview(data)
-        scratch = view[:n + fmt.TAG_BYTES] if not view.readonly else memoryview(bytearray(n + fmt.TAG_BYTES))
+        if not view.readonly:
+            scratch = view[:n + fmt.TAG_BYTES]
+        elif scratch is not None and len(scratch) >= n + fmt.TAG_BYTES:
+            scratch = memoryview(scratch)[:n + fmt.TAG_BYTES]
+        else:
+            scratch = memoryview(bytearray(n + fmt.TAG_BYTES))
         nonce = fmt.chunk_nonce(index)
         final = index == self.n_chunks - 1
         inner, outer = self._content()
@@ -304,9 +311,9 @@ class ObjectCipher:
             _wipe(scratch)
             raise IntegrityError(f"chunk {index} failed authentication (inner layer)")
 
-    def open_chunk(self, index: int, data) -> bytearray:
+    def open_chunk(self, index: int, data, scratch=None) -> bytearray:
         out = bytearray(self.chunk_plain_len(index) if 0 <= index < self.n_chunks else 0)
-        self.open_chunk_into(index, data, out)
+        self.open_chunk_into(index, data, out, scratch)
         return out
 
     # ---- chunk map of a sparse version ----------------------------------------------------------

@@ -197,16 +197,18 @@ class OpenObject:
                   ) -> list[bytearray]:
         """Plaintexts of ``chunks`` from ``data``, the bodies of the ``stored`` ones back to back
         (the others are holes: zeros).  A read-only ``data`` is not copied: each chunk's outer
-        layer is opened into a scratch buffer of its own instead."""
+        layer is opened into one scratch buffer, reused for the next chunk."""
         view = memoryview(data)
         stored_set = set(stored) if len(stored) != len(chunks) else None
+        scratch = (bytearray(self.cipher.chunk_size + fmt.TAG_BYTES) if view.readonly and len(stored) > 1
+                   else None)
         out = []
         pos = 0
         for i in chunks:
             if stored_set is None or i in stored_set:
                 n = self.cipher.chunk_plain_len(i) + fmt.CHUNK_OVERHEAD
                 try:
-                    plain = self.cipher.open_chunk(i, view[pos:pos + n])
+                    plain = self.cipher.open_chunk(i, view[pos:pos + n], scratch)
                 except IntegrityError as e:
                     raise IntegrityError(f"{self.vault.store.url}/{self.key}: {e}") from None
                 pos += n
