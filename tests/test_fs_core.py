@@ -620,3 +620,63 @@ async def test_epoch_records_below_a_directory_go_with_it(backend, tmp_path):
     assert set(await list_dir(fs)) >= {"e", "k"} and ".dssefs" not in await list_dir(fs)
     await fs.rmdir(ROOT, "k")
     assert keys("k/") == []
+
+
+def test_read_ahead_asks_the_store_again_while_answered_requests_are_decrypted():
+    # a read-ahead request holds its slot only while it waits for the store: once its answer is
+    # in (its first chunk delivered) the next request starts while the rest of its chunks are
+    # decrypted, so decryption never leaves the store idle; at most PREFETCH_JOBS wait for the
+    # store at once and at most twice that are in flight
+    import threading
+    import time
+
+    from dssefs.fs import cache as cache_mod
+    from dssefs.fs.cache import ChunkCache, FileContent
+    cs = 1 << 20
+    n = 64
+    release = threading.Event()
+    lock = threading.Lock()
+    state = {"asking": 0, "most_asking": 0, "started": 0}
+
+    class SlowToDecrypt:
+        size = n * cs
+        chunk_size = cs
+
+        def read_chunks(self, run, deliver=None):
+            with lock:
+                state["asking"] += 1
+                state["started"] += 1
+                state["most_asking"] = max(state["most_asking"], state["asking"])
+            time.sleep(0.01)  # the store's answer
+            with lock:
+                state["asking"] -= 1
+            out = [bytearray(bytes([i % 251])) * cs for i in run]
+            for k, (i, plain) in enumerate(zip(run, out)):
+                if k == 1:
+                    release.wait(10)  # the rest of the run is still being decrypted
+                if deliver is not None:
+                    deliver(i, plain)
+            return out
+
+    cache = ChunkCache(1 << 30, None)
+    try:
+        content = FileContent(cache, SlowToDecrypt(), cs, n * cs)
+        content.ra_window = 64 * cs  # a stream that has grown its window
+        content.seq_end = 0
+        content.ra_req = 4  # 4 MiB, then 8 MiB requests
+        with cache.lock:
+            content._read_ahead(0)
+        deadline = time.monotonic() + 10
+        while state["started"] < 2 * cache_mod.PREFETCH_JOBS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        # every request is answered and stuck decrypting: twice PREFETCH_JOBS were started
+        assert state["started"] == 2 * cache_mod.PREFETCH_JOBS, state
+        with cache.lock:
+            in_flight, asking = len(content.ra_jobs), content.ra_asking
+        assert in_flight == 2 * cache_mod.PREFETCH_JOBS and asking == 0
+        assert state["most_asking"] <= cache_mod.PREFETCH_JOBS
+    finally:
+        release.set()
+        cache.close()
+    assert content.read(5 * cs, 10) == bytes([5]) * 10

@@ -27,7 +27,8 @@ FAST_WRITE_MAX = 1 << 20  # writes up to this size may be done on the event loop
 # budget (all files' requests in flight together stay within another quarter); a random read
 # ends the stream.  The window is fetched in ranged GETs: the first covers READ_AHEAD_MIN, each
 # next one is twice as large up to PREFETCH_REQUEST_MAX (S3's usual part size); up to
-# PREFETCH_JOBS of one file are in flight at once, and one that ends starts the next.
+# PREFETCH_JOBS of one file wait for the store at once, and one that the store has answered
+# starts the next while its chunks are decrypted (up to PREFETCH_JOBS more of them).
 # PREFETCH_WORKERS threads (for all files) fetch them and decrypt them chunk by chunk, each
 # chunk cached as soon as it is verified.
 READ_AHEAD_MIN = 4 << 20
@@ -37,7 +38,7 @@ PREFETCH_REQUEST_MAX = 8 << 20
 # chunks are decrypted in parallel within a small window
 LOCAL_REQUEST_MAX = 2 << 20
 PREFETCH_JOBS = 4
-PREFETCH_WORKERS = 4
+PREFETCH_WORKERS = 2 * PREFETCH_JOBS
 
 
 class Chunk:
@@ -142,14 +143,16 @@ class FileContent:
         self.spill_file: SpillFile | None = None
         # read-ahead state (lock held): where the last read ended, the window (0: no sequential
         # stream), the next request's size in chunks, the first chunk not requested yet, one
-        # future per chunk on its way (resolved once it is cached, or the request failed) and
-        # the requests in flight (pool future -> bytes)
+        # future per chunk on its way (resolved once it is cached, or the request failed), the
+        # requests in flight (pool future -> bytes) and how many of them the store has not
+        # answered yet
         self.seq_end = -1
         self.ra_window = 0
         self.ra_req = max(1, READ_AHEAD_MIN // self.cs)
         self.ra_next = 0
         self.inflight: dict[int, cf.Future] = {}
         self.ra_jobs: dict[cf.Future, int] = {}
+        self.ra_asking = 0
         self.ra_fetching: set[int] = set()  # chunks whose request the store has not answered yet
         self._ra_busy = False
         # write-behind (fs/writebehind.py): the stream uploading this content while it is
@@ -382,7 +385,7 @@ class FileContent:
         biggest = max(1, min(self.cache.request_max // cs, window))
         room = self.cache.budget // 4 - self.cache.prefetching
         i = max(self.ra_next, last + 1)
-        while i < horizon and len(self.ra_jobs) < PREFETCH_JOBS:
+        while i < horizon and self.ra_asking < PREFETCH_JOBS and len(self.ra_jobs) < 2 * PREFETCH_JOBS:
             if i in self.chunks or i in self.inflight:
                 i += 1
                 continue
@@ -404,20 +407,30 @@ class FileContent:
     def _submit(self, run: range) -> None:
         base, size = self.base, len(run) * self.cs
         futures = {i: cf.Future() for i in run}
+        asking = [True]  # the store has not answered this request yet (lock held to change it)
         try:
-            job = self.cache.prefetcher().submit(self._prefetch_run, base, run, futures)
+            job = self.cache.prefetcher().submit(self._prefetch_run, base, run, futures, asking)
         except RuntimeError:  # shut down (unmounting): the reader fetches what it needs
             return
         self.inflight.update(futures)
         self.ra_fetching.update(run)
         self.ra_jobs[job] = size
+        self.ra_asking += 1  # (lock held: the worker cannot deliver before this)
         self.cache.prefetching += size
-        job.add_done_callback(lambda job: self._prefetch_done(job, futures))
+        job.add_done_callback(lambda job: self._prefetch_done(job, futures, asking))
 
-    def _prefetch_done(self, job: cf.Future, futures: dict[int, cf.Future]) -> None:
+    def _answered(self, asking: list[bool]) -> None:
+        """A request's answer is in (or it ended without one), lock held: one request fewer
+        waits for the store."""
+        if asking[0]:
+            asking[0] = False
+            self.ra_asking -= 1
+
+    def _prefetch_done(self, job: cf.Future, futures: dict[int, cf.Future], asking: list[bool]) -> None:
         """A request finished, failed or was dropped (any thread): its chunks are no longer on
         their way; a reader waiting for one that did not arrive fetches it itself."""
         with self.cache.lock:
+            self._answered(asking)
             self.cache.prefetching -= self.ra_jobs.pop(job, 0)
             for i, f in futures.items():
                 if self.inflight.get(i) is f:
@@ -428,15 +441,19 @@ class FileContent:
             if self.ra_window and not self._ra_busy and not job.cancelled():
                 self._read_ahead((self.seq_end - 1) // self.cs)  # keep the requests going
 
-    def _prefetch_run(self, base, run: range, futures: dict[int, cf.Future]) -> None:
+    def _prefetch_run(self, base, run: range, futures: dict[int, cf.Future], asking: list[bool]) -> None:
         """Fetch ``run`` of ``base`` (a worker thread, no lock): each chunk is cached as soon as
-        it is decrypted and its waiting reader released, before the next one is decrypted."""
+        it is decrypted and its waiting reader released, before the next one is decrypted.  Once
+        the store has answered, the next request is started while this one is decrypted."""
         cs = self.cs
 
         def deliver(i: int, plain: bytearray) -> None:
             with self.cache.lock:
                 if i == run.start:  # the store has answered: the rest is decryption
                     self.ra_fetching.difference_update(j for j in run if self.inflight.get(j) is futures[j])
+                    self._answered(asking)
+                    if self.ra_window and not self._ra_busy:
+                        self._read_ahead((self.seq_end - 1) // self.cs)
                 if self.base is base and i not in self.chunks:
                     keep = max(0, min(len(plain), self._valid_base() - i * cs))
                     if keep:
