@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -273,12 +274,23 @@ def client_error(code: str, status: int, message: str = "msg", headers: dict | N
     ("InvalidObjectState", 403, "get", StoreError, "restore it"),
     ("NoSuchUpload", 404, "complete", StoreError, "no longer exists"),
     ("WeirdThing", 400, "get", StoreError, "WeirdThing (HTTP 400): msg"),
+    ("NotImplemented", 501, "list_uploads", StoreError, "does not implement the request"),
 ])
 def test_error_translation(bucket, code, status, op, exc, fragment):
     store = S3Store(bucket)
     err = store._client_error(client_error(code, status), op, "k")
     assert type(err) is exc
     assert fragment in one_line(err)
+
+
+def test_a_request_the_service_does_not_implement_is_not_retried(bucket):
+    # 501 is the service's final word (an S3-compatible service without ListMultipartUploads,
+    # say): not a transient error that the retry budget would spend a minute on
+    from dssefs.retrying import is_transient
+    err = S3Store(bucket)._client_error(client_error("NotImplemented", 501), "list_uploads", None)
+    assert not is_transient(err) and err.errno == errno.EOPNOTSUPP
+    assert not is_transient(S3Store(bucket)._client_error(client_error("", 501), "get", "k"))
+    assert is_transient(S3Store(bucket)._client_error(client_error("", 502), "get", "k"))
 
 
 def test_region_redirect_translation(bucket):

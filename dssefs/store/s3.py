@@ -742,6 +742,9 @@ class S3Store(ObjectStore):
         if code == "KeyTooLongError":
             return StoreError(f"{where}: key too long for S3 (1024 bytes): shorten the path",
                               errno=_errno.ENAMETOOLONG)
+        if code == "NotImplemented" or status == 501:
+            return StoreError(f"S3 {op} {where}: this S3-compatible service does not implement the "
+                              f"request ({code or status})", errno=_errno.EOPNOTSUPP)
         if code in _THROTTLED or (isinstance(status, int) and status >= 500):
             return _transient(StoreUnavailable(f"S3 is throttling or unavailable for {where} "
                                                f"({code or status}) after {self.max_attempts} "
