@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import os
 
 import pytest
 
 from dssefs import kms
 from dssefs.errors import (DssefsError, IntegrityError, KeyProviderError, NotDssefsObject,
-                           PreconditionFailed)
+                           PreconditionFailed, StoreAccessDenied)
 from dssefs.objects import Vault, bytes_source
 from dssefs.store import LocalStore
 
@@ -69,6 +70,70 @@ def test_multipart_parallel_parts(env):
     assert sum(seen) == len(data)
     obj = vault.open("big")
     assert hashlib.sha256(obj.read(0, len(data))).digest() == hashlib.sha256(data).digest()
+    vault.close()
+
+
+def test_multipart_parts_are_sealed_while_the_upload_is_created(tmp_path):
+    # creating the upload is a round trip: the first parts are sealed meanwhile; a failed
+    # creation is the write's error (nothing to abort), and a failed part aborts the upload
+    ring = tmp_path / "keyring"
+    kms.create_keyring(ring)
+    store = LocalStore(tmp_path / "store", min_part_size=4096)
+    part = 16384
+    vault = _vault(store, kms.make_provider(keyring=str(ring)), part_size=part, multipart_threshold=part,
+                   workers=3)
+    data = os.urandom(4 * part + 100)
+    created = threading.Event()
+    sealed_before = []
+    real_begin = store.begin_upload
+
+    def slow_begin(*a, **kw):
+        time.sleep(0.2)
+        created.set()
+        return real_begin(*a, **kw)
+
+    def source(off, n):
+        sealed_before.append(not created.is_set())
+        return data[off:off + n]
+
+    store.begin_upload = slow_begin
+    vault.write("big", source, len(data))
+    assert sealed_before.count(True) >= 3 * (part // 4096), sealed_before  # three parts' chunks
+    assert vault.open("big").read(0, len(data)) == data
+
+    def refused(*a, **kw):
+        raise StoreAccessDenied("denied (test)")
+    aborted = []
+    store.abort_upload = lambda *a, **kw: aborted.append(a)
+    store.begin_upload = refused
+    with pytest.raises(StoreAccessDenied):
+        vault.write("big2", bytes_source(data), len(data))
+    assert aborted == []
+
+    calls = []
+
+    def failing_begin(*a, **kw):
+        up = real_begin(*a, **kw)
+        real_put = up.put_part
+
+        def put_part(number, body):
+            calls.append(number)
+            if number == 2:
+                raise StoreAccessDenied("denied (test)")
+            return real_put(number, body)
+        up.put_part = put_part
+        real_abort = up.abort
+
+        def abort():
+            aborted.append(up)
+            return real_abort()
+        up.abort = abort
+        return up
+    store.begin_upload = failing_begin
+    with pytest.raises(StoreAccessDenied):
+        vault.write("big3", bytes_source(data), len(data))
+    assert len(aborted) == 1 and 2 in calls
+    assert list(store.list_uploads("")) == []
     vault.close()
 
 

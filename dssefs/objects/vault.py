@@ -744,8 +744,9 @@ class Vault:
             """One multipart upload of the whole body (sealed again from ``source``), conditional
             as given; progress is reported by the first only."""
             report = progress if next(sent) == 0 else None
-            upload = self.store.begin_upload(key, meta, if_match=if_match, if_none_match=if_none_match,
-                                             size_hint=body_size)
+            # the first parts are sealed while the upload is being created (one round trip)
+            begun = self.pool.submit(self.store.begin_upload, key, meta, if_match=if_match,
+                                     if_none_match=if_none_match, size_hint=body_size)
             sem = threading.BoundedSemaphore(self.workers)
             spare: list[bytearray] = []  # part buffers whose upload returned: sealed into again
 
@@ -757,7 +758,7 @@ class Vault:
                         buf = None
                     body = self._seal_chunks(cipher, run, source, report, buf=buf,
                                              tail=sealed_map if number == len(runs) else b"")
-                    upload.put_part(number, body)
+                    begun.result().put_part(number, body)
                     spare.append(body.obj if isinstance(body, memoryview) else body)
                 finally:
                     sem.release()
@@ -772,12 +773,15 @@ class Vault:
                     futures.append(self.pool.submit(part, number, run))
                 for f in futures:
                     f.result()
-                return upload.complete()
+                return begun.result().complete()
             except BaseException:
                 for f in futures:
                     f.cancel()
                 cf.wait(futures)
-                upload.abort()
+                if not begun.cancel():
+                    cf.wait([begun])
+                    if begun.exception() is None:
+                        begun.result().abort()
                 raise
 
         # a completion whose reply was lost may be answered NoSuchUpload when retried
