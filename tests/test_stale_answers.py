@@ -155,18 +155,26 @@ async def test_directories_made_here_are_not_refreshed_within_the_window(backend
     om = (await other.lookup(ROOT, "mine")).ino
     await write_file(other, "theirs", b"t", parent=om)
     await trio.sleep(TTL * 1.5)
+    req = await _own_directory_answers_without_a_request(fs, backend, mine, "theirs")
+    await trio.sleep(TTL * 4)  # past the TTL and the window
+    assert (await fs.lookup(mine.ino, "theirs")).size == 1
+    assert req.lists or req.heads
+
+
+async def _own_directory_answers_without_a_request(fs, backend, mine, absent: str) -> Requests:
+    """Past the TTL, within the own window: a lookup and getattr of ``mine`` (made by ``fs``) and
+    a lookup of ``absent`` in it (another client's new name) are answered from what the mount
+    knows since mkdir, without any request now or in the background."""
     req = Requests(backend.store)
     assert (await fs.lookup(ROOT, "mine")).ino == mine.ino
     assert (await fs.getattr(mine.ino)).mode & 0o777 == 0o755
     with pytest.raises(DssefsError) as e:
-        await fs.lookup(mine.ino, "theirs")  # not seen yet: the listing of its creation answers
+        await fs.lookup(mine.ino, absent)  # not seen yet
     assert e.value.errno == errno.ENOENT
     await trio.sleep(0.1)
     assert req.heads == [] and req.lists == [] and fs.stale.running == 0
     assert fs.stale.own >= 3
-    await trio.sleep(TTL * 4)  # past the TTL and the window
-    assert (await fs.lookup(mine.ino, "theirs")).size == 1
-    assert req.lists or req.heads
+    return req
 
 
 async def test_answers_older_than_the_window_are_waited_for(backend, tmp_path):
@@ -242,15 +250,8 @@ async def test_default_mode_asks_nothing_about_directories_made_here_within_the_
         await fs.lookup(theirs.ino, "y")  # its listing is asked (absent)
     await write_file(other, "y", b"u", parent=od)
     await trio.sleep(TTL * 1.5)
-
-    req = Requests(backend.store)
-    assert (await fs.lookup(ROOT, "mine")).ino == mine.ino
-    assert (await fs.getattr(mine.ino)).mode & 0o777 == 0o755
-    with pytest.raises(DssefsError) as e:
-        await fs.lookup(mine.ino, "x")  # not seen yet: what the mount knows since mkdir answers
-    assert e.value.errno == errno.ENOENT
-    assert req.heads == [] and req.lists == [] and fs.stale.running == 0
-    assert fs.stale.own >= 3 and fs.stale.served == fs.stale.own
+    req = await _own_directory_answers_without_a_request(fs, backend, mine, "x")
+    assert fs.stale.served == fs.stale.own
     # another client's directory: waited for, the new name is seen
     assert (await fs.lookup(theirs.ino, "y")).size == 1
     assert req.lists or req.heads
