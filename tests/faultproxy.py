@@ -280,36 +280,44 @@ class FaultProxy:
         if delay:
             time.sleep(delay)
         status: int | None = None
+        out: bytes | None = None  # the answer to send, if any
+        reset = False
         try:
             if action == SLOWDOWN:
                 body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                         b"<Message>Please reduce your request rate.</Message>"
                         b"<RequestId>faultproxy</RequestId></Error>")
                 status = 503
-                conn.sendall(_response(503, "Slow Down", "application/xml", body))
+                out = _response(503, "Slow Down", "application/xml", body)
             elif action == KMS_THROTTLE:
                 body = b'{"__type":"ThrottlingException","message":"Rate exceeded"}'
                 status = 400
-                conn.sendall(_response(400, "Bad Request", "application/x-amz-json-1.1", body,
-                                       ("x-amzn-ErrorType: ThrottlingException",)))
+                out = _response(400, "Bad Request", "application/x-amz-json-1.1", body,
+                                ("x-amzn-ErrorType: ThrottlingException",))
             elif action == ERROR:
                 body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{chosen.code}</Code>'
                         f"<Message>{chosen.message}</Message><RequestId>faultproxy</RequestId>"
                         "</Error>").encode()
                 status = chosen.status
-                conn.sendall(_response(status, "Injected", "application/xml", body))
+                out = _response(status, "Injected", "application/xml", body)
             elif action == RESET:
-                _reset(conn)
+                reset = True
             else:
                 response = self._forward(head, req)
                 if action == LOST_RESPONSE:
-                    _reset(conn)  # the server applied it; the client never hears
+                    reset = True  # the server applied it; the client never hears
                 else:
                     status = _status_of(response)
-                    conn.sendall(response)
+                    out = response
         finally:
             with self._lock:
                 self.log.append(Record(req.method, req.target, action, status, at))
+        # recorded before the client can see the answer: a test that reads the log right after
+        # its request returned finds the request in it
+        if reset:
+            _reset(conn)
+        elif out is not None:
+            conn.sendall(out)
 
     def _read_request(self, reader, conn: socket.socket) -> tuple[bytes, Request]:
         line = reader.readline(_MAX_HEAD)
