@@ -84,6 +84,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
 
     s = req.settings
     vault = vault_for(s, store, keys)
+    window = STALE_FACTOR * min(s.entry_timeout, s.attr_timeout)
     cfg = FsConfig(attr_timeout=s.attr_timeout, entry_timeout=s.entry_timeout, attr_delay=s.attr_delay,
                    uid=s.uid if s.uid is not None else os.getuid(),
                    gid=s.gid if s.gid is not None else os.getgid(),
@@ -92,8 +93,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
                    chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2), write_behind=s.write_behind,
                    crypto_workers=max(1, os.cpu_count() or 1),
-                   stale_window=STALE_FACTOR * min(s.entry_timeout, s.attr_timeout) if s.write_back else 0.0,
-                   own_window=STALE_FACTOR * min(s.entry_timeout, s.attr_timeout))
+                   stale_window=window if s.write_back else 0.0, own_window=window)
     fs = Filesystem(vault, prefix, cfg)
     from ..store.journal import JournalStore
 

@@ -311,6 +311,10 @@ class ObjectCipher:
             _wipe(scratch)
             raise IntegrityError(f"chunk {index} failed authentication (inner layer)")
 
+    def scratch(self) -> bytearray:
+        """A buffer that :meth:`open_chunk_into` can use as ``scratch`` for any chunk."""
+        return bytearray(self.chunk_size + fmt.TAG_BYTES)
+
     def open_chunk(self, index: int, data, scratch=None) -> bytearray:
         out = bytearray(self.chunk_plain_len(index) if 0 <= index < self.n_chunks else 0)
         self.open_chunk_into(index, data, out, scratch)

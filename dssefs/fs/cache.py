@@ -38,6 +38,7 @@ PREFETCH_REQUEST_MAX = 8 << 20
 # chunks are decrypted in parallel within a small window
 LOCAL_REQUEST_MAX = 2 << 20
 PREFETCH_JOBS = 4
+PREFETCH_IN_FLIGHT = 2 * PREFETCH_JOBS  # of one file: waiting for the store, or decrypted
 PREFETCH_WORKERS = 2 * PREFETCH_JOBS
 
 
@@ -385,7 +386,7 @@ class FileContent:
         biggest = max(1, min(self.cache.request_max // cs, window))
         room = self.cache.budget // 4 - self.cache.prefetching
         i = max(self.ra_next, last + 1)
-        while i < horizon and self.ra_asking < PREFETCH_JOBS and len(self.ra_jobs) < 2 * PREFETCH_JOBS:
+        while i < horizon and self.ra_asking < PREFETCH_JOBS and len(self.ra_jobs) < PREFETCH_IN_FLIGHT:
             if i in self.chunks or i in self.inflight:
                 i += 1
                 continue

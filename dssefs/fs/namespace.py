@@ -18,6 +18,7 @@ import functools
 import logging
 import stat
 import time
+from typing import Awaitable, Callable
 
 from ..envelope import format as fmt
 from ..envelope.epoch import RESERVED_NAME
@@ -384,20 +385,25 @@ class NamespaceOps:
         """True when local state must not be replaced by what the store says."""
         return node.dirty or node.writers > 0 or not node.linked
 
-    def _stale_ok(self, node: Inode, ttl: float) -> bool:
-        """Whether ``node``'s answer, past ``ttl``, may be used once more while it is refreshed
-        in the background (write-back mode), or as it is (a directory this mount created within
-        the own window, either mode; see stale.py).  Directories only (every path walk
+    def _used_stale(self, node: Inode, ttl: float, key: tuple, fn: Callable[[], Awaitable[object]]) -> bool:
+        """Whether ``node``'s answer, past ``ttl``, is used once more; if so ``fn`` refreshes it
+        in the background (write-back mode), or nothing does (a directory this mount created
+        within the own window, either mode; see stale.py).  Directories only (every path walk
         revalidates each of them; a file's revalidation is cheap by its directory's listing, and
         using its answers stale would only make the kernel ask again at every use), never one
         whose marker could not be used."""
-        return (node.is_dir() and node.validated > 0.0 and node.broken is None
-                and self.stale.usable(self._now() - node.validated, ttl, own=self._made_recently(node, ttl)))
+        if not (node.is_dir() and node.validated > 0.0 and node.broken is None):
+            return False
+        own = self._made_recently(node, ttl)
+        if not self.stale.usable(self._now() - node.validated, ttl, own=own):
+            return False
+        self.stale.refresh(key, fn, own=own)
+        return True
 
     def _made_recently(self, node: Inode, ttl: float) -> bool:
         """A directory this mount created (mkdir) less than the TTL plus the own window ago (its
         answers are used without asking the store within that window, in either mode)."""
-        return node.made > 0.0 and self._now() - node.made < ttl + self.stale.own_limit
+        return node.made > 0.0 and self._now() - node.made < ttl + self.stale.own_window
 
     async def _child(self, parent: Inode, name: str, hint: str | None = None, *,
                      fresh: bool = False) -> Inode | None:
@@ -409,10 +415,9 @@ class NamespaceOps:
         node = self.table.child(parent.ino, name)
         if node is not None and (self._local_authority(node) or self._fresh(node, self.cfg.entry_timeout)):
             return node
-        if not fresh and node is not None and self._stale_ok(node, self.cfg.entry_timeout):
-            self.stale.refresh(("name", parent.ino, name),
-                               functools.partial(self._child, parent, name, hint, fresh=True),
-                               own=self._made_recently(node, self.cfg.entry_timeout))
+        if not fresh and node is not None and self._used_stale(
+                node, self.cfg.entry_timeout, ("name", parent.ino, name),
+                functools.partial(self._child, parent, name, hint, fresh=True)):
             return node
         if node is not None and self._unprobed(node):
             self._want_attrs(parent)
@@ -453,12 +458,12 @@ class NamespaceOps:
         cached = self._listings.get(parent.ino)
         if cached is not None and self._now() - cached[0] < self.cfg.entry_timeout:
             return cached[1]
-        own = self._made_recently(parent, self.cfg.entry_timeout)
-        if (not fresh and cached is not None and cached[1] is not None
-                and self.stale.usable(self._now() - cached[0], self.cfg.entry_timeout, own=own)):
-            self.stale.refresh(("list", parent.ino), functools.partial(self._dir_names, parent, fresh=True),
-                               own=own)
-            return cached[1]
+        if not fresh and cached is not None and cached[1] is not None:
+            own = self._made_recently(parent, self.cfg.entry_timeout)
+            if self.stale.usable(self._now() - cached[0], self.cfg.entry_timeout, own=own):
+                self.stale.refresh(("list", parent.ino), functools.partial(self._dir_names, parent, fresh=True),
+                                   own=own)
+                return cached[1]
         started = self._now()
         if len(self._listings) > 4096:  # drop expired listings
             self._listings = {k: v for k, v in self._listings.items()
@@ -566,9 +571,8 @@ class NamespaceOps:
         parent = self.table.get(node.parent)
         if parent is None:
             return
-        if not fresh and self._stale_ok(node, self.cfg.attr_timeout):
-            self.stale.refresh(("attr", node.ino), functools.partial(self._refresh, node, fresh=True),
-                               own=self._made_recently(node, self.cfg.attr_timeout))
+        if not fresh and self._used_stale(node, self.cfg.attr_timeout, ("attr", node.ino),
+                                          functools.partial(self._refresh, node, fresh=True)):
             return
         kind = "dir" if node.is_dir() else "file"
         if self._unprobed(node):

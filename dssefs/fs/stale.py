@@ -46,22 +46,17 @@ log = logging.getLogger("dssefs.fs")
 class StaleAnswers:
     def __init__(self, window: float = 0.0, own_window: float = 0.0):
         self.window = max(0.0, window)
-        self.own_window = max(0.0, own_window)
+        self.own_window = max(self.window, own_window)  # never shorter than the stale window
         self._running: set[Hashable] = set()
         self.served = 0  # answers used beyond the TTL while refreshed
         self.own = 0  # of those, about directories this mount created within own_window (no refresh)
         self.refreshed = 0  # background refreshes done
         self.failed = 0  # background refreshes that failed (the next use asks again)
 
-    @property
-    def own_limit(self) -> float:
-        """The window for directories this mount created (never shorter than the stale window)."""
-        return max(self.window, self.own_window)
-
     def usable(self, age: float, ttl: float, *, own: bool = False) -> bool:
         """Whether an answer ``age`` seconds old may be used once more while it is refreshed (or,
-        ``own``: about a directory this mount created within :attr:`own_limit`, used as it is)."""
-        window = self.own_limit if own else self.window
+        ``own``: about a directory this mount created within ``own_window``, used as it is)."""
+        window = self.own_window if own else self.window
         return window > 0 and age < ttl + window
 
     def refresh(self, key: Hashable, fn: Callable[[], Awaitable[object]], *, own: bool = False) -> None:
@@ -84,8 +79,8 @@ class StaleAnswers:
         return len(self._running)
 
     def stats(self) -> dict:
-        return {"window_s": self.window, "own_window_s": self.own_window, "served": self.served, "own": self.own, "refreshed": self.refreshed,
-                "failed": self.failed, "running": self.running}
+        return {"window_s": self.window, "own_window_s": self.own_window, "served": self.served, "own": self.own,
+                "refreshed": self.refreshed, "failed": self.failed, "running": self.running}
 
     async def _run(self, key: Hashable, fn: Callable[[], Awaitable[object]]) -> None:
         try:

@@ -200,8 +200,7 @@ class OpenObject:
         layer is opened into one scratch buffer, reused for the next chunk."""
         view = memoryview(data)
         stored_set = set(stored) if len(stored) != len(chunks) else None
-        scratch = (bytearray(self.cipher.chunk_size + fmt.TAG_BYTES) if view.readonly and len(stored) > 1
-                   else None)
+        scratch = self.cipher.scratch() if view.readonly and len(stored) > 1 else None
         out = []
         pos = 0
         for i in chunks:
