@@ -243,7 +243,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("attr_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache attributes",
            "SECONDS", groups=("mount",)),
     Option("entry_timeout", _nonneg_float, 1.0, "seconds the kernel and dssefs cache name lookups "
-           "(what is known of a directory this mount created: 10 times as long)",
+           "(what is known of a directory this mount created: 60 times as long)",
            "SECONDS", groups=("mount",)),
     Option("attr_delay", _nonneg_float, 1.0, "seconds within which attribute-only changes (chmod, "
            "chown, utimens, xattrs) of a closed file are coalesced into one store (stored earlier once "

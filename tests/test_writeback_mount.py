@@ -148,8 +148,8 @@ def test_stale_answers_are_refreshed_in_the_background(tmp_path, mount_factory, 
         assert time.monotonic() < deadline
         time.sleep(0.05)
     st = _status(wb)["stale_answers"]
-    assert st["window_s"] == 5.0 and st["served"] >= 1 and st["refreshed"] >= 1 and st["failed"] == 0
+    assert st["window_s"] == 5.0 and st["own_window_s"] == 30.0 and st["served"] >= 1 and st["refreshed"] >= 1 and st["failed"] == 0
     r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(wb.mountpoint)],
                        capture_output=True, text=True, timeout=60)
-    assert "answers used past their TTL (window 5 s, 5 s for directories made here" in r.stdout
+    assert "answers used past their TTL (window 5 s, 30 s for directories made here" in r.stdout
     assert wb.stop() == 0

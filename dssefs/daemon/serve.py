@@ -74,9 +74,12 @@ def open_backend(req: MountRequest, meter: StoreMeter | None = None):
 
 
 # write-back mode: an answer up to this many TTLs past its TTL is used while it is refreshed in the
-# background; either mode: what is known of a directory this mount created is used that long
-# without a request (fs/stale.py; docs/semantics.md)
+# background (fs/stale.py; docs/semantics.md)
 STALE_FACTOR = 10
+# either mode: what is known of a directory this mount created is used this many TTLs past its TTL
+# without a request (a minute by default: tools that build a tree come back to its directories
+# later; fs/stale.py; docs/semantics.md "Directories this mount created")
+OWN_FACTOR = 60
 
 
 def build_filesystem(req: MountRequest, store, keys, prefix):
@@ -84,7 +87,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
 
     s = req.settings
     vault = vault_for(s, store, keys)
-    window = STALE_FACTOR * min(s.entry_timeout, s.attr_timeout)
+    ttl = min(s.entry_timeout, s.attr_timeout)
     cfg = FsConfig(attr_timeout=s.attr_timeout, entry_timeout=s.entry_timeout, attr_delay=s.attr_delay,
                    uid=s.uid if s.uid is not None else os.getuid(),
                    gid=s.gid if s.gid is not None else os.getgid(),
@@ -93,7 +96,7 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
                    spill_dir=s.spill_dir or default_spill_dir(req.mountpoint),
                    chunk_size=s.chunk_size, io_workers=max(2, s.workers * 2), write_behind=s.write_behind,
                    crypto_workers=max(1, os.cpu_count() or 1),
-                   stale_window=window if s.write_back else 0.0, own_window=window)
+                   stale_window=STALE_FACTOR * ttl if s.write_back else 0.0, own_window=OWN_FACTOR * ttl)
     fs = Filesystem(vault, prefix, cfg)
     from ..store.journal import JournalStore
 
