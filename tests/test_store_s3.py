@@ -397,6 +397,27 @@ def test_upload_context_manager_aborts(bucket):
         store.head("u")
 
 
+def test_a_reused_part_buffer_is_sent_without_a_copy(bucket):
+    """A multipart upload seals each part into a reused bytearray and hands over a view of it:
+    botocore gets the bytearray itself (no 8 MiB copy per part); what is stored is what the
+    buffer held during the call, also when the caller refills it right after."""
+    from dssefs.store.s3 import _sendable
+
+    buf = bytearray(random.Random(7).randbytes(MIN_PART_SIZE))
+    assert _sendable(memoryview(buf)) is buf
+    assert _sendable(b"abc") == b"abc" and _sendable(bytearray(b"ab")) == bytearray(b"ab")
+    part = _sendable(memoryview(buf)[:10])  # a part of the buffer: copied
+    assert isinstance(part, bytes) and part == bytes(buf[:10])
+    first = bytes(buf)
+    store = S3Store(bucket)
+    up = store.begin_upload("reused", {})
+    up.put_part(1, memoryview(buf))
+    buf[:] = b"\x00" * len(buf)  # refilled for the next part
+    up.put_part(2, memoryview(buf)[:100])
+    up.complete()
+    assert store.get_range("reused", 0, len(first) + 200) == (first + b"\x00" * 100, len(first) + 100)
+
+
 def test_small_uploads_do_not_wait_for_100_continue(fault_proxy, bucket):
     """A small PUT sends its body with its headers (no ``Expect: 100-continue``, which costs a
     round trip); a large part still waits for the server's go-ahead."""
