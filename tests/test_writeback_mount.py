@@ -53,9 +53,42 @@ def test_close_returns_before_upload_fsync_and_unmount_wait(wb, moto_server, buc
     os.fsync(fd)  # waits for the upload
     os.close(fd)
     assert "f0" in _keys(moto_server, bucket)
+    helper = _status(wb)["write_back"]["helper"]  # small PUTs are sent by a helper process
+    assert helper["alive"] and helper["puts"] >= 1
     assert wb.stop() == 0  # unmount drains the journal
     assert _keys(moto_server, bucket) >= set(data)
     assert not list((tmp_path / "journal").glob("*.entry"))
+    wb.start()
+    for name, body in data.items():
+        assert (wb / name).read_bytes() == body
+
+
+@requires_fuse
+def test_a_killed_upload_helper_loses_nothing(wb, moto_server, bucket):
+    """The helper process sending small PUTs is killed while PUTs are in flight: those are sent
+    again (their outcome was unknown), later ones by the daemon, and every file is stored."""
+    data = {f"k{i}": os.urandom(500 + i) for i in range(8)}
+    for name, body in data.items():
+        (wb / name).write_bytes(body)
+    time.sleep(0.5)  # the first PUTs are on their way (each takes 1.5 s)
+    helper = _status(wb)["write_back"]["helper"]
+    os.kill(helper["pid"], 9)
+    for name, body in list(data.items())[:2]:
+        (wb / (name + ".after")).write_bytes(body)
+        data[name + ".after"] = body
+    fd = os.open(wb.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # every name in the directory stored
+    finally:
+        os.close(fd)
+    assert _keys(moto_server, bucket) >= set(data)
+    st = _status(wb)
+    assert not st["write_back"]["helper"]["alive"] and st["write_back"]["entries"] == 0
+    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(wb.mountpoint)],
+                       capture_output=True, text=True, timeout=60)
+    assert "gone: sent by the daemon" in r.stdout
+    assert "event=upload_helper_lost" in wb.log()
+    assert wb.stop() == 0
     wb.start()
     for name, body in data.items():
         assert (wb / name).read_bytes() == body

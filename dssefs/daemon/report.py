@@ -30,9 +30,21 @@ async def collect(daemon) -> dict:
     report["kms"] = {"provider": getattr(daemon.keys, "kind", "?"), **daemon.keys.stats}
     if isinstance(daemon.store, JournalStore):  # --write-back: the backlog of the journal
         report["write_back"] = daemon.store.stats()
+        helper = _upload_helper(daemon.store)
+        if helper is not None:
+            report["write_back"]["helper"] = helper.stats()
     if daemon.fs.stale.own_window > 0:  # answers used past their TTL (never shorter than the stale window)
         report["stale_answers"] = daemon.fs.stale.stats()
     return report
+
+
+def _upload_helper(store):
+    """The helper process sending small PUTs (store/helper.py) among the stores ``store`` wraps."""
+    from ..store.helper import HelperPuts
+
+    while store is not None and not isinstance(store, HelperPuts):
+        store = vars(store).get("inner")
+    return store
 
 
 def summary(daemon, dirty_files: int, dirty_bytes: int) -> dict:
@@ -99,6 +111,10 @@ def format_text(r: dict) -> str:
         lines.append(f"write-back: {wb['entries']} versions ({size(wb['bytes'])}) waiting in {wb['dir']}, "
                      f"{wb['uploading']} uploading; {wb['uploaded']} uploaded, {wb['failed_attempts']} failed "
                      f"attempts, {wb['conflicts']} conflicts")
+        h = wb.get("helper")
+        if h is not None:
+            lines.append(f"  small PUTs sent by helper process {h['pid']} "
+                         f"({'running' if h['alive'] else 'gone: sent by the daemon'}, {h['puts']} sent)")
         for c in wb["recent_conflicts"]:
             lines.append(f"  conflict object={c['object']} saved_as={c['saved_as']}")
     st = r.get("stale_answers")

@@ -44,6 +44,11 @@ from .stopsignals import StartInterrupted, StopSignals
 log = logging.getLogger("dssefs.daemon")
 
 
+def journal_workers(s) -> int:
+    """Uploads of the write-back journal at once."""
+    return max(4, s.workers * 2)
+
+
 def open_backend(req: MountRequest, meter: StoreMeter | None = None):
     """Store (counted by ``meter`` when given), key provider and prefix for the request (may talk
     to S3/KMS)."""
@@ -55,13 +60,20 @@ def open_backend(req: MountRequest, meter: StoreMeter | None = None):
     if req.source == default_source():
         os.makedirs(default_store_dir(), mode=0o700, exist_ok=True)
     store, prefix = open_store(req.source, **store_options(s))
+    if s.write_back and not s.read_only and getattr(store, "supports_upload_helper", False):
+        from ..store.helper import HelperPuts
+
+        try:  # the journal's small PUTs, sent by a helper process (store/helper.py)
+            store = HelperPuts(store, req.source, store_options(s), workers=journal_workers(s))
+        except OSError as e:
+            log.warning("event=upload_helper_failed reason='%s' action='PUTs are sent from the daemon'", e)
     if meter is not None:
         store = MeteredStore(store, meter)
     if s.write_back and not s.read_only:
         from ..store.journal import JournalStore
 
         store = JournalStore(store, s.journal_dir or default_journal_dir(req.mountpoint),
-                             workers=max(4, s.workers * 2), identity=f"{store.url.rstrip('/')}/{prefix}")
+                             workers=journal_workers(s), identity=f"{store.url.rstrip('/')}/{prefix}")
     setup = key_provider(s, create_default=True)
     if setup.created_keyring:
         log.info("event=keyring_created path=%s", setup.created_keyring)

@@ -212,6 +212,8 @@ class S3Store(ObjectStore):
     """One S3 bucket.  Thread-safe: one botocore client shared by all threads."""
 
     supports_conditional_writes = True
+    #: its small PUTs may be sent by a helper process in write-back mode (store/helper.py)
+    supports_upload_helper = True
 
     def __init__(self, bucket: str, *, region: str | None = None, profile: str | None = None,
                  endpoint_url: str | None = None, path_style: bool = False,
