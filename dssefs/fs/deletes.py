@@ -453,13 +453,8 @@ class PendingDeletesView(ObjectStore):
     keys are absent, and a write of one settles its delete first."""
 
     def __init__(self, inner: ObjectStore, queue: DeleteQueue):
-        self.inner = inner
+        self._wrapping(inner)
         self._queue = queue
-        self.context_name = inner.context_name
-        self.url = inner.url
-        self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
-        self.parallel_requests = getattr(inner, "parallel_requests", True)
-        self.max_segment_bytes = getattr(inner, "max_segment_bytes", None)
 
     def _gone(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"{self.url.rstrip('/')}/{key}: no such object (deleted)")

@@ -158,6 +158,16 @@ class ObjectStore(abc.ABC):
         already gone (completed or aborted meanwhile) is not an error.  A writer still using it
         fails at its next part or at completion."""
 
+    def _wrapping(self, inner: "ObjectStore") -> None:
+        """This store forwards to ``inner`` (a layer in front of it): it names the same store and
+        has the same abilities."""
+        self.inner = inner
+        self.context_name = inner.context_name
+        self.url = inner.url
+        self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
+        self.parallel_requests = getattr(inner, "parallel_requests", True)
+        self.max_segment_bytes = getattr(inner, "max_segment_bytes", None)
+
     def close(self) -> None:  # pragma: no cover - optional
         pass
 

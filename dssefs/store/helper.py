@@ -70,12 +70,7 @@ class HelperPuts(ObjectStore):
 
     def __init__(self, inner: ObjectStore, source: str, options: dict[str, Any], *, workers: int = 16,
                  max_body: int = MAX_BODY):
-        self.inner = inner
-        self.context_name = inner.context_name
-        self.url = inner.url
-        self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
-        self.parallel_requests = getattr(inner, "parallel_requests", True)
-        self.max_segment_bytes = getattr(inner, "max_segment_bytes", None)
+        self._wrapping(inner)
         self.max_body = max_body
         self.sent = 0  # PUTs the helper answered
         self._ids = itertools.count(1)

@@ -105,13 +105,8 @@ class MeteredStore(ObjectStore):
     """Forwards every call to ``inner`` and counts it in ``meter``."""
 
     def __init__(self, inner: ObjectStore, meter: StoreMeter | None = None):
-        self.inner = inner
+        self._wrapping(inner)
         self.meter = meter or StoreMeter()
-        self.context_name = inner.context_name
-        self.url = inner.url
-        self.supports_conditional_writes = getattr(inner, "supports_conditional_writes", True)
-        self.parallel_requests = getattr(inner, "parallel_requests", True)
-        self.max_segment_bytes = getattr(inner, "max_segment_bytes", None)
 
     def _failed(self, exc: BaseException, kind: str | None = None) -> None:
         self.meter.failed(exc, kind)
