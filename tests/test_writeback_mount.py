@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from faultproxy import DELAY, fault_proxy  # noqa: F401 (fixture)
+from faultproxy import DELAY, LOST_RESPONSE, RESET, SLOWDOWN, fault_proxy  # noqa: F401 (fixture)
 from fuse_fixtures import Mount, requires_fuse
 
 pytestmark = [pytest.mark.s3, pytest.mark.fuse]
@@ -92,6 +92,41 @@ def test_a_killed_upload_helper_loses_nothing(wb, moto_server, bucket):
     wb.start()
     for name, body in data.items():
         assert (wb / name).read_bytes() == body
+
+
+@requires_fuse
+def test_uploads_through_faults_store_every_file_once(tmp_path, mount_factory, bucket, kms_key, fault_proxy,
+                                                     moto_server):
+    """The helper's PUTs meet 503s, resets and lost responses (the store applied the PUT, the
+    answer never came): each is retried, a refused retry of a PUT that landed is recognised as
+    our own, and every file is stored with its content, with no error and no conflict copy."""
+    for i, action in enumerate((SLOWDOWN, RESET, LOST_RESPONSE)):
+        fault_proxy.add(action, method="PUT", path=r"^/[^?]*/f\d+$", nth=(3 + i, 11 + i, 23 + i, 37 + i))
+    m = mount_factory(tmp_path / "mnt", f"s3://{bucket}", "--kms-key-id", kms_key, "--write-back",
+                      "--journal-dir", str(tmp_path / "journal"), "--spill-dir", str(tmp_path / "spill"),
+                      "--endpoint-url", fault_proxy.endpoint)
+    m.start()
+    (m / "d").mkdir()
+    data = {f"f{i}": os.urandom(200 + 37 * i) for i in range(60)}
+    for name, body in data.items():
+        (m / "d" / name).write_bytes(body)
+    fd = os.open(m / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert all(fault_proxy.count(a, "PUT") > 0 for a in (SLOWDOWN, RESET, LOST_RESPONSE))
+    st = _status(m)
+    assert st["write_back"]["helper"]["alive"] and st["write_back"]["helper"]["puts"] > len(data) // 2
+    assert st["write_back"]["entries"] == 0 and st["write_back"]["conflicts"] == 0
+    assert st["errors"]["total"] == 0
+    assert "event=write_confirmed" in m.log()  # a lost response's retry found our own version
+    assert {k for k in _keys(moto_server, bucket) if k.startswith("d/")} == {"d/"} | {f"d/{n}" for n in data}
+    assert m.stop() == 0
+    fault_proxy.clear()
+    m.start()
+    for name, body in data.items():
+        assert (m / "d" / name).read_bytes() == body
 
 
 @requires_fuse
