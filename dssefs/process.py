@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
+import signal
 
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
+PR_SET_PDEATHSIG = 1
 
 
 def _libc():
@@ -33,6 +36,19 @@ def forbid_core_dumps() -> None:
         _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM this process when the thread that started it ends (``PR_SET_PDEATHSIG``;
+    a daemon's helper started from its main thread ends with the daemon).  Exits at once if that
+    parent is already gone."""
+    parent = os.getppid()
+    try:
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(0)
 
 
 def dumpable() -> int:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import TypeVar
 
 from botocore.retries import quota as _quota
 from botocore.retries import standard as _standard
 
 from .errors import ConfigError
+
+E = TypeVar("E", bound=BaseException)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,12 @@ def retry_delay(attempt: int) -> float:
     jitter, so that clients failing together do not come back together."""
     cap = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** min(attempt - 1, 16))
     return cap / 2 + random.random() * cap / 2
+
+
+def transient(err: E) -> E:
+    """Mark ``err`` as a failure that may pass when tried again (see :func:`is_transient`)."""
+    err.transient = True
+    return err
 
 
 def is_transient(err: BaseException) -> bool:

@@ -20,7 +20,6 @@ PUTs are sent from this process, after one warning.
 
 from __future__ import annotations
 
-import ctypes
 import errno as _errno
 import itertools
 import logging
@@ -37,6 +36,8 @@ from typing import Any, Iterator
 
 from .. import errors
 from ..errors import StoreError
+from ..process import die_with_parent, forbid_core_dumps
+from ..retrying import is_transient, transient
 from .base import ObjectInfo, ObjectStore, PendingUpload, Upload
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,16 @@ def _describe(e: BaseException) -> tuple[str, str, int, bool]:
     """An exception as (class name, message, errno, transient), to rebuild on the other side."""
     name = type(e).__name__ if isinstance(e, errors.DssefsError) else "StoreError"
     message = str(e) if isinstance(e, errors.DssefsError) else f"upload helper: {type(e).__name__}: {e}"
-    return name, message, int(getattr(e, "errno", None) or _errno.EIO), bool(getattr(e, "transient", False))
+    return name, message, int(getattr(e, "errno", None) or _errno.EIO), is_transient(e)
 
 
 def _rebuild(desc: tuple[str, str, int, bool]) -> StoreError:
-    name, message, code, transient = desc
+    name, message, code, may_pass = desc
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, errors.DssefsError)):
         cls = StoreError
     err = cls(message, errno=code)
-    if transient:
-        err.transient = True
-    return err
+    return transient(err) if may_pass else err
 
 
 class HelperPuts(ObjectStore):
@@ -120,11 +119,10 @@ class HelperPuts(ObjectStore):
                     log.warning("event=upload_helper_lost pid=%s exit=%s reason='%s' action='PUTs are sent "
                                 "from the daemon from now on'", self._proc.pid, self._proc.poll(), why)
             pending, self._pending = self._pending, {}
-        for rid, fut in pending.items():
-            err = StoreError(f"{self.url}: the upload helper went away while sending this write "
-                             "(its outcome is unknown; it is sent again)")
-            err.transient = True
-            fut.set_exception(err)
+        for fut in pending.values():
+            fut.set_exception(transient(StoreError(f"{self.url}: the upload helper went away while "
+                                                   "sending this write (its outcome is unknown; it is "
+                                                   "sent again)")))
 
     @property
     def alive(self) -> bool:
@@ -137,15 +135,13 @@ class HelperPuts(ObjectStore):
 
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
             if_match: str | None = None, if_none_match: bool = False) -> str:
-        if self._broken is not None or len(body) > self.max_body:
-            return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match)
         fut: Future = Future()
         rid = next(self._ids)
         with self._lock:
-            helper = self._broken is None
+            helper = self._broken is None and len(body) <= self.max_body
             if helper:
                 self._pending[rid] = fut
-        if not helper:
+        if not helper:  # gone, or a body too large to pass through the socket
             return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match)
         try:
             with self._send_lock:
@@ -191,7 +187,8 @@ class HelperPuts(ObjectStore):
         return getattr(self.inner, name)
 
     def close(self) -> None:
-        """Let the helper finish what it was sent, then end it (called once nothing more is sent)."""
+        """End the helper once nothing more is sent (the journal has drained): it finishes what
+        it was sent and exits when the socket is shut down."""
         self._closing = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -210,22 +207,10 @@ class HelperPuts(ObjectStore):
 
 # ---- the helper process ----------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM when the daemon dies (prctl PR_SET_PDEATHSIG); the socket closing ends the
-    helper too."""
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the daemon died before the line above
-        os._exit(0)
-
-
 def serve(fd: int) -> int:
     """The helper: open the store, then answer PUTs until the socket closes."""
-    _die_with_parent()
+    forbid_core_dumps()  # it holds the daemon's S3 credentials, like every dssefs process
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C of the foreground daemon is its to handle
     logging.basicConfig(level=logging.WARNING, format="dssefs upload helper: %(levelname)s %(name)s %(message)s")
     conn = Connection(fd)

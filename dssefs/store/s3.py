@@ -74,7 +74,7 @@ from botocore.utils import determine_content_length
 
 from .. import __version__
 from ..retrying import (DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BUDGET, is_transient, keep_retrying,  # noqa: F401
-                        retry_budget_for, retry_delay, transient_tls_error)
+                        retry_budget_for, retry_delay, transient, transient_tls_error)
 from ..errors import (ConfigError, MetadataBudgetError, ObjectNotFound, PreconditionFailed,
                       StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
 from ._common import (MAX_PARTS, check_conditions, check_key, check_part_number, check_parts,
@@ -180,11 +180,6 @@ def _check_endpoint(url: str) -> None:
 
 
 # ---- retries ------------------------------------------------------------------------------------
-
-def _transient(err: StoreError) -> StoreError:
-    err.transient = True
-    return err
-
 
 #: Bodies up to this size are sent without ``Expect: 100-continue`` (see below).
 CONTINUE_MIN_BODY = 1 << 20
@@ -352,7 +347,7 @@ class S3Store(ObjectStore):
             except _BODY_ERRORS as e:
                 # botocore retries requests, not bodies that break off mid-stream.
                 if attempt >= self.max_attempts:
-                    raise _transient(StoreUnavailable(
+                    raise transient(StoreUnavailable(
                         f"lost the connection to S3 endpoint {self.endpoint} while reading "
                         f"{self._where(key)}: check network, or retry")) from e
                 log.debug("event=body_read_retry object=%s attempt=%d", self._where(key), attempt)
@@ -638,7 +633,7 @@ class S3Store(ObjectStore):
             data = data[start:start + length]
         expected = max(0, min(length, total - start))
         if len(data) != expected:
-            raise _transient(StoreUnavailable(f"s3://{self.bucket}/{key}: S3 returned {len(data)} bytes "
+            raise transient(StoreUnavailable(f"s3://{self.bucket}/{key}: S3 returned {len(data)} bytes "
                                               f"for a {expected}-byte range: retry"))
         return data, total
 
@@ -664,12 +659,12 @@ class S3Store(ObjectStore):
         except bce.SSLError as e:
             err = StoreUnavailable(f"TLS error talking to S3 endpoint {self.endpoint}: check the "
                                    "endpoint URL and AWS_CA_BUNDLE")
-            raise (_transient(err) if transient_tls_error(e) else err) from e
+            raise (transient(err) if transient_tls_error(e) else err) from e
         except (bce.ConnectTimeoutError, bce.ReadTimeoutError) as e:
-            raise _transient(StoreUnavailable(f"S3 endpoint {self.endpoint} timed out: check network / "
+            raise transient(StoreUnavailable(f"S3 endpoint {self.endpoint} timed out: check network / "
                                               "AWS_ENDPOINT_URL, or retry")) from e
         except _UNREACHABLE as e:
-            raise _transient(StoreUnavailable(f"cannot reach S3 endpoint {self.endpoint}: check "
+            raise transient(StoreUnavailable(f"cannot reach S3 endpoint {self.endpoint}: check "
                                               "network / AWS_ENDPOINT_URL")) from e
         except bce.ParamValidationError as e:
             raise StoreError(f"invalid S3 request for {self._where(key)}: {one_line(e)}",
@@ -747,7 +742,7 @@ class S3Store(ObjectStore):
             return StoreError(f"S3 {op} {where}: this S3-compatible service does not implement the "
                               f"request ({code or status})", errno=_errno.EOPNOTSUPP)
         if code in _THROTTLED or (isinstance(status, int) and status >= 500):
-            return _transient(StoreUnavailable(f"S3 is throttling or unavailable for {where} "
+            return transient(StoreUnavailable(f"S3 is throttling or unavailable for {where} "
                                                f"({code or status}) after {self.max_attempts} "
                                                "attempts: retry later"))
         return StoreError(f"S3 {op} {where} failed: {code or 'error'} (HTTP {status}): "
