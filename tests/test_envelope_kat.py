@@ -18,6 +18,8 @@ import hmac
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import cryptography_vectors
@@ -361,3 +363,19 @@ def test_output_into_plain_bytearray_and_in_place(aead):
         aead(key).encrypt_into(nonce, pt, aad, bytearray(len(pt) + 15))
     with pytest.raises(ValueError):
         aead(key).decrypt_into(nonce, bytes(buf), aad, bytearray(len(pt) + 1))
+
+
+def test_outer_warm_up_loads_what_the_first_cipher_would():
+    """``outer.warm_up`` (run by the daemon at start) leaves nothing for the first real GCM
+    operation to import; in a fresh interpreter without it, that first operation does import."""
+    probe = ("import sys\n"
+             "from dssefs.envelope import outer\n"
+             "if sys.argv[1] == 'warm': outer.warm_up()\n"
+             "before = set(sys.modules)\n"
+             "out = bytearray(3 + outer.TAG_BYTES)\n"
+             "outer.OuterAEAD(bytes(range(32))).encrypt_into(bytes(12), b'abc', b'aad', out)\n"
+             "print(','.join(sorted(set(sys.modules) - before)))\n")
+    cold = subprocess.run([sys.executable, "-c", probe, "cold"], capture_output=True, text=True, check=True)
+    warm = subprocess.run([sys.executable, "-c", probe, "warm"], capture_output=True, text=True, check=True)
+    assert "Crypto.Cipher._mode_gcm" in cold.stdout.split(",")
+    assert warm.stdout.strip() == ""

@@ -27,6 +27,7 @@ import time
 
 import trio
 
+from ..envelope import outer
 from ..errors import DssefsError
 from ..session import default_source, default_store_dir, key_provider, store_options, vault_for
 from ..store.metered import MeteredStore, StoreMeter
@@ -120,6 +121,13 @@ def build_filesystem(req: MountRequest, store, keys, prefix):
     return fs
 
 
+def warm_up_crypto() -> None:
+    try:
+        outer.warm_up()
+    except Exception as e:  # noqa: BLE001 - the first real use reports it where it matters
+        log.warning("event=crypto_warm_up_failed reason='%s'", e)
+
+
 def fuse_options(req: MountRequest) -> set[str]:
     src = "".join(c for c in (req.settings.name or req.source or "dssefs") if c not in ", \t\n\\")
     opts = {"fsname=" + src, "subtype=dssefs", "default_permissions"}
@@ -181,6 +189,8 @@ class Daemon:
 
         req = self.req
         self.signals = StopSignals()
+        # the outer layer's libraries load while the store and keys are checked, not on first use
+        threading.Thread(target=warm_up_crypto, name="dssefs-warm-up", daemon=True).start()
         try:
             self.signals.install()
             self.store, self.keys, prefix = open_backend(req, self.meter)
