@@ -680,3 +680,54 @@ def test_read_ahead_asks_the_store_again_while_answered_requests_are_decrypted()
         release.set()
         cache.close()
     assert content.read(5 * cs, 10) == bytes([5]) * 10
+
+
+def test_sequential_reader_drops_the_clean_chunks_it_has_left_behind():
+    """A sequential stream keeps only what is within READ_AHEAD_MIN behind it (the kernel's page
+    cache holds what the reader got); chunks from before the stream began and dirty chunks stay."""
+    from dssefs.fs.cache import READ_AHEAD_MIN, ChunkCache, FileContent
+    cs = 1 << 20
+    n = 32
+    fetched = []
+
+    class Base:
+        size = n * cs
+        chunk_size = cs
+
+        def read_chunks(self, run, deliver=None):
+            fetched.extend(run)
+            out = [bytearray(bytes([i % 251])) * cs for i in run]
+            if deliver is not None:
+                for i, plain in zip(run, out):
+                    deliver(i, plain)
+            return out
+
+    def expect(i: int) -> bytes:
+        return bytes([i % 251]) * cs
+
+    cache = ChunkCache(1 << 30, None)
+    try:
+        content = FileContent(cache, Base(), cs, n * cs)
+        # random reads first: chunks 20 and 3; then reads from chunk 10 on, a stream from chunk 11
+        # (the first read right where the one before ended)
+        assert content.read(20 * cs, 10) == expect(20)[:10]
+        assert content.read(3 * cs, 10) == expect(3)[:10]
+        content.write(12 * cs + 5, b"dirty")
+        for i in range(10, n):
+            got = content.read(i * cs, cs)
+            assert got == (expect(12)[:5] + b"dirty" + expect(12)[10:] if i == 12 else expect(i))
+        behind = (n - 1) * cs - READ_AHEAD_MIN  # where the last read began, less the slack
+        kept = sorted(content.chunks)
+        assert content.chunks[12].dirty
+        assert kept == [3, 10, 12, *range(behind // cs, n)]  # 20 was passed by the stream
+        assert cache.used == len(kept) * cs
+        # a stream from the start drops what it passes, the dirty chunk excepted, and reads right
+        for i in range(n):
+            content.read(i * cs, cs)
+        assert sorted(content.chunks) == [12, *range(behind // cs, n)]
+        assert cache.used == (1 + n - behind // cs) * cs
+        assert content.read(12 * cs, 10) == expect(12)[:5] + b"dirty"
+    finally:
+        cache.close()
+    # the first pass fetched every chunk once; the second fetched again only what it had dropped
+    assert sorted(set(fetched)) == list(range(n))
