@@ -28,6 +28,7 @@ from . import config, kms, store
 from .config import Settings
 from .errors import ConfigError
 from .objects import Vault
+from .objects.vault import DEFAULT_SINGLE_PUT_BUDGET
 
 
 def xdg_dir(var: str, fallback: str) -> str:
@@ -102,7 +103,9 @@ def vault_for(s: Settings, object_store: store.ObjectStore, provider: kms.KeyPro
     """A Vault writing with ``provider`` (None: a reading command) and reading objects of any
     provider kind through ``reading`` (built from ``s`` when not given)."""
     chunk_log2 = s.chunk_size.bit_length() - 1
+    # single-request bodies sealed at once stay within the memory the user gave the cache
     return Vault(object_store, provider, chunk_log2=chunk_log2, workers=max(1, s.workers),
+                 single_put_budget=min(DEFAULT_SINGLE_PUT_BUDGET, s.cache_size),
                  epoch_max_age=s.epoch_max_age, epoch_max_objects=s.epoch_max_objects,
                  key_resolver=reading or ReadingKeys(s))
 

@@ -137,6 +137,62 @@ def test_multipart_parts_are_sealed_while_the_upload_is_created(tmp_path):
     vault.close()
 
 
+def test_bodies_up_to_the_threshold_go_in_one_request_while_the_budget_lasts(env):
+    """A body larger than a part but within ``multipart_threshold`` is one PUT; one that does not
+    fit in what is left of ``single_put_budget`` (another large PUT holds it) is a multipart
+    upload, and the budget is whole again once the writes return, failed ones included."""
+    store, provider, _ = env
+    part = 5 * 1024 * 1024 if not isinstance(store, LocalStore) else 16384
+    body = 3 * part + 32 * (3 * part // 4096)  # 3 parts of plaintext in 4 KiB chunks
+    vault = _vault(store, provider, part_size=part, multipart_threshold=4 * part, single_put_budget=body + 100,
+                   workers=2)
+    calls = []
+    real_put, real_begin = store.put, store.begin_upload
+    store.put = lambda key, *a, **kw: calls.append(("put", key)) or real_put(key, *a, **kw)
+    store.begin_upload = lambda key, *a, **kw: calls.append(("upload", key)) or real_begin(key, *a, **kw)
+    data = os.urandom(3 * part)
+    try:
+        vault.write("one", bytes_source(data), len(data))
+        assert [c for c in calls if c[1] == "one"] == [("put", "one")]
+        assert vault.single_puts.used == 0
+
+        # a large PUT in flight holds the budget: the next large body goes in parts
+        holding = threading.Event()
+        go_on = threading.Event()
+
+        def slow_put(key, *a, **kw):
+            calls.append(("put", key))
+            if key == "slow":
+                holding.set()
+                go_on.wait(10)
+            return real_put(key, *a, **kw)
+        store.put = slow_put
+        t = threading.Thread(target=vault.write, args=("slow", bytes_source(data), len(data)))
+        t.start()
+        assert holding.wait(10)
+        assert vault.single_puts.used == body
+        vault.write("parts", bytes_source(data), len(data))
+        assert ("upload", "parts") in calls and ("put", "parts") not in calls
+        small = os.urandom(part // 2)  # up to a part: one request, the budget is not asked
+        vault.write("small", bytes_source(small), len(small))
+        assert ("put", "small") in calls
+        go_on.set()
+        t.join(10)
+        assert vault.single_puts.used == 0
+
+        def refused(key, *a, **kw):
+            raise StoreAccessDenied("denied (test)")
+        store.put = refused
+        with pytest.raises(StoreAccessDenied):
+            vault.write("denied", bytes_source(data), len(data))
+        assert vault.single_puts.used == 0
+        for key, want in (("one", data), ("slow", data), ("parts", data), ("small", small)):
+            assert vault.open(key).read(0, len(want)) == want
+    finally:
+        store.put, store.begin_upload = real_put, real_begin
+        vault.close()
+
+
 def test_ranged_read_fetches_only_needed_chunks(env):
     store, provider, _ = env
     vault = _vault(store, provider)
