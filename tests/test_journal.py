@@ -4,6 +4,8 @@ failures and conflicts."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import threading
 
@@ -12,7 +14,7 @@ import pytest
 from dssefs.errors import ObjectNotFound, PreconditionFailed, StoreError
 from dssefs.store import LocalStore
 from dssefs.store import journal as jmod
-from dssefs.store.journal import JournalStore
+from dssefs.store.journal import JournalStore, entry_files
 
 META = {"dsse-h": "h1", "dsse-ki": "k"}
 
@@ -67,6 +69,7 @@ def journal(inner, tmp_path):
         j._closed = True
         with j._cv:
             j._cv.notify_all()
+            j._work.notify_all()
 
 
 def _meta(h: str) -> dict:
@@ -92,7 +95,7 @@ def test_put_is_local_first_then_uploaded(journal, inner):
     assert stored.metadata == _meta("v1") and LocalStore.get_range(inner, "d/a", 0, 5)[0] == b"hello"
     # a reader pinned to the synthetic ETag still reads, from the store now
     assert j.get_range("d/a", 0, 5, if_match=etag) == (b"hello", 5)
-    assert j.stats()["entries"] == 0 and not list((j.dir).glob("*.entry"))
+    assert j.stats()["entries"] == 0 and not entry_files(j.dir)
 
 
 def test_a_pending_version_is_replaced_not_uploaded(journal, inner):
@@ -102,7 +105,7 @@ def test_a_pending_version_is_replaced_not_uploaded(journal, inner):
     etag = j.put("f", b"one", _meta("1"), if_none_match=True)
     for n in range(2, 6):
         etag = j.put("f", f"version {n}".encode(), _meta(str(n)), if_match=etag)
-    assert len(list(j.dir.glob("*.entry"))) == 2
+    assert len(entry_files(j.dir)) == 2
     inner.gate.set()
     assert j.drain() == []
     assert [c for c in inner.calls if c[1] == "f"] == [("put", "f")]  # only the newest was sent
@@ -254,6 +257,180 @@ def test_multipart_entry_is_uploaded_in_parts(journal, inner, monkeypatch):
     assert ("begin_upload", "big") in inner.calls
     assert LocalStore.get_range(inner, "big", 0, len(data))[0] == data
     assert not [p for p in j.dir.iterdir() if p.name.startswith("upload-")]
+
+
+def _wait_uploading(j: JournalStore, key: str) -> None:
+    for _ in range(500):
+        with j._cv:
+            q = j._queues.get(key)
+            if q and q[0].uploading:
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"no worker took {key}")
+
+
+def _crash(j: JournalStore, inner: Gated) -> None:
+    """Stop ``j`` as a crash would: the upload waiting at the gate fails, nothing is uploaded or
+    dropped any more (the entries stay on disk)."""
+    j._closed = True
+    with j._cv:
+        j._work.notify_all()
+    inner.fail = StoreError("the daemon is gone", errno=errno.EIO)
+    inner.gate.set()
+    for t in j._threads:
+        t.join(10)
+    inner.fail = None
+
+
+class _SlowFsync:
+    """``os.fsync`` that, in threads named ``slow``, waits for ``release`` (or raises ``error``)."""
+
+    def __init__(self, monkeypatch):
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.error: OSError | None = None
+        real = os.fsync
+
+        def fsync(fd):
+            if threading.current_thread().name == "slow":
+                self.entered.set()
+                assert self.release.wait(30)
+                if self.error is not None:
+                    raise self.error
+            return real(fd)
+
+        monkeypatch.setattr(jmod.os, "fsync", fsync)
+
+    def start(self, fn) -> threading.Thread:
+        box = {}
+
+        def run():
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                box["error"] = e
+
+        t = threading.Thread(target=run, name="slow")
+        t.box = box
+        t.start()
+        assert self.entered.wait(10)
+        return t
+
+
+def test_writes_of_other_keys_do_not_wait_for_an_entry_being_made_durable(journal, inner, monkeypatch):
+    """An entry is fsync'ed outside the journal's lock: while one key's entry waits for the disk,
+    other keys are written, read and listed; a later write of the same key waits for it."""
+    slow = _SlowFsync(monkeypatch)
+    j = journal()
+    t1 = slow.start(lambda: j.put("a", b"first", _meta("a1"), if_none_match=True))
+    done = threading.Event()
+    threading.Thread(target=lambda: (j.put("b", b"other", _meta("b1"), if_none_match=True), done.set()),
+                     daemon=True).start()
+    assert done.wait(10), "the write of another key waited for an fsync that was not its own"
+    assert j.head("b").size == 5 and j.stats()["keys"] >= 1
+    with pytest.raises(ObjectNotFound):
+        j.head("a")  # not durable yet: not visible yet
+    later = threading.Thread(target=lambda: j.put("a", b"second", _meta("a2")))
+    later.start()
+    later.join(0.3)
+    assert later.is_alive(), "a later write of the same key did not wait for the earlier one"
+    slow.release.set()
+    t1.join(10)
+    later.join(10)
+    assert "error" not in t1.box and not later.is_alive()
+    j.settle("a")
+    assert LocalStore.get_range(inner, "a", 0, 10)[0] == b"second"
+
+
+def test_the_version_being_replaced_is_not_sent_meanwhile(journal, inner, monkeypatch):
+    """While a newer version's entry is being written, the pending one it replaces is not
+    uploaded (only the newest is); if the newer one cannot be written, the older one is."""
+    for fails in (False, True):
+        slow = _SlowFsync(monkeypatch)
+        inner.gate.clear()
+        inner.calls.clear()
+        j = journal(workers=1)
+        j.put(f"blocker{fails}", b"x", _meta("b"), if_none_match=True)  # holds the one worker
+        _wait_uploading(j, f"blocker{fails}")
+        key = f"f{fails}"
+        e1 = j.put(key, b"one", _meta("1"), if_none_match=True)
+        if fails:
+            slow.error = OSError(errno.ENOSPC, "No space left on device")
+        t = slow.start(lambda: j.put(key, b"two", _meta("2"), if_match=e1))
+        inner.gate.set()  # the worker is free: the blocker is stored, the replaced entry is not sent
+        j.settle(f"blocker{fails}")
+        threading.Event().wait(0.3)
+        assert not [c for c in inner.calls if c[1] == key]
+        slow.release.set()
+        t.join(10)
+        j.settle(key)
+        assert [c for c in inner.calls if c[1] == key] == [("put", key)]
+        if fails:
+            assert isinstance(t.box["error"], StoreError) and t.box["error"].errno == errno.ENOSPC
+            assert LocalStore.get_range(inner, key, 0, 10)[0] == b"one"
+        else:
+            assert "error" not in t.box
+            assert LocalStore.get_range(inner, key, 0, 10)[0] == b"two"
+        j.close()
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("cut", ["short body", "changed byte", "empty file", "half a header"])
+def test_an_entry_cut_short_by_a_crash_is_dropped(journal, inner, cut, caplog):
+    """A crash while an entry is written leaves it incomplete; the next open drops it (its write
+    never returned) and uploads the pending version it would have replaced."""
+    inner.gate.clear()
+    j = journal(workers=1)
+    j.put("blocker", b"x", _meta("b"), if_none_match=True)
+    _wait_uploading(j, "blocker")
+    e1 = j.put("f", b"version one", _meta("1"), if_none_match=True)
+    first = j._queues["f"][0].path
+    kept = first.read_bytes()
+    j.put("f", b"version two, longer", _meta("2"), if_match=e1)
+    assert not first.exists()
+    second = j._queues["f"][0].path
+    assert second.name.endswith(jmod.CHECKED_SUFFIX) and json.loads(second.read_bytes().split(b"\n")[0])["crc32"]
+    _crash(j, inner)
+    first.write_bytes(kept)  # as if the crash came before the first was dropped
+    data = second.read_bytes()
+    head_len = data.index(b"\n") + 1
+    torn = {"short body": data[:-3], "changed byte": data[:-1] + bytes([data[-1] ^ 1]),
+            "empty file": b"", "half a header": data[:head_len // 2]}[cut]
+    second.write_bytes(torn)
+    j._close_fds()
+    j2 = journal()
+    assert j2.drain() == []
+    assert LocalStore.get_range(inner, "f", 0, 100)[0] == b"version one"
+    assert not second.exists() and not entry_files(j2.dir)
+    assert "event=journal_torn_entry" in caplog.text
+
+
+def test_a_complete_entry_in_place_replaces_the_older_one_after_a_crash(journal, inner):
+    inner.gate.clear()
+    j = journal(workers=1)
+    j.put("blocker", b"x", _meta("b"), if_none_match=True)
+    _wait_uploading(j, "blocker")
+    e1 = j.put("f", b"version one", _meta("1"), if_none_match=True)
+    first = j._queues["f"][0].path
+    kept = first.read_bytes()
+    j.put("f", b"version two", _meta("2"), if_match=e1)
+    _crash(j, inner)
+    first.write_bytes(kept)
+    j._close_fds()
+    j2 = journal()
+    assert j2.drain() == []
+    assert LocalStore.get_range(inner, "f", 0, 100)[0] == b"version two"
+    assert [c for c in inner.calls if c[1] == "f"] == [("put", "f")]
+
+
+def test_an_unreadable_renamed_entry_is_refused_not_dropped(journal, tmp_path):
+    """An entry renamed into place (a multipart upload's) was complete when it got its name: if
+    it cannot be read, it is kept and the mount refused, with the way out."""
+    d = tmp_path / "journal"
+    d.mkdir()
+    (d / f"{7:016d}{jmod.ENTRY_SUFFIX}").write_bytes(b"{not json\n")
+    with pytest.raises(StoreError, match="unreadable.*move it away"):
+        journal()
+    assert (d / f"{7:016d}{jmod.ENTRY_SUFFIX}").exists()
 
 
 def test_one_daemon_per_journal(journal):

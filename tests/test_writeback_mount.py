@@ -15,6 +15,8 @@ import pytest
 from faultproxy import DELAY, LOST_RESPONSE, RESET, SLOWDOWN, fault_proxy  # noqa: F401 (fixture)
 from fuse_fixtures import Mount, requires_fuse
 
+from dssefs.store.journal import entry_files
+
 pytestmark = [pytest.mark.s3, pytest.mark.fuse]
 
 
@@ -57,7 +59,7 @@ def test_close_returns_before_upload_fsync_and_unmount_wait(wb, moto_server, buc
     assert helper["alive"] and helper["puts"] >= 1
     assert wb.stop() == 0  # unmount drains the journal
     assert _keys(moto_server, bucket) >= set(data)
-    assert not list((tmp_path / "journal").glob("*.entry"))
+    assert not entry_files(tmp_path / "journal")
     wb.start()
     for name, body in data.items():
         assert (wb / name).read_bytes() == body
@@ -154,14 +156,14 @@ def test_crash_leaves_the_journal_to_the_next_mount(wb, moto_server, bucket, tmp
         (wb / name).write_bytes(body)
     wb.kill()  # SIGKILL while uploads wait
     assert len(_keys(moto_server, bucket) & set(data)) < len(data)
-    assert list((tmp_path / "journal").glob("*.entry"))
+    assert entry_files(tmp_path / "journal")
     wb.start()
     assert "event=journal_replay" in wb.log()
     for name, body in data.items():
         assert (wb / name).read_bytes() == body  # from the journal or the store
     assert wb.stop() == 0
     assert _keys(moto_server, bucket) >= set(data)
-    assert not list((tmp_path / "journal").glob("*.entry"))
+    assert not entry_files(tmp_path / "journal")
 
 
 @requires_fuse

@@ -4,10 +4,17 @@ durable in a local directory and uploads them in the background.
 A write (``put``, a multipart upload, a ``copy`` or ``delete`` of a key with writes still
 pending) becomes an *entry*: one file holding a JSON header line and the object's body exactly as
 it will be stored (dssefs bodies are ciphertext and their metadata holds wrapped keys only, so
-nothing in the journal is plaintext or a usable key).  The entry is fsync'ed, renamed into place
-and its directory fsync'ed before the call returns, with a synthetic ETag (``wb-…``).
+nothing in the journal is plaintext or a usable key).  The entry is written under its final name
+with the CRC32 of its body in its header, fsync'ed, and its directory fsync'ed before the call
+returns, with a synthetic ETag (``wb-…``).  (One file system commit per entry: a temporary file
+renamed into place needs a second one.  An entry that a crash cut short fails its length or CRC
+check when the journal is opened again and is dropped: its write never returned.)  An entry
+whose body is a multipart upload's parts, copied from their files, is written to a temporary
+file and renamed into place instead.
 
-Entries of one key are uploaded in order, one at a time; different keys in parallel (``workers``).
+Entries of one key are written and uploaded in order, one at a time; different keys in parallel
+(``workers`` uploads; the writes of different keys, fsync included, do not wait for each other or
+for the uploads' bookkeeping).
 Until an entry is uploaded, ``head``, ``get_range`` and ``list`` answer from it, so the writer
 sees its own writes.  A later write of a key whose previous entry has not started uploading
 replaces that entry (only the newest version is uploaded).  Conditions are kept: a write made
@@ -36,6 +43,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,7 +58,8 @@ UPLOAD_PART = 8 << 20  # entries larger than MULTIPART are uploaded in parts of 
 MULTIPART = 16 << 20
 BACKOFF_MAX = 30.0
 RESOLVED_MAX = 200_000  # synthetic ETag -> stored ETag, remembered for readers pinned to one
-ENTRY_SUFFIX = ".entry"
+ENTRY_SUFFIX = ".entry"  # renamed into place once complete
+CHECKED_SUFFIX = ".centry"  # written in place: complete if its length and CRC32 say so
 FORMAT = 1
 
 #: ``on_conflict(key, metadata, body) -> str``: store a version that lost its condition under
@@ -80,15 +89,19 @@ class Entry:
     path: Path | None = None
     offset: int = 0  # where the body starts in the file
     uploading: bool = False
+    replacing: bool = False  # a newer entry that takes its place is being written: not to be sent
     attempts: int = 0
     error: BaseException | None = None
     next_try: float = 0.0
 
-    def header(self) -> dict:
-        return {"format": FORMAT, "seq": self.seq, "op": self.op, "key": self.key, "etag": self.etag,
-                "meta": self.meta, "size": self.size, "mtime": self.mtime, "if_match": self.if_match,
-                "if_none_match": self.if_none_match, "after": self.after, "after_op": self.after_op,
-                "after_header": self.after_header, "replaces": self.replaces}
+    def header(self, crc32: int | None = None) -> dict:
+        h = {"format": FORMAT, "seq": self.seq, "op": self.op, "key": self.key, "etag": self.etag,
+             "meta": self.meta, "size": self.size, "mtime": self.mtime, "if_match": self.if_match,
+             "if_none_match": self.if_none_match, "after": self.after, "after_op": self.after_op,
+             "after_header": self.after_header, "replaces": self.replaces}
+        if crc32 is not None:
+            h["crc32"] = crc32
+        return h
 
 
 class JournalStore(ObjectStore):
@@ -101,7 +114,13 @@ class JournalStore(ObjectStore):
         self.identity = identity
         self.workers = max(1, workers)
         self.on_conflict = on_conflict
-        self._cv = threading.Condition()
+        # one lock; two conditions on it: ``_cv`` for state changes that settle, drain and writers
+        # wait for (an entry stored, failed, replaced or written), ``_work`` for upload workers
+        # waiting for an entry to send (woken one at a time, one per entry ready)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._work = threading.Condition(self._lock)
+        self._writing: set[str] = set()  # keys whose next entry is being written (outside the lock)
         self._queues: dict[str, collections.deque[Entry]] = {}
         self._ready: collections.deque[str] = collections.deque()  # keys whose head may be uploaded
         self._waiting: list[tuple[float, int, str]] = []  # heap of (next_try, seq, key) after a failure
@@ -126,12 +145,13 @@ class JournalStore(ObjectStore):
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.dir, 0o700)
             self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             raise ConfigError(f"write-back journal {self.dir}: {e.strerror}; choose another --journal-dir") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(self._lock_fd)
+            self._close_fds()
             raise ConfigError(f"write-back journal {self.dir} is in use by another dssefs daemon; give "
                               "each mount its own --journal-dir") from None
         ident = self.dir / "store"
@@ -140,8 +160,8 @@ class JournalStore(ObjectStore):
                 held = ident.read_text()
             except FileNotFoundError:
                 held = None
-            if held is not None and held != self.identity and any(self.dir.glob("*" + ENTRY_SUFFIX)):
-                os.close(self._lock_fd)
+            if held is not None and held != self.identity and entry_files(self.dir):
+                self._close_fds()
                 raise ConfigError(f"write-back journal {self.dir} holds versions not stored yet for {held}, "
                                   f"not {self.identity}: mount that store here first (they are uploaded "
                                   "then), or give this mount another --journal-dir")
@@ -154,6 +174,12 @@ class JournalStore(ObjectStore):
             elif p.name.endswith(ENTRY_SUFFIX):
                 e = self._read_header(p)
                 entries[e.seq] = e
+            elif p.name.endswith(CHECKED_SUFFIX):
+                e = self._read_checked(p)
+                if e is None:
+                    p.unlink()
+                else:
+                    entries[e.seq] = e
         for e in list(entries.values()):  # a crash between writing a replacement and dropping the old
             if e.replaces is not None and e.replaces in entries:
                 old = entries.pop(e.replaces)
@@ -186,37 +212,55 @@ class JournalStore(ObjectStore):
         e.path, e.offset = path, len(line)
         return e
 
-    def _write_entry(self, e: Entry, body) -> None:
-        """Make ``e`` durable: header line + body to a temporary file, fsync, rename, fsync dir."""
-        final = self.dir / f"{e.seq:016d}{ENTRY_SUFFIX}"
-        tmp = final.with_name(final.name + ".tmp")
-        head = json.dumps(e.header(), separators=(",", ":")).encode() + b"\n"
+    def _read_checked(self, path: Path) -> Entry | None:
+        """An entry written in place, or None if a crash cut its write short (its header does not
+        parse, or its body's length or CRC32 is not what the header says)."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(path, "rb") as f:
+                line = f.readline()
+                h = json.loads(line) if line.endswith(b"\n") else None
+                crc = h.get("crc32") if isinstance(h, dict) else None
+                complete = isinstance(crc, int)
+                if complete:
+                    got, n = 0, 0
+                    while block := f.read(1 << 20):
+                        got, n = zlib.crc32(block, got), n + len(block)
+                    complete = n == int(h["size"]) and got == crc
+        except (ValueError, KeyError, TypeError):
+            complete = False
+        if not complete:
+            log.warning("event=journal_torn_entry entry=%s reason='its write was cut short (a crash "
+                        "before the write returned, so no program was told it was saved); dropped'", path)
+            return None
+        return self._read_header(path)
+
+    def _write_entry(self, e: Entry, body) -> None:
+        """Make ``e`` durable.  A body in memory (or none): header line with the body's CRC32, then
+        the body, under the entry's final name; fsync; fsync of the directory (the new name).
+        Parts of a multipart upload: copied into a temporary file that is renamed into place."""
+        parts = isinstance(body, _PartsBody)
+        final = self.dir / f"{e.seq:016d}{ENTRY_SUFFIX if parts else CHECKED_SUFFIX}"
+        path = final.with_name(final.name + ".tmp") if parts else final
+        crc = None if parts else zlib.crc32(body if body is not None else b"")
+        head = json.dumps(e.header(crc), separators=(",", ":")).encode() + b"\n"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, head)
-                if body is not None:
-                    _write_all(fd, body)
+                _write_all(fd, head, body)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
-            self._fsync_dir()
+            if parts:
+                os.rename(path, final)
+            os.fsync(self._dir_fd)
         except OSError as err:
             try:
-                tmp.unlink()
+                path.unlink()
             except OSError:
                 pass
             code = err.errno if err.errno in (_errno.ENOSPC, _errno.EDQUOT, _errno.EACCES) else _errno.EIO
             raise StoreError(f"write-back journal {self.dir}: {err.strerror}", errno=code) from None
         e.path, e.offset = final, len(head)
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _body(self, e: Entry, start: int = 0, length: int | None = None) -> bytes:
         n = e.size - start if length is None else min(length, e.size - start)
@@ -262,7 +306,8 @@ class JournalStore(ObjectStore):
         """Queue a durable entry (lock held)."""
         q = self._queues.setdefault(e.key, collections.deque())
         if replaced is not None:
-            q.remove(replaced)
+            if replaced in q:  # (not when a conflict dropped the key's entries meanwhile)
+                q.remove(replaced)
             self._resolved[replaced.etag] = None  # nobody can read that version any more
             try:
                 replaced.path.unlink()
@@ -271,17 +316,51 @@ class JournalStore(ObjectStore):
         q.append(e)
         if q[0] is e:
             self._ready.append(e.key)
-        self._cv.notify()
+            self._work.notify()
+
+    def _await_writing(self, key: str) -> None:
+        """Wait until no entry of ``key`` is being written (lock held): the entries of a key keep
+        the order of their writes."""
+        while key in self._writing:
+            self._cv.wait()
+
+    def _claim(self, op: str, key: str, meta: dict | None, size: int, *, if_match: str | None = None,
+               if_none_match: bool = False) -> tuple[Entry, Entry | None]:
+        """A new entry for ``key`` (lock held, no entry of ``key`` being written), to be written
+        by :meth:`_commit` outside the lock; the entry it replaces is not sent meanwhile."""
+        e, replaced = self._new_entry(op, key, meta, size, if_match=if_match, if_none_match=if_none_match)
+        if replaced is not None:
+            replaced.replacing = True
+        self._writing.add(key)
+        return e, replaced
+
+    def _commit(self, e: Entry, replaced: Entry | None, body) -> str:
+        """Write a claimed entry (fsync'ed, outside the lock: other keys' writes and the uploads go
+        on meanwhile) and queue it; on failure the entry it would have replaced is sent again."""
+        written = False
+        try:
+            self._write_entry(e, body)
+            written = True
+        finally:
+            with self._cv:
+                self._writing.discard(e.key)
+                if written:
+                    self._add(e, replaced)
+                elif replaced is not None:
+                    replaced.replacing = False
+                    q = self._queues.get(e.key)
+                    if q and q[0] is replaced:
+                        self._ready.append(e.key)
+                        self._work.notify()
+                self._cv.notify_all()
+        return e.etag
 
     def _journal(self, op: str, key: str, meta: dict | None, body, size: int, *, if_match: str | None = None,
                  if_none_match: bool = False) -> str:
         with self._cv:
-            e, replaced = self._new_entry(op, key, meta, size, if_match=if_match, if_none_match=if_none_match)
-            # written under the lock: the entries of a key keep the order of their writes (an
-            # fsync'ed small file costs well under a store round trip)
-            self._write_entry(e, body)
-            self._add(e, replaced)
-        return e.etag
+            self._await_writing(key)
+            e, replaced = self._claim(op, key, meta, size, if_match=if_match, if_none_match=if_none_match)
+        return self._commit(e, replaced, body)
 
     # ---- the ObjectStore interface ------------------------------------------------------------------
 
@@ -378,6 +457,7 @@ class JournalStore(ObjectStore):
         if _own_record(key):
             return self.inner.delete(key)
         with self._cv:
+            self._await_writing(key)
             q = self._queues.get(key)
             if q:
                 if all(e.op == "put" and not e.uploading for e in q) and q[0].if_none_match and q[0].after is None:
@@ -392,10 +472,12 @@ class JournalStore(ObjectStore):
                     return
                 if q[-1].op == "delete":
                     return
-                e, _ = self._new_entry("delete", key, None, 0, if_match=None, if_none_match=False)
-                self._write_entry(e, None)
-                self._add(e, None)
-                return
+                e, _ = self._claim("delete", key, None, 0)
+            else:
+                e = None
+        if e is not None:
+            self._commit(e, None, None)
+            return
         self.inner.delete(key)
 
     def delete_many(self, keys) -> list:
@@ -454,13 +536,18 @@ class JournalStore(ObjectStore):
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            self._work.notify_all()
         for t in self._threads:
             t.join(timeout=5)
-        try:
-            os.close(self._lock_fd)
-        except OSError:
-            pass
+        self._close_fds()
         self.inner.close()
+
+    def _close_fds(self) -> None:
+        for fd in (self._dir_fd, self._lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # ---- waiting ------------------------------------------------------------------------------------
 
@@ -523,7 +610,7 @@ class JournalStore(ObjectStore):
         if q and q[0].error is not None and not q[0].uploading and q[0].next_try > 0:
             q[0].next_try = 0.0
             self._ready.append(key)
-            self._cv.notify()
+            self._work.notify()
 
     def stats(self) -> dict:
         with self._cv:
@@ -546,7 +633,7 @@ class JournalStore(ObjectStore):
         while self._ready:
             key = self._ready.popleft()
             q = self._queues.get(key)
-            if not q or q[0].uploading or q[0].next_try > now:
+            if not q or q[0].uploading or q[0].replacing or q[0].next_try > now:
                 continue
             q[0].uploading = True
             return q[0]
@@ -561,7 +648,7 @@ class JournalStore(ObjectStore):
                     if e is not None:
                         break
                     wait = self._waiting[0][0] - time.monotonic() if self._waiting else None
-                    self._cv.wait(wait if wait is None or wait > 0 else 0.01)
+                    self._work.wait(wait if wait is None or wait > 0 else 0.01)
                 if self._closed:
                     if e is not None:
                         e.uploading = False
@@ -647,9 +734,11 @@ class JournalStore(ObjectStore):
             self._after_etag.pop(e.after, None)
             if result is not None:
                 self._remember(e.etag, result)
-            if q:  # the next entry's condition is what this one stored
+            if q or e.key in self._writing:  # the next entry's condition is what this one stored
                 self._after_etag[e.seq] = result
+            if q:
                 self._ready.append(e.key)
+                self._work.notify()
             else:
                 del self._queues[e.key]
             self.uploaded += 1
@@ -675,6 +764,7 @@ class JournalStore(ObjectStore):
             heapq.heappush(self._waiting, (e.next_try, e.seq, e.key))
             self.failed_attempts += 1
             self._cv.notify_all()
+            self._work.notify()  # an idle worker waits for the earliest retry
         log.warning("event=journal_upload_failed object=%s attempt=%d retry_in=%.1fs reason=%s",
                     self._where(e.key), e.attempts, delay, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
@@ -725,7 +815,7 @@ class _JournalUpload(Upload):
         p = self.journal.dir / f"upload-{self.upload_id}-{number:05d}.tmp"
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(fd, memoryview(data))
+            _write_buffers(fd, [data])
         except OSError as e:
             raise StoreError(f"write-back journal {self.journal.dir}: {e.strerror}", errno=_errno.EIO) from None
         finally:
@@ -762,8 +852,16 @@ class _PartsBody:
         self.files = [parts[n] for n in numbers]
 
 
-def _write_all(fd: int, body) -> None:
+def entry_files(directory: str | os.PathLike) -> list[Path]:
+    """The entry files in a journal directory (versions not uploaded yet, or cut short)."""
+    d = Path(directory)
+    return sorted([*d.glob("*" + ENTRY_SUFFIX), *d.glob("*" + CHECKED_SUFFIX)])
+
+
+def _write_all(fd: int, head: bytes, body) -> None:
+    """``head`` and then ``body`` (bytes-like, a :class:`_PartsBody`, or None) into ``fd``."""
     if isinstance(body, _PartsBody):
+        _write_buffers(fd, [head])
         for p in body.files:
             src = os.open(p, os.O_RDONLY)
             try:
@@ -776,10 +874,19 @@ def _write_all(fd: int, body) -> None:
             finally:
                 os.close(src)
         return
-    view = memoryview(body).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    _write_buffers(fd, [head] if body is None else [head, body])
+
+
+def _write_buffers(fd: int, buffers: list) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _own_record(key: str) -> bool:
