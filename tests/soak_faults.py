@@ -37,7 +37,9 @@ suite so that this code keeps working; it spares a request after 4 faults in a r
 succeeds within its 5 attempts, so any error is dssefs's) and shortens botocore's back-off 50 times
 (a ``sitecustomize`` on the daemon's ``PYTHONPATH``).  Environment knobs for the full run:
 ``DSSEFS_SOAK_SEED`` (the tree and the faults), ``DSSEFS_SOAK_MAX_IN_A_ROW`` (e.g. 4, as the
-smoke; 0: never spare), ``DSSEFS_SOAK_BACKOFF_SCALE`` (e.g. 0.1 for a quicker look).
+smoke; 0: never spare), ``DSSEFS_SOAK_BACKOFF_SCALE`` (e.g. 0.1 for a quicker look),
+``DSSEFS_SOAK_MOUNT_OPTS`` (more mount options, e.g. ``--write-back``: programs are then told of
+nothing at ``close``; the journal is drained by the unmounts and by ``dd conv=fsync``'s fsync).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import json
 import os
 import random
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -338,8 +341,11 @@ def run_soak(scale: Scale, proxy, moto_server, bucket: str, kms_key: str, mount_
         (shim / "sitecustomize.py").write_text(BACKOFF_SHIM)
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])),
                "DSSEFS_TEST_BACKOFF_SCALE": str(backoff)}
+    extra = shlex.split(os.environ.get("DSSEFS_SOAK_MOUNT_OPTS", ""))
+    if "--write-back" in extra and "--journal-dir" not in extra:
+        extra += ["--journal-dir", str(tmp_path / "journal")]
     m = mount_factory(tmp_path / "mnt", source, *args, "--endpoint-url", proxy.endpoint,
-                      "--epoch-max-objects", str(scale.epoch_max_objects), env=env)
+                      "--epoch-max-objects", str(scale.epoch_max_objects), *extra, env=env)
     t0 = time.monotonic()
     m.start(timeout=120)
     soak.phases["mount"] = round(time.monotonic() - t0, 2)
@@ -443,7 +449,10 @@ def run_soak(scale: Scale, proxy, moto_server, bucket: str, kms_key: str, mount_
                     "errors_by_errno": s.get("errors", {}).get("by_errno"),
                     "store": {k: s.get("store", {}).get(k) for k in ("requests", "failures", "not_found",
                                                                     "bytes_written", "bytes_read")},
-                    "kms": s.get("kms")} if "error" not in s else s for s in soak.statuses],
+                    "kms": s.get("kms"),
+                    **({"write_back": {k: s["write_back"].get(k) for k in ("entries", "uploaded", "failed_attempts",
+                                                                          "conflicts")}}
+                       if s.get("write_back") else {})} if "error" not in s else s for s in soak.statuses],
         "bucket_objects": len(keys),
     }
     (tmp_path / "soak-report.json").write_text(json.dumps(report, indent=2))
