@@ -341,6 +341,62 @@ def test_every_version_gets_fresh_data_keys(env):
     assert (obj.read(0, 4), obj.generation) == (b"same", 1)
 
 
+def _epoch_records(store) -> list[str]:
+    return [it.key for it in store.list(".dssefs/epochs/", None) if not isinstance(it, str)]
+
+
+def test_epoch_keys_prepared_ahead_serve_the_first_write_and_are_stored_with_it(env):
+    """A mount generates its epoch's keys while it starts (``Epochs.prepare``): the first write
+    asks KMS for nothing, and the record is stored only by that write; keys prepared longer ago
+    than an epoch lives are not used; a record that could not be stored is stored by the next
+    write with the same keys."""
+    store, provider, _ = env
+    vault = _vault(store, provider, epoch_prefix="")
+    vault.epochs.prepare("")
+    assert provider.stats["generate"] == 2 and _epoch_records(store) == []  # nothing stored yet
+    vault.epochs.prepare("")
+    assert provider.stats["generate"] == 2  # already prepared
+    first = vault.write("a", bytes_source(b"one"), 3, if_none_match=True)
+    assert provider.stats["generate"] == 2
+    (record,) = _epoch_records(store)
+    assert record.endswith(first.data_keys.epoch.epoch_id.hex())
+    vault.epochs.prepare("")  # the current epoch is fresh: nothing to prepare
+    assert provider.stats["generate"] == 2
+    assert _vault(store, provider).open("a").read(0, 3) == b"one"
+
+    # prepared too long ago: fresh keys for the first write
+    aged = _vault(store, provider, epoch_prefix="", epoch_max_age=0.2)
+    aged.epochs.prepare("")
+    assert provider.stats["generate"] == 4
+    time.sleep(0.3)
+    second = aged.write("b", bytes_source(b"two"), 3, if_none_match=True)
+    assert provider.stats["generate"] == 6 and len(_epoch_records(store)) == 2
+    assert second.data_keys.epoch.started > time.monotonic() - 0.2
+
+    # the record's PUT fails: the write fails; the next one stores the same record, no new keys
+    failing = _vault(store, provider, epoch_prefix="")
+    failing.epochs.prepare("")
+    assert provider.stats["generate"] == 8
+    real_put, refused = store.put, []
+
+    def put(key, body, meta, **kw):
+        if "/epochs/" in "/" + key and not refused:
+            refused.append(key)
+            raise DssefsError("store unreachable")
+        return real_put(key, body, meta, **kw)
+
+    store.put = put
+    try:
+        with pytest.raises(DssefsError, match="unreachable"):
+            failing.write("c", bytes_source(b"three"), 5, if_none_match=True)
+        third = failing.write("c", bytes_source(b"three"), 5, if_none_match=True)
+    finally:
+        store.put = real_put
+    assert provider.stats["generate"] == 8 and len(_epoch_records(store)) == 3
+    assert refused[0].endswith(third.data_keys.epoch.epoch_id.hex())
+    assert _vault(store, provider).open("c").read(0, 5) == b"three"
+
+
 def test_conditional_writes(env):
     store, provider, _ = env
     vault = _vault(store, provider)

@@ -128,6 +128,16 @@ def warm_up_crypto() -> None:
         log.warning("event=crypto_warm_up_failed reason='%s'", e)
 
 
+def prepare_epoch(vault) -> None:
+    """Generate the keys of the mount's first epoch while it starts, so that its first write does
+    not wait for KMS (the record is stored with that write)."""
+    try:
+        vault.epochs.prepare(vault.epoch_prefix)
+    except Exception as e:  # noqa: BLE001 - the first write asks again and reports it there
+        log.info("event=epoch_prepare_failed reason='%s' effect='the first write asks for the keys itself'",
+                 str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def fuse_options(req: MountRequest) -> set[str]:
     src = "".join(c for c in (req.settings.name or req.source or "dssefs") if c not in ", \t\n\\")
     opts = {"fsname=" + src, "subtype=dssefs", "default_permissions"}
@@ -196,6 +206,9 @@ class Daemon:
             self.store, self.keys, prefix = open_backend(req, self.meter)
             self.prefix = prefix
             self.fs = build_filesystem(req, self.store, self.keys, prefix)
+            if not req.settings.read_only and self.fs.vault.keys is not None:
+                threading.Thread(target=prepare_epoch, args=(self.fs.vault,), name="dssefs-epoch",
+                                 daemon=True).start()
             self.fs.load_root()
         except StartInterrupted as e:
             # asked to stop before anything was mounted: not a failure (exit 0, no READY=1)

@@ -38,9 +38,9 @@ class Epoch:
 
     __slots__ = ("record", "key_inner", "key_outer", "started", "objects")
 
-    def __init__(self, record: EpochRecord, key_inner: bytes, key_outer: bytes):
+    def __init__(self, record: EpochRecord, key_inner: bytes, key_outer: bytes, started: float | None = None):
         self.record, self.key_inner, self.key_outer = record, key_inner, key_outer
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.objects = 0
 
     @property
@@ -76,6 +76,7 @@ class Epochs:
         self._write_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._known: collections.OrderedDict[tuple[str, bytes], Epoch] = collections.OrderedDict()
         self._loading: dict[tuple[str, bytes], threading.Lock] = {}
+        self._prepared: dict[str, Epoch] = {}  # prefix -> keys generated ahead, record not stored yet
 
     @property
     def bucket(self) -> str:
@@ -103,10 +104,45 @@ class Epochs:
                 self._remember(ep)
             return ep
 
+    def prepare(self, prefix: str) -> None:
+        """Generate the keys of the next epoch under ``prefix`` ahead of its first object (the
+        KMS requests of a mount's first write, made while it starts).  Its record is stored only
+        when the first object is written: a mount that writes nothing leaves nothing behind.
+        Unused keys expire like an epoch (``max_age``, counted from here)."""
+        with self._write_locks[prefix]:
+            with self._lock:
+                if prefix in self._prepared or (prefix in self._current and self._fresh(self._current[prefix])):
+                    return
+            ep = self._generate(prefix)
+            with self._lock:
+                self._prepared[prefix] = ep
+
     def _fresh(self, ep: Epoch) -> bool:
         return ep.objects < self.max_objects and time.monotonic() - ep.started < self.max_age
 
     def _start(self, prefix: str) -> Epoch:
+        with self._lock:
+            ep = self._prepared.pop(prefix, None)
+        if ep is None or not self._fresh(ep):
+            ep = self._generate(prefix)
+        record = ep.record
+        try:
+            self.store.put(record_key(prefix, record.epoch_id), record.encode(), {}, if_none_match=True)
+        except PreconditionFailed:
+            # under a fresh random id, a refusal can only be a retry whose first attempt was
+            # stored (its reply lost): it is ours exactly when the stored record is what we sent
+            stored, _ = self.fetch_record(prefix, record.epoch_id)
+            if stored != record:
+                raise
+        except Exception:
+            with self._lock:  # the next write tries to store it again, without asking KMS again
+                self._prepared.setdefault(prefix, ep)
+            raise
+        return ep
+
+    def _generate(self, prefix: str) -> Epoch:
+        """A new epoch's keys (one KMS request per layer) and record, not stored yet."""
+        started = time.monotonic()
         epoch_id = os.urandom(fmt.EPOCH_ID_BYTES)
         provider = self.writer
         (k_in, w_in), (k_out, w_out) = self.per_layer(
@@ -117,15 +153,7 @@ class Epochs:
                              provider=provider.kind, key_id_inner=w_in.key_id,
                              key_id_outer=w_out.key_id, wrapped_inner=w_in.blob,
                              wrapped_outer=w_out.blob, created=_utc_now())
-        try:
-            self.store.put(record_key(prefix, epoch_id), record.encode(), {}, if_none_match=True)
-        except PreconditionFailed:
-            # under a fresh random id, a refusal can only be a retry whose first attempt was
-            # stored (its reply lost): it is ours exactly when the stored record is what we sent
-            stored, _ = self.fetch_record(prefix, epoch_id)
-            if stored != record:
-                raise
-        return Epoch(record, k_in, k_out)
+        return Epoch(record, k_in, k_out, started)
 
     # ---- reading --------------------------------------------------------------------------------
 
