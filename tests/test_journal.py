@@ -374,10 +374,12 @@ def test_the_version_being_replaced_is_not_sent_meanwhile(journal, inner, monkey
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("cut", ["short body", "changed byte", "empty file", "half a header"])
-def test_an_entry_cut_short_by_a_crash_is_dropped(journal, inner, cut, caplog):
+@pytest.mark.parametrize("cut", [None, "short body", "changed byte", "empty file", "half a header"])
+def test_after_a_crash_between_two_versions_a_torn_entry_is_dropped(journal, inner, cut, caplog):
     """A crash while an entry is written leaves it incomplete; the next open drops it (its write
-    never returned) and uploads the pending version it would have replaced."""
+    never returned) and uploads the pending version it would have replaced.  A complete one
+    (``cut`` None: the crash came after it was written, before the older one was dropped)
+    replaces the older one, which is never sent."""
     inner.gate.clear()
     j = journal(workers=1)
     j.put("blocker", b"x", _meta("b"), if_none_match=True)
@@ -391,35 +393,20 @@ def test_an_entry_cut_short_by_a_crash_is_dropped(journal, inner, cut, caplog):
     assert second.name.endswith(jmod.CHECKED_SUFFIX) and json.loads(second.read_bytes().split(b"\n")[0])["crc32"]
     _crash(j, inner)
     first.write_bytes(kept)  # as if the crash came before the first was dropped
-    data = second.read_bytes()
-    head_len = data.index(b"\n") + 1
-    torn = {"short body": data[:-3], "changed byte": data[:-1] + bytes([data[-1] ^ 1]),
-            "empty file": b"", "half a header": data[:head_len // 2]}[cut]
-    second.write_bytes(torn)
+    if cut is not None:
+        data = second.read_bytes()
+        head_len = data.index(b"\n") + 1
+        torn = {"short body": data[:-3], "changed byte": data[:-1] + bytes([data[-1] ^ 1]),
+                "empty file": b"", "half a header": data[:head_len // 2]}[cut]
+        second.write_bytes(torn)
     j._close_fds()
     j2 = journal()
     assert j2.drain() == []
-    assert LocalStore.get_range(inner, "f", 0, 100)[0] == b"version one"
-    assert not second.exists() and not entry_files(j2.dir)
-    assert "event=journal_torn_entry" in caplog.text
-
-
-def test_a_complete_entry_in_place_replaces_the_older_one_after_a_crash(journal, inner):
-    inner.gate.clear()
-    j = journal(workers=1)
-    j.put("blocker", b"x", _meta("b"), if_none_match=True)
-    _wait_uploading(j, "blocker")
-    e1 = j.put("f", b"version one", _meta("1"), if_none_match=True)
-    first = j._queues["f"][0].path
-    kept = first.read_bytes()
-    j.put("f", b"version two", _meta("2"), if_match=e1)
-    _crash(j, inner)
-    first.write_bytes(kept)
-    j._close_fds()
-    j2 = journal()
-    assert j2.drain() == []
-    assert LocalStore.get_range(inner, "f", 0, 100)[0] == b"version two"
+    want = b"version one" if cut else b"version two, longer"
+    assert LocalStore.get_range(inner, "f", 0, 100)[0] == want
     assert [c for c in inner.calls if c[1] == "f"] == [("put", "f")]
+    assert not entry_files(j2.dir)
+    assert ("event=journal_torn_entry" in caplog.text) == (cut is not None)
 
 
 def test_an_unreadable_renamed_entry_is_refused_not_dropped(journal, tmp_path):
