@@ -134,8 +134,7 @@ def prepare_epoch(vault) -> None:
     try:
         vault.epochs.prepare(vault.epoch_prefix)
     except Exception as e:  # noqa: BLE001 - the first write asks again and reports it there
-        log.info("event=epoch_prepare_failed reason='%s' effect='the first write asks for the keys itself'",
-                 str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.info("event=epoch_prepare_failed reason='%s' effect='the first write asks for the keys itself'", e)
 
 
 def fuse_options(req: MountRequest) -> set[str]:

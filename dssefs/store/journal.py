@@ -195,22 +195,16 @@ class JournalStore(ObjectStore):
                      sum(e.size for e in entries.values()))
 
     @staticmethod
-    def _read_header(path: Path) -> Entry:
-        with open(path, "rb") as f:
-            line = f.readline()
+    def _read_header(path: Path, line: bytes | None = None) -> Entry:
+        """The entry of ``path`` from its header ``line`` (read from the file when not given)."""
+        if line is None:
+            with open(path, "rb") as f:
+                line = f.readline()
         try:
-            h = json.loads(line)
-            if h.get("format") != FORMAT:
-                raise ValueError(f"format {h.get('format')!r}")
-            e = Entry(seq=int(h["seq"]), op=h["op"], key=h["key"], etag=h["etag"], meta=dict(h["meta"]),
-                      size=int(h["size"]), mtime=float(h["mtime"]), if_match=h["if_match"],
-                      if_none_match=bool(h["if_none_match"]), after=h["after"], after_op=h["after_op"],
-                      after_header=h["after_header"], replaces=h["replaces"])
+            return _parse_entry(path, line, json.loads(line))
         except (ValueError, KeyError, TypeError) as err:
             raise StoreError(f"write-back journal entry {path} is unreadable ({err}); move it away to "
                              "mount, and keep it: it holds a version not stored yet", errno=_errno.EIO) from None
-        e.path, e.offset = path, len(line)
-        return e
 
     def _read_checked(self, path: Path) -> Entry | None:
         """An entry written in place, or None if a crash cut its write short (its header does not
@@ -232,7 +226,7 @@ class JournalStore(ObjectStore):
             log.warning("event=journal_torn_entry entry=%s reason='its write was cut short (a crash "
                         "before the write returned, so no program was told it was saved); dropped'", path)
             return None
-        return self._read_header(path)
+        return self._read_header(path, line)  # the header line read above, not read again
 
     def _write_entry(self, e: Entry, body) -> None:
         """Make ``e`` durable.  A body in memory (or none): header line with the body's CRC32, then
@@ -315,8 +309,12 @@ class JournalStore(ObjectStore):
                 pass
         q.append(e)
         if q[0] is e:
-            self._ready.append(e.key)
-            self._work.notify()
+            self._wake(e.key)
+
+    def _wake(self, key: str) -> None:
+        """The first entry of ``key`` may be sent (lock held): one idle worker is woken for it."""
+        self._ready.append(key)
+        self._work.notify()
 
     def _await_writing(self, key: str) -> None:
         """Wait until no entry of ``key`` is being written (lock held): the entries of a key keep
@@ -350,8 +348,7 @@ class JournalStore(ObjectStore):
                     replaced.replacing = False
                     q = self._queues.get(e.key)
                     if q and q[0] is replaced:
-                        self._ready.append(e.key)
-                        self._work.notify()
+                        self._wake(e.key)
                 self._cv.notify_all()
         return e.etag
 
@@ -459,26 +456,26 @@ class JournalStore(ObjectStore):
         with self._cv:
             self._await_writing(key)
             q = self._queues.get(key)
-            if q:
-                if all(e.op == "put" and not e.uploading for e in q) and q[0].if_none_match and q[0].after is None:
-                    # created and never sent: nothing to delete in the store
-                    for e in list(q):
-                        self._resolved[e.etag] = None
-                        try:
-                            e.path.unlink()
-                        except OSError:
-                            pass
-                    del self._queues[key]
-                    return
-                if q[-1].op == "delete":
-                    return
-                e, _ = self._claim("delete", key, None, 0)
+            if not q:
+                entry = None
+            elif all(e.op == "put" and not e.uploading for e in q) and q[0].if_none_match and q[0].after is None:
+                # created and never sent: nothing to delete in the store
+                for e in list(q):
+                    self._resolved[e.etag] = None
+                    try:
+                        e.path.unlink()
+                    except OSError:
+                        pass
+                del self._queues[key]
+                return
+            elif q[-1].op == "delete":
+                return
             else:
-                e = None
-        if e is not None:
-            self._commit(e, None, None)
-            return
-        self.inner.delete(key)
+                entry, _ = self._claim("delete", key, None, 0)
+        if entry is None:
+            self.inner.delete(key)
+        else:
+            self._commit(entry, None, None)
 
     def delete_many(self, keys) -> list:
         direct, failures = [], []
@@ -609,8 +606,7 @@ class JournalStore(ObjectStore):
         q = self._queues.get(key)
         if q and q[0].error is not None and not q[0].uploading and q[0].next_try > 0:
             q[0].next_try = 0.0
-            self._ready.append(key)
-            self._work.notify()
+            self._wake(key)
 
     def stats(self) -> dict:
         with self._cv:
@@ -737,8 +733,7 @@ class JournalStore(ObjectStore):
             if q or e.key in self._writing:  # the next entry's condition is what this one stored
                 self._after_etag[e.seq] = result
             if q:
-                self._ready.append(e.key)
-                self._work.notify()
+                self._wake(e.key)
             else:
                 del self._queues[e.key]
             self.uploaded += 1
@@ -850,6 +845,19 @@ class _PartsBody:
 
     def __init__(self, parts: dict[int, Path], numbers: list[int]):
         self.files = [parts[n] for n in numbers]
+
+
+def _parse_entry(path: Path, line: bytes, h) -> Entry:
+    """The entry of header ``h`` (parsed from ``line``, the first line of ``path``); raises
+    ValueError, KeyError or TypeError if it is not one."""
+    if h.get("format") != FORMAT:
+        raise ValueError(f"format {h.get('format')!r}")
+    e = Entry(seq=int(h["seq"]), op=h["op"], key=h["key"], etag=h["etag"], meta=dict(h["meta"]),
+              size=int(h["size"]), mtime=float(h["mtime"]), if_match=h["if_match"],
+              if_none_match=bool(h["if_none_match"]), after=h["after"], after_op=h["after_op"],
+              after_header=h["after_header"], replaces=h["replaces"])
+    e.path, e.offset = path, len(line)
+    return e
 
 
 def entry_files(directory: str | os.PathLike) -> list[Path]:
