@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -114,6 +115,41 @@ def test_listing_then_stat_and_read_costs_one_request_per_file(fault_proxy, moun
     assert (m / "d" / "f000").read_bytes() == b"changed elsewhere"
     assert stat.S_IMODE(os.stat(m / "d" / "f001").st_mode) == 0o600
     assert (m / "d" / "f001").read_bytes() == files["f001"]
+
+
+def _root_listings(proxy, since: int, bucket: str):
+    """Listings of the bucket's root level (not of .dssefs/ records) logged since ``since``."""
+    out = []
+    for r in _listings(proxy, since):
+        path, _, query = r.target.partition("?")
+        q = urllib.parse.parse_qs(query, keep_blank_values=True)
+        if path == f"/{bucket}" and q.get("prefix") == [""] and q.get("delimiter") == ["/"]:
+            out.append(r)
+    return out
+
+
+def test_the_starts_listing_answers_the_roots_first_lookups_and_readdir(fault_proxy, mount_factory, s3_source,
+                                                                        tmp_path, bucket):
+    """The listing a mount makes while it starts (its reachability check) is kept: stat, ls and
+    reading a file of the root right after the mount make no listing of their own.  Before, the
+    first lookup listed the root again, and so did the first readdir.  The TTLs are long here so
+    that a slow start cannot age the listing out."""
+    m = _mount(fault_proxy, mount_factory, s3_source, tmp_path, "--entry-timeout", "30",
+               "--attr-timeout", "30").start()
+    data = os.urandom(300_000)
+    (m / "big").write_bytes(data)
+    (m / "small").write_bytes(b"s")
+    (m / "d").mkdir()
+    assert m.stop() == 0, m.log()
+    mark = len(fault_proxy.log)
+    m.start()
+    started = len(fault_proxy.log)
+    assert len(_root_listings(fault_proxy, mark, bucket)) == 1  # the start's own
+    assert os.stat(m / "big").st_size == len(data)
+    assert sorted(os.listdir(m.mountpoint)) == ["big", "d", "small"]
+    assert (m / "big").read_bytes() == data
+    assert _root_listings(fault_proxy, started, bucket) == []
+    assert _object_requests(fault_proxy, started, bucket, "big")  # the file itself was asked for
 
 
 def test_lookup_is_not_queued_behind_a_listings_probes(fault_proxy, mount_factory, s3_source, tmp_path,

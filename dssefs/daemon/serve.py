@@ -80,9 +80,6 @@ def open_backend(req: MountRequest, meter: StoreMeter | None = None):
         log.info("event=keyring_created path=%s", setup.created_keyring)
     req.default_keyring_used = s.keyring is None and s.kms_key_id is None
     keys = setup.provider
-    # reachability: one listing request now gives a clear error instead of a broken mount
-    for _ in store.list(prefix, delimiter="/"):
-        break
     return store, keys, prefix
 
 
@@ -208,6 +205,9 @@ class Daemon:
             if not req.settings.read_only and self.fs.vault.keys is not None:
                 threading.Thread(target=prepare_epoch, args=(self.fs.vault,), name="dssefs-epoch",
                                  daemon=True).start()
+            # reachability: one listing request now gives a clear error instead of a broken mount,
+            # and answers the root's first lookups and readdir
+            self.fs.list_root()
             self.fs.load_root()
         except StartInterrupted as e:
             # asked to stop before anything was mounted: not a failure (exit 0, no READY=1)
@@ -298,6 +298,7 @@ class Daemon:
     async def _main(self) -> None:
         import pyfuse3
 
+        self.fs.keep_root_listing()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             nursery.start_soon(self._after_ready)

@@ -485,6 +485,27 @@ class NamespaceOps:
                 dl = DirList(started, dict(names), {})
         return self._adopt(parent, dl)
 
+    def list_root(self) -> None:
+        """List the root while the mount starts (blocking; call before serving).  It is the
+        start's reachability check, and its answer is kept like a listing read ahead (see
+        :meth:`keep_root_listing`): the first lookups in the root, and its first readdir, ask the
+        store nothing more within the entry TTL."""
+        sent = time.monotonic()
+        versions: dict = {}
+        names = self._list_sync(self.prefix, LISTING_CACHE_MAX, versions=versions)
+        self._root_listed = (sent, names, versions)
+
+    def keep_root_listing(self) -> None:
+        """Keep the listing :meth:`list_root` got, once trio runs (its clock is not the
+        monotonic one)."""
+        listed, self._root_listed = self._root_listed, None
+        if listed is None or listed[1] is None:  # not asked, or more than one page of names
+            return
+        sent, names, versions = listed
+        at = self._now() - (time.monotonic() - sent)
+        if self.prefix not in self._dirlists:
+            self._dirlists[self.prefix] = DirList(at, dict(names), versions, ahead=True)
+
     def _listed(self, parent: Inode, name: str, kind: str | None) -> None:
         """Keep a cached listing in step with a change made through this mount, and forget what
         was asked of the store about that name (and below it) before the change."""
