@@ -13,6 +13,7 @@ from dssefs import kms
 from dssefs.errors import (DssefsError, IntegrityError, KeyProviderError, NotDssefsObject,
                            PreconditionFailed, StoreAccessDenied)
 from dssefs.objects import Vault, bytes_source
+from dssefs.objects import epochs as epochs_mod
 from dssefs.store import LocalStore
 
 from v1objects import write_v1
@@ -395,6 +396,42 @@ def test_epoch_keys_prepared_ahead_serve_the_first_write_and_are_stored_with_it(
     assert provider.stats["generate"] == 8 and len(_epoch_records(store)) == 3
     assert refused[0].endswith(third.data_keys.epoch.epoch_id.hex())
     assert _vault(store, provider).open("c").read(0, 5) == b"three"
+
+
+def test_warming_loads_the_newest_epoch_so_that_its_objects_open_without_kms(env, monkeypatch):
+    """``Epochs.warm`` (made while a mount starts) unwraps the newest epoch's keys: its objects
+    then open with no KMS request and no record fetched; an older epoch's still costs its own.
+    No record, or more records than one listing page, warms nothing."""
+    store, provider, _ = env
+    _vault(store, provider, epoch_prefix="").write("old", bytes_source(b"old"), 3, if_none_match=True)
+    time.sleep(1.1)  # S3 gives listing times to the second
+    new = _vault(store, provider, epoch_prefix="").write("new", bytes_source(b"new"), 3, if_none_match=True)
+    fetched = []
+    real_head = store.head
+
+    def head(key, **kw):
+        fetched.append(key)
+        return real_head(key, **kw)
+
+    store.head = head
+    try:
+        reader = _vault(store, provider)
+        assert reader.epochs.warm("") == new.data_keys.epoch.epoch_id
+        warmed = provider.stats["unwrap"]
+        fetched.clear()
+        assert reader.open("new").read(0, 3) == b"new"
+        assert provider.stats["unwrap"] == warmed
+        assert not [k for k in fetched if "/epochs/" in "/" + k]
+        assert reader.open("old").read(0, 3) == b"old"
+        assert provider.stats["unwrap"] == warmed + 2  # not the newest: loaded when needed
+    finally:
+        store.head = real_head
+
+    assert _vault(store, provider).epochs.warm("sub/") is None  # no record under that prefix
+    monkeypatch.setattr(epochs_mod, "WARM_RECORDS_MAX", 1)
+    before = provider.stats["unwrap"]
+    assert _vault(store, provider).epochs.warm("") is None  # two records: more than one page
+    assert provider.stats["unwrap"] == before
 
 
 def test_conditional_writes(env):

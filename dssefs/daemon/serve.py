@@ -134,6 +134,15 @@ def prepare_epoch(vault) -> None:
         log.info("event=epoch_prepare_failed reason='%s' effect='the first write asks for the keys itself'", e)
 
 
+def warm_epoch(vault) -> None:
+    """Unwrap the newest epoch's keys while the mount starts, so that the first files opened
+    after it (most often the last writer's) do not wait for the record and KMS."""
+    try:
+        vault.epochs.warm(vault.epoch_prefix)
+    except Exception as e:  # noqa: BLE001 - the first reader asks again and reports it there
+        log.info("event=epoch_warm_failed reason='%s' effect='the first reader fetches the keys itself'", e)
+
+
 def fuse_options(req: MountRequest) -> set[str]:
     src = "".join(c for c in (req.settings.name or req.source or "dssefs") if c not in ", \t\n\\")
     opts = {"fsname=" + src, "subtype=dssefs", "default_permissions"}
@@ -208,6 +217,8 @@ class Daemon:
             # reachability: one listing request now gives a clear error instead of a broken mount,
             # and answers the root's first lookups and readdir
             self.fs.list_root()
+            threading.Thread(target=warm_epoch, args=(self.fs.vault,), name="dssefs-epoch-warm",
+                             daemon=True).start()
             self.fs.load_root()
         except StartInterrupted as e:
             # asked to stop before anything was mounted: not a failure (exit 0, no READY=1)

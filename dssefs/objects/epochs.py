@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from ..envelope import format as fmt
-from ..envelope.epoch import MAX_RECORD_BYTES, EpochRecord, record_key
+from ..envelope.epoch import EPOCH_DIR, MAX_RECORD_BYTES, EpochRecord, record_key
 from ..errors import IntegrityError, ObjectNotFound, PreconditionFailed
 from ..kms.base import KeyProvider, Layer, WrappedKey, epoch_context
 from ..store.base import ObjectStore
@@ -31,6 +31,7 @@ from ..store.base import ObjectStore
 DEFAULT_MAX_AGE = 86400.0  # seconds: one day
 DEFAULT_MAX_OBJECTS = 1_000_000
 READ_CACHE_ENTRIES = 4096
+WARM_RECORDS_MAX = 1000  # one listing page: more records than that are not looked through
 
 
 class Epoch:
@@ -180,6 +181,29 @@ class Epochs:
             with self._lock:
                 self._remember(ep)
             return ep
+
+    def warm(self, prefix: str) -> bytes | None:
+        """Fetch and unwrap the newest epoch record under ``prefix`` ahead of its first reader
+        (one listing, one GET, one KMS request per layer; made while a mount starts): objects
+        written by the last writer are then opened without waiting for the store or KMS.
+        Returns the epoch id loaded, or None when there is no record, or more than
+        WARM_RECORDS_MAX (the newest would need more than one listing page)."""
+        newest = None
+        for n, item in enumerate(self.store.list(prefix + EPOCH_DIR, delimiter="/")):
+            if n >= WARM_RECORDS_MAX:
+                return None
+            if isinstance(item, str):
+                continue
+            try:
+                epoch_id = bytes.fromhex(item.key[len(prefix + EPOCH_DIR):])
+            except ValueError:
+                continue
+            if len(epoch_id) == fmt.EPOCH_ID_BYTES and (newest is None or item.mtime > newest[0]):
+                newest = (item.mtime, epoch_id)
+        if newest is None:
+            return None
+        self.for_reading(prefix, newest[1])
+        return newest[1]
 
     def _remember(self, ep: Epoch) -> None:
         k = (ep.prefix, ep.epoch_id)
