@@ -128,28 +128,43 @@ def _root_listings(proxy, since: int, bucket: str):
     return out
 
 
-def test_the_starts_listing_answers_the_roots_first_lookups_and_readdir(fault_proxy, mount_factory, s3_source,
-                                                                        tmp_path, bucket):
-    """The listing a mount makes while it starts (its reachability check) is kept: stat, ls and
-    reading a file of the root right after the mount make no listing of their own.  Before, the
-    first lookup listed the root again, and so did the first readdir.  The TTLs are long here so
-    that a slow start cannot age the listing out."""
+def test_the_starts_listing_answers_the_roots_first_lookups(fault_proxy, mount_factory, s3_source, tmp_path,
+                                                             moto_server, bucket):
+    """The listing a mount makes while it starts (its reachability check) answers the first
+    lookups of the root's names: stat and reading a file right after the mount make no listing
+    of their own.  Before, the first lookup listed the root again.  A name that listing did not
+    show, and readdir, still list the root: another client's object stored after the start is
+    seen at once.  The TTLs are long here so that a slow start cannot age the listing out."""
     m = _mount(fault_proxy, mount_factory, s3_source, tmp_path, "--entry-timeout", "30",
                "--attr-timeout", "30").start()
     data = os.urandom(300_000)
     (m / "big").write_bytes(data)
-    (m / "small").write_bytes(b"s")
     (m / "d").mkdir()
+    (m / "d" / "inner").write_bytes(b"i")
     assert m.stop() == 0, m.log()
     mark = len(fault_proxy.log)
     m.start()
     started = len(fault_proxy.log)
     assert len(_root_listings(fault_proxy, mark, bucket)) == 1  # the start's own
     assert os.stat(m / "big").st_size == len(data)
-    assert sorted(os.listdir(m.mountpoint)) == ["big", "d", "small"]
     assert (m / "big").read_bytes() == data
+    assert (m / "d" / "inner").read_bytes() == b"i"
     assert _root_listings(fault_proxy, started, bucket) == []
     assert _object_requests(fault_proxy, started, bucket, "big")  # the file itself was asked for
+
+    moto_server.client("s3").put_object(Bucket=bucket, Key="theirs", Body=b"stored by another client")
+    assert "theirs" in os.listdir(m.mountpoint)  # readdir lists the root afresh
+    assert len(_root_listings(fault_proxy, started, bucket)) >= 1
+
+
+def test_a_name_stored_elsewhere_after_the_start_is_found_by_its_lookup(fault_proxy, mount_factory, s3_source,
+                                                                        tmp_path, moto_server, bucket):
+    """A lookup of a name the start's listing did not show lists the root afresh."""
+    m = _mount(fault_proxy, mount_factory, s3_source, tmp_path, "--entry-timeout", "30",
+               "--attr-timeout", "30").start()
+    moto_server.client("s3").put_object(Bucket=bucket, Key="late", Body=b"stored by another client")
+    with pytest.raises(PermissionError):  # found: a foreign object (foreign_objects=deny)
+        (m / "late").read_bytes()
 
 
 def test_lookup_is_not_queued_behind_a_listings_probes(fault_proxy, mount_factory, s3_source, tmp_path,

@@ -427,6 +427,8 @@ class NamespaceOps:
         k = self._kept_for(dirpfx + name, node)
         if k is not None and k.error is None:
             return self._install(parent, name, k.probe, k.at)
+        if hint is None and node is None:
+            hint = self._start_hint(parent, name)
         if hint is None:
             # a listing used past its TTL answers only names this mount knows nothing about: it
             # may be older than what a known name's inode holds
@@ -487,24 +489,35 @@ class NamespaceOps:
 
     def list_root(self) -> None:
         """List the root while the mount starts (blocking; call before serving).  It is the
-        start's reachability check, and its answer is kept like a listing read ahead (see
-        :meth:`keep_root_listing`): the first lookups in the root, and its first readdir, ask the
-        store nothing more within the entry TTL."""
+        start's reachability check, and the names it shows answer the root's first lookups (see
+        :meth:`keep_root_listing`)."""
         sent = time.monotonic()
-        versions: dict = {}
-        names = self._list_sync(self.prefix, LISTING_CACHE_MAX, versions=versions)
-        self._root_listed = (sent, names, versions)
+        names = self._list_sync(self.prefix, LISTING_CACHE_MAX)
+        self._root_listed = (sent, None if names is None else dict(names))
 
     def keep_root_listing(self) -> None:
-        """Keep the listing :meth:`list_root` got, once trio runs (its clock is not the
-        monotonic one)."""
+        """Keep the names :meth:`list_root` got, once trio runs (its clock is not the monotonic
+        one).  Within the entry TTL of that listing, a lookup of a name it shows (and this mount
+        has not changed since) skips the root's listing and probes the name at once.  A name it
+        does not show, and ``readdir``, still list the root: another client's new object is seen
+        as before."""
         listed, self._root_listed = self._root_listed, None
-        if listed is None or listed[1] is None:  # not asked, or more than one page of names
-            return
-        sent, names, versions = listed
-        at = self._now() - (time.monotonic() - sent)
-        if self.prefix not in self._dirlists:
-            self._dirlists[self.prefix] = DirList(at, dict(names), versions, ahead=True)
+        if listed is not None and listed[1] is not None:  # None: more than one page of names
+            self._start_names = (self._now() - (time.monotonic() - listed[0]), listed[1])
+
+    def _start_hint(self, parent: Inode, name: str) -> str | None:
+        """The kind of root entry ``name`` as the start's listing showed it, while that is at
+        most the entry TTL old and this mount has not changed the name since."""
+        if self._start_names is None or parent.ino != ROOT_INODE:
+            return None
+        at, names = self._start_names
+        if self._now() - at >= self.cfg.entry_timeout:
+            self._start_names = None
+            return None
+        kind = names.get(name)
+        if kind is None or self._changed_since(self.dir_prefix(parent) + name, at):
+            return None
+        return kind
 
     def _listed(self, parent: Inode, name: str, kind: str | None) -> None:
         """Keep a cached listing in step with a change made through this mount, and forget what
