@@ -211,12 +211,12 @@ class Daemon:
             self.store, self.keys, prefix = open_backend(req, self.meter)
             self.prefix = prefix
             self.fs = build_filesystem(req, self.store, self.keys, prefix)
+            # reachability: one listing request now gives a clear error instead of a broken mount
+            # (before any KMS request is started), and answers the root's first lookups
+            self.fs.list_root()
             if not req.settings.read_only and self.fs.vault.keys is not None:
                 threading.Thread(target=prepare_epoch, args=(self.fs.vault,), name="dssefs-epoch",
                                  daemon=True).start()
-            # reachability: one listing request now gives a clear error instead of a broken mount,
-            # and answers the root's first lookups and readdir
-            self.fs.list_root()
             threading.Thread(target=warm_epoch, args=(self.fs.vault,), name="dssefs-epoch-warm",
                              daemon=True).start()
             self.fs.load_root()
