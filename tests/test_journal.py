@@ -98,6 +98,29 @@ def test_put_is_local_first_then_uploaded(journal, inner):
     assert j.stats()["entries"] == 0 and not entry_files(j.dir)
 
 
+def test_settle_returns_once_the_entry_file_is_gone(journal, inner, monkeypatch):
+    """Once settle() returns, the journal holds no file of what it waited for (before, the file
+    was removed after the waiters were told: with a slow unlink, settle returned first)."""
+    import pathlib
+    import time
+
+    real_unlink = pathlib.Path.unlink
+
+    def slow_unlink(self, *a, **kw):
+        if self.suffix in (".centry", ".entry"):
+            time.sleep(0.3)
+        return real_unlink(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", slow_unlink)
+    j = journal()
+    j.put("d/a", b"hello", _meta("v1"), if_none_match=True)
+    j.settle("d/a")
+    assert not entry_files(j.dir)
+    j.put("d/b", b"world", _meta("v1"), if_none_match=True)
+    assert j.drain(30) == []
+    assert not entry_files(j.dir)
+
+
 def test_a_pending_version_is_replaced_not_uploaded(journal, inner):
     inner.gate.clear()
     j = journal(workers=1)

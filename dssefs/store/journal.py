@@ -737,11 +737,14 @@ class JournalStore(ObjectStore):
             else:
                 del self._queues[e.key]
             self.uploaded += 1
+            # removed before anyone is told: once settle() or drain() returns, the journal holds
+            # no file of it (a reader that took the entry before finds the file gone and asks
+            # the store)
+            try:
+                e.path.unlink()
+            except OSError:
+                pass
             self._cv.notify_all()
-        try:
-            e.path.unlink()
-        except OSError:
-            pass
 
     def _remember(self, synthetic: str, real: str | None) -> None:
         self._resolved[synthetic] = real
