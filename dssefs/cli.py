@@ -388,16 +388,16 @@ def cmd_rekey(ns: argparse.Namespace) -> int:
 def _epoch_records(object_store, key: str, named: dict) -> list[tuple[str, bytes]]:
     """The epochs named by the objects re-keyed, and every epoch record stored below ``key``
     (records no object names any more still hold keys)."""
-    from .envelope.epoch import EPOCH_DIR
+    from .envelope.epoch import EPOCH_DIR, record_epoch_id
 
     out = dict.fromkeys(named)
     base = key if key.endswith("/") else key[:key.rfind("/") + 1]  # the URI's "directory"
     for k in store.iter_keys(object_store, base):
         i = k.find(EPOCH_DIR)
         if i >= 0 and (i == 0 or k[i - 1] == "/"):
-            name = k[i + len(EPOCH_DIR):]
-            if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
-                out.setdefault((k[:i], bytes.fromhex(name)), None)
+            epoch_id = record_epoch_id(k[i + len(EPOCH_DIR):])
+            if epoch_id is not None:
+                out.setdefault((k[:i], epoch_id), None)
     return list(out)
 
 

@@ -802,3 +802,14 @@ def test_metadata_stripped_is_not_a_dssefs_object(env):
     write(env, "a/x")
     set_meta(env, "a/x", {"owner": "someone"})
     refused(env, "a/x", "not-dssefs")
+
+
+def test_a_records_name_gives_back_its_epoch_id_and_nothing_else_does():
+    from dssefs.envelope.epoch import EPOCH_DIR, record_epoch_id, record_key
+
+    epoch_id = bytes(range(16))
+    key = record_key("team/", epoch_id)
+    assert record_epoch_id(key[len("team/" + EPOCH_DIR):]) == epoch_id
+    for name in ("", epoch_id.hex()[:-1], epoch_id.hex() + "0", epoch_id.hex().upper(),
+                 " " + epoch_id.hex()[1:], epoch_id.hex()[:-1] + "g"):
+        assert record_epoch_id(name) is None, name

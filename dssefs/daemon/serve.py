@@ -125,22 +125,25 @@ def warm_up_crypto() -> None:
         log.warning("event=crypto_warm_up_failed reason='%s'", e)
 
 
-def prepare_epoch(vault) -> None:
-    """Generate the keys of the mount's first epoch while it starts, so that its first write does
-    not wait for KMS (the record is stored with that write)."""
-    try:
-        vault.epochs.prepare(vault.epoch_prefix)
-    except Exception as e:  # noqa: BLE001 - the first write asks again and reports it there
-        log.info("event=epoch_prepare_failed reason='%s' effect='the first write asks for the keys itself'", e)
+def start_epoch_work(vault, writable: bool) -> None:
+    """While the mount starts, in threads of their own (each failure is logged and left to the
+    first use, which asks again and reports it there): a writable mount generates its first
+    epoch's keys, so that its first write does not wait for KMS (the record is stored with that
+    write); every mount unwraps the newest stored epoch's keys, so that the first files opened
+    (most often the last writer's) do not wait for the record and KMS."""
+    def run(call, event: str, effect: str) -> None:
+        try:
+            call(vault.epoch_prefix)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.info("event=%s reason='%s' effect='%s'", event, e, effect)
 
-
-def warm_epoch(vault) -> None:
-    """Unwrap the newest epoch's keys while the mount starts, so that the first files opened
-    after it (most often the last writer's) do not wait for the record and KMS."""
-    try:
-        vault.epochs.warm(vault.epoch_prefix)
-    except Exception as e:  # noqa: BLE001 - the first reader asks again and reports it there
-        log.info("event=epoch_warm_failed reason='%s' effect='the first reader fetches the keys itself'", e)
+    if writable:
+        threading.Thread(target=run, args=(vault.epochs.prepare, "epoch_prepare_failed",
+                                           "the first write asks for the keys itself"),
+                         name="dssefs-epoch", daemon=True).start()
+    threading.Thread(target=run, args=(vault.epochs.warm, "epoch_warm_failed",
+                                       "the first reader fetches the keys itself"),
+                     name="dssefs-epoch-warm", daemon=True).start()
 
 
 def fuse_options(req: MountRequest) -> set[str]:
@@ -214,11 +217,7 @@ class Daemon:
             # reachability: one listing request now gives a clear error instead of a broken mount
             # (before any KMS request is started), and answers the root's first lookups
             self.fs.list_root()
-            if not req.settings.read_only and self.fs.vault.keys is not None:
-                threading.Thread(target=prepare_epoch, args=(self.fs.vault,), name="dssefs-epoch",
-                                 daemon=True).start()
-            threading.Thread(target=warm_epoch, args=(self.fs.vault,), name="dssefs-epoch-warm",
-                             daemon=True).start()
+            start_epoch_work(self.fs.vault, not req.settings.read_only and self.fs.vault.keys is not None)
             self.fs.load_root()
         except StartInterrupted as e:
             # asked to stop before anything was mounted: not a failure (exit 0, no READY=1)
@@ -309,7 +308,6 @@ class Daemon:
     async def _main(self) -> None:
         import pyfuse3
 
-        self.fs.keep_root_listing()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             nursery.start_soon(self._after_ready)

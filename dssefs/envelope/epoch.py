@@ -43,6 +43,14 @@ def record_key(prefix: str, epoch_id: bytes) -> str:
     return prefix + EPOCH_DIR + epoch_id.hex()
 
 
+def record_epoch_id(name: str) -> bytes | None:
+    """The epoch id whose record is stored under ``name`` (the part of a key after
+    ``EPOCH_DIR``), or None if ``name`` is not one that :func:`record_key` makes."""
+    if len(name) != 2 * EPOCH_ID_BYTES or name.strip("0123456789abcdef"):
+        return None
+    return bytes.fromhex(name)
+
+
 def check_prefix(prefix: str) -> str:
     if prefix and not prefix.endswith("/"):
         raise ValueError(f"an epoch prefix is empty or ends with '/': {prefix!r}")

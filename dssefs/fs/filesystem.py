@@ -102,8 +102,7 @@ class Filesystem(NamespaceOps, MetadataOps, FlushOps, WriteBehindOps, FileOps, D
         self.stale = StaleAnswers(self.cfg.stale_window, self.cfg.own_window)
         self._kept: dict[str, Kept] = {}  # object key -> the last probe answer
         self._dirlists: dict[str, DirList] = {}  # directory prefix -> its last listing
-        self._root_listed: tuple | None = None  # the root's listing at the start (list_root)
-        self._start_names: tuple[float, dict[str, str]] | None = None  # ... kept (keep_root_listing)
+        self._start_names: tuple[float, dict[str, str]] | None = None  # the start's root listing
         self._key_changed: dict[str, float] = {}  # names (and directories' entries) changed here
         self._settled = weakref.WeakKeyDictionary()  # inode -> version a listing may confirm
         self._unused = 0  # read-ahead answers kept and not used yet

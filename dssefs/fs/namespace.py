@@ -489,33 +489,26 @@ class NamespaceOps:
 
     def list_root(self) -> None:
         """List the root while the mount starts (blocking; call before serving).  It is the
-        start's reachability check, and the names it shows answer the root's first lookups (see
-        :meth:`keep_root_listing`)."""
-        sent = time.monotonic()
+        start's reachability check, and within the entry TTL of it a lookup of a name it shows
+        (and this mount has not changed since) skips the root's listing and probes the name at
+        once (:meth:`_start_hint`).  A name it does not show, and ``readdir``, still list the
+        root: another client's new object is seen as before."""
+        sent = time.monotonic()  # trio's clock does not run yet
         names = self._list_sync(self.prefix, LISTING_CACHE_MAX)
-        self._root_listed = (sent, None if names is None else dict(names))
-
-    def keep_root_listing(self) -> None:
-        """Keep the names :meth:`list_root` got, once trio runs (its clock is not the monotonic
-        one).  Within the entry TTL of that listing, a lookup of a name it shows (and this mount
-        has not changed since) skips the root's listing and probes the name at once.  A name it
-        does not show, and ``readdir``, still list the root: another client's new object is seen
-        as before."""
-        listed, self._root_listed = self._root_listed, None
-        if listed is not None and listed[1] is not None:  # None: more than one page of names
-            self._start_names = (self._now() - (time.monotonic() - listed[0]), listed[1])
+        self._start_names = None if names is None else (sent, dict(names))  # None: over a page
 
     def _start_hint(self, parent: Inode, name: str) -> str | None:
         """The kind of root entry ``name`` as the start's listing showed it, while that is at
         most the entry TTL old and this mount has not changed the name since."""
         if self._start_names is None or parent.ino != ROOT_INODE:
             return None
-        at, names = self._start_names
-        if self._now() - at >= self.cfg.entry_timeout:
+        sent, names = self._start_names
+        age = time.monotonic() - sent
+        if age >= self.cfg.entry_timeout:
             self._start_names = None
             return None
         kind = names.get(name)
-        if kind is None or self._changed_since(self.dir_prefix(parent) + name, at):
+        if kind is None or self._changed_since(self.dir_prefix(parent) + name, self._now() - age):
             return None
         return kind
 

@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from ..envelope import format as fmt
-from ..envelope.epoch import EPOCH_DIR, MAX_RECORD_BYTES, EpochRecord, record_key
+from ..envelope.epoch import EPOCH_DIR, MAX_RECORD_BYTES, EpochRecord, record_epoch_id, record_key
 from ..errors import IntegrityError, ObjectNotFound, PreconditionFailed
 from ..kms.base import KeyProvider, Layer, WrappedKey, epoch_context
 from ..store.base import ObjectStore
@@ -189,16 +189,12 @@ class Epochs:
         Returns the epoch id loaded, or None when there is no record, or more than
         WARM_RECORDS_MAX (the newest would need more than one listing page)."""
         newest = None
-        for n, item in enumerate(self.store.list(prefix + EPOCH_DIR, delimiter="/")):
+        records = prefix + EPOCH_DIR
+        for n, item in enumerate(self.store.list(records, delimiter="/")):
             if n >= WARM_RECORDS_MAX:
                 return None
-            if isinstance(item, str):
-                continue
-            try:
-                epoch_id = bytes.fromhex(item.key[len(prefix + EPOCH_DIR):])
-            except ValueError:
-                continue
-            if len(epoch_id) == fmt.EPOCH_ID_BYTES and (newest is None or item.mtime > newest[0]):
+            epoch_id = None if isinstance(item, str) else record_epoch_id(item.key[len(records):])
+            if epoch_id is not None and (newest is None or item.mtime > newest[0]):
                 newest = (item.mtime, epoch_id)
         if newest is None:
             return None
