@@ -1,4 +1,4 @@
-"""Shared fixtures: a real moto server (S3 + KMS over HTTP on a free loopback port)."""
+"""Shared fixtures: a real moto server (S3 + KMS over HTTP, or HTTPS, on a free loopback port)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,15 @@ def _free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
+        """``tls``: ``(certificate, private key)`` PEM files; the server then speaks HTTPS only."""
         self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.ca_bundle = tls[0] if tls else None
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port),
+             *(["--ssl-cert", tls[0], "--ssl-key", tls[1]] if tls else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=dict(os.environ, **(extra_env or {})),
         )
@@ -51,13 +55,15 @@ class MotoServer:
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
+            **({"AWS_CA_BUNDLE": self.ca_bundle} if self.ca_bundle else {}),
         }
 
     def client(self, service: str):
         import boto3
 
         return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+                            aws_access_key_id="testing", aws_secret_access_key="testing",
+                            verify=self.ca_bundle)
 
     def stop(self) -> None:
         self.proc.terminate()

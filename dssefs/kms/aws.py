@@ -88,7 +88,7 @@ import botocore.exceptions as bce
 from .. import __version__
 from ..errors import (ConfigError, KeyAccessDenied, KeyNotFound, KeyProviderError,
                       KeyUnavailable)
-from ..retrying import keep_retrying, retry_budget_for, retry_delay, transient_tls_error
+from ..retrying import keep_retrying, retry_budget_for, retry_delay, tls_reason, transient_tls_error
 from ._common import (METADATA_KEY_ID_RE, Stats, WrappedKeyMismatch, check_context,
                       describe_context, key_noun, layer_value, one_line)
 from .base import DATA_KEY_BYTES, KeyProvider, Layer, WrappedKey
@@ -827,8 +827,9 @@ class AwsKmsProvider(KeyProvider):
             return KeyAccessDenied(f"could not load AWS credentials from {source}: refresh them "
                                    "(e.g. aws sso login) or check AWS_PROFILE")
         if isinstance(exc, bce.SSLError):
-            return KeyUnavailable(f"TLS error talking to KMS at {endpoint}: check AWS_CA_BUNDLE "
-                                  "and any proxy")
+            reason = tls_reason(exc)
+            return KeyUnavailable(f"TLS error talking to KMS at {endpoint}"
+                                  f"{f' ({reason})' if reason else ''}: check AWS_CA_BUNDLE and any proxy")
         if isinstance(exc, bce.ReadTimeoutError):
             return KeyUnavailable(f"KMS at {endpoint} did not answer {op} in time: check network "
                                   "/ AWS_ENDPOINT_URL_KMS")

@@ -74,7 +74,7 @@ from botocore.utils import determine_content_length
 
 from .. import __version__
 from ..retrying import (DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BUDGET, is_transient, keep_retrying,  # noqa: F401
-                        retry_budget_for, retry_delay, transient, transient_tls_error)
+                        retry_budget_for, retry_delay, tls_reason, transient, transient_tls_error)
 from ..errors import (ConfigError, MetadataBudgetError, ObjectNotFound, PreconditionFailed,
                       StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
 from ._common import (MAX_PARTS, check_conditions, check_key, check_part_number, check_parts,
@@ -657,8 +657,10 @@ class S3Store(ObjectStore):
         except bce.ProfileNotFound as e:
             raise ConfigError(f"AWS profile not found ({one_line(e)}): check ~/.aws/config") from e
         except bce.SSLError as e:
-            err = StoreUnavailable(f"TLS error talking to S3 endpoint {self.endpoint}: check the "
-                                   "endpoint URL and AWS_CA_BUNDLE")
+            reason = tls_reason(e)
+            err = StoreUnavailable(f"TLS error talking to S3 endpoint {self.endpoint}"
+                                   f"{f' ({reason})' if reason else ''}: check the endpoint URL and "
+                                   "AWS_CA_BUNDLE")
             raise (transient(err) if transient_tls_error(e) else err) from e
         except (bce.ConnectTimeoutError, bce.ReadTimeoutError) as e:
             raise transient(StoreUnavailable(f"S3 endpoint {self.endpoint} timed out: check network / "
