@@ -30,7 +30,9 @@ Workloads, on each file system with a fresh bucket, in this order:
 
 Plus boto3's own figures through the same proxies: 4 KiB PUT and GET latency, 64 MiB
 put_object / get_object, 64 MiB in 1 MiB ranged GETs one after another, and boto3's managed
-transfer (upload_fileobj / download_fileobj: 8 MiB parts, 10 threads).
+transfer (upload_fileobj / download_fileobj: 8 MiB parts, 10 threads); with ``--large`` all of
+these for 1 GiB as well (a 1 GiB write by dssefs is a multipart upload: compare it with
+upload_fileobj, which pays the server's completion of the parts too).
 
 Printed: each figure (median of ``--repeat`` runs), the best of the peers, dssefs's ratio to the
 best peer and to boto3 (``x`` > 1.00: dssefs is faster), and the requests of each workload: S3 by
