@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import ssl
 from typing import TypeVar
 
 from botocore.retries import quota as _quota
@@ -61,23 +60,7 @@ def is_transient(err: BaseException) -> bool:
 
 def tls_reason(e: BaseException) -> str:
     """What a TLS failure was, in OpenSSL's words (``certificate verify failed: self-signed
-    certificate``), found in botocore's error or its causes; ``""`` if none says."""
-    seen: set[int] = set()
-    stack: list[object] = [e]
-    while stack:
-        cur = stack.pop()
-        if not isinstance(cur, BaseException) or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError):
-            text = getattr(cur, "verify_message", None)
-            if text:
-                return f"certificate verify failed: {text}"
-            m = _SSL_TEXT.search(str(cur))
-            if m:
-                return m.group(1).strip()
-        stack.extend([cur.__cause__, cur.__context__, *getattr(cur, "args", ()),
-                      *getattr(cur, "kwargs", {}).values()])
+    certificate``), as botocore's error message quotes it; ``""`` if it quotes none."""
     m = _SSL_TEXT.search(str(e))
     return m.group(1).strip() if m else ""
 

@@ -16,6 +16,7 @@ works too; call ``.cleanup()`` in a ``finally``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -220,6 +221,13 @@ class Mount:
             return self.log_path.read_text(errors="replace") if self.log_path else ""
         except OSError:
             return ""
+
+    def status(self) -> dict:
+        """``dssefs status MOUNTPOINT --json``, parsed (asserts the command succeeded)."""
+        r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(self.mountpoint), "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
 
     @property
     def pid(self) -> int:

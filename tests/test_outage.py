@@ -13,11 +13,8 @@ out botocore's five attempts (with backoff) for every call.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -29,13 +26,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.s3, requires_fuse]
 
 MiB = 1024 * 1024
 S3_ONLY = {"x-amz-target": None}  # KMS requests carry X-Amz-Target: they still get through
-
-
-def _status(m) -> dict:
-    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def _close_fails_with_eio(fd: int) -> None:
@@ -71,7 +61,7 @@ def test_s3_outage_during_writes_keeps_the_data_and_stores_it_later(fault_proxy,
     fd = os.open(m / "old.txt", os.O_RDONLY)
     assert os.read(fd, len(changed) + 1) == changed
     os.close(fd)
-    report = _status(m)
+    report = m.status()
     assert report["dirty"]["files"] == 2 and report["dirty"]["bytes"] >= len(new) + len(changed), report
     assert report["store"]["failures"] >= 3, report
     outage_s = time.monotonic() - t0
@@ -90,7 +80,7 @@ def test_s3_outage_during_writes_keeps_the_data_and_stores_it_later(fault_proxy,
     os.fsync(fd)  # stores new.bin
     os.close(fd)
     assert s3.head_object(Bucket=bucket, Key="new.bin")["ContentLength"] > len(new)  # stored, encrypted
-    assert _status(m)["dirty"]["files"] == 1  # old.txt is left for the unmount
+    assert m.status()["dirty"]["files"] == 1  # old.txt is left for the unmount
     assert m.stop() == 0, m.log()  # stores old.txt: nothing lost
     assert "dirty_files_lost" not in m.log()
 

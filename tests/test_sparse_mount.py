@@ -4,23 +4,14 @@ cannot store fail at once with EFBIG, and the bytes read back are right."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from fuse_fixtures import Mount
 
 GiB = 1 << 30
-
-
-def _status(m: Mount) -> dict:
-    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def _stored_bytes(m: Mount) -> int:

@@ -305,13 +305,6 @@ def _wait_for_summary(m, timeout: float = 30.0) -> str:
     raise AssertionError(f"no clean-up summary in the log:\n{m.log()}")
 
 
-def _status(m) -> dict:
-    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 @requires_fuse
 @pytest.mark.fuse
 @pytest.mark.s3
@@ -340,7 +333,7 @@ def test_mount_aborts_its_stale_uploads_on_s3(s3_uploads, mount_factory, bucket,
     assert re.search(r"key=team/dir/big\.bin age=\d+\.\d", aborted[0]), aborted[0]
     assert sorted(u.key for u in raw.list_uploads("")) == ["other/file.bin", "team/.dssefs/epochs/0123",
                                                            "team/dir/young.bin"]
-    assert _status(m)["store"]["stale_uploads_aborted"] == 1
+    assert m.status()["store"]["stale_uploads_aborted"] == 1
     text = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint)],
                           capture_output=True, text=True, timeout=60).stdout
     assert "1 stale multipart uploads aborted" in text, text

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import os
 import subprocess
 import sys
@@ -75,13 +74,6 @@ def tls_bucket(tls_server) -> str:
     name = f"dssefs-tls-{uuid.uuid4().hex[:12]}"
     tls_server.client("s3").create_bucket(Bucket=name)
     return name
-
-
-def _status(m: Mount) -> dict:
-    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def _sent(store) -> list[dict]:
@@ -203,7 +195,7 @@ def test_mount_over_https(tls_env, tls_server, tls_bucket, tmp_path, mode):
         with open(m / "big.bin", "wb") as f:
             f.write(big)
             os.fsync(f.fileno())
-        status = _status(m)
+        status = m.status()
         if mode == "default":  # the big file went up in parts while it was written
             assert status["write_behind"]["stored"] == 1, status["write_behind"]
         else:  # the small files went up through the upload helper process

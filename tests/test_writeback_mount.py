@@ -4,7 +4,6 @@ background becomes a conflict copy."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from faultproxy import DELAY, LOST_RESPONSE, RESET, SLOWDOWN, fault_proxy  # noqa: F401 (fixture)
-from fuse_fixtures import Mount, requires_fuse
+from fuse_fixtures import requires_fuse
 
 from dssefs.store.journal import entry_files
 
@@ -23,13 +22,6 @@ pytestmark = [pytest.mark.s3, pytest.mark.fuse]
 def _keys(moto_server, bucket) -> set[str]:
     out = moto_server.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])
     return {o["Key"] for o in out if "/.dssefs/" not in "/" + o["Key"]}
-
-
-def _status(m: Mount) -> dict:
-    r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(m.mountpoint), "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 @pytest.fixture
@@ -49,13 +41,13 @@ def test_close_returns_before_upload_fsync_and_unmount_wait(wb, moto_server, buc
     for name, body in data.items():
         (wb / name).write_bytes(body)  # each close: journaled, not uploaded (PUTs take 1.5 s)
     assert len(_keys(moto_server, bucket) & set(data)) < len(data)
-    assert _status(wb)["write_back"]["entries"] > 0
+    assert wb.status()["write_back"]["entries"] > 0
     assert (wb / "f3").read_bytes() == data["f3"]  # read back from the journal meanwhile
     fd = os.open(wb / "f0", os.O_RDONLY)
     os.fsync(fd)  # waits for the upload
     os.close(fd)
     assert "f0" in _keys(moto_server, bucket)
-    helper = _status(wb)["write_back"]["helper"]  # small PUTs are sent by a helper process
+    helper = wb.status()["write_back"]["helper"]  # small PUTs are sent by a helper process
     assert helper["alive"] and helper["puts"] >= 1
     assert wb.stop() == 0  # unmount drains the journal
     assert _keys(moto_server, bucket) >= set(data)
@@ -73,7 +65,7 @@ def test_a_killed_upload_helper_loses_nothing(wb, moto_server, bucket):
     for name, body in data.items():
         (wb / name).write_bytes(body)
     time.sleep(0.5)  # the first PUTs are on their way (each takes 1.5 s)
-    helper = _status(wb)["write_back"]["helper"]
+    helper = wb.status()["write_back"]["helper"]
     os.kill(helper["pid"], 9)
     for name, body in list(data.items())[:2]:
         (wb / (name + ".after")).write_bytes(body)
@@ -84,7 +76,7 @@ def test_a_killed_upload_helper_loses_nothing(wb, moto_server, bucket):
     finally:
         os.close(fd)
     assert _keys(moto_server, bucket) >= set(data)
-    st = _status(wb)
+    st = wb.status()
     assert not st["write_back"]["helper"]["alive"] and st["write_back"]["entries"] == 0
     r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(wb.mountpoint)],
                        capture_output=True, text=True, timeout=60)
@@ -118,7 +110,7 @@ def test_uploads_through_faults_store_every_file_once(tmp_path, mount_factory, b
     finally:
         os.close(fd)
     assert all(fault_proxy.count(a, "PUT") > 0 for a in (SLOWDOWN, RESET, LOST_RESPONSE))
-    st = _status(m)
+    st = m.status()
     assert st["write_back"]["helper"]["alive"] and st["write_back"]["helper"]["puts"] > len(data) // 2
     assert st["write_back"]["entries"] == 0 and st["write_back"]["conflicts"] == 0
     assert st["errors"]["total"] == 0
@@ -185,7 +177,7 @@ def test_conflict_found_in_the_background(wb, moto_server, bucket, tmp_path, mou
             os.fsync(fd)
         finally:
             os.close(fd)
-    st = _status(wb)["write_back"]
+    st = wb.status()["write_back"]
     assert st["conflicts"] == 1 and "doc.dssefs-conflict-" in st["recent_conflicts"][0]["saved_as"]
     assert wb.stop() == 0
     time.sleep(1.1)  # the other mount's entry TTL
@@ -217,7 +209,7 @@ def test_stale_answers_are_refreshed_in_the_background(tmp_path, mount_factory, 
     while os.path.exists(wb / "d" / "e"):  # the refresh found it gone
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    st = _status(wb)["stale_answers"]
+    st = wb.status()["stale_answers"]
     assert st["window_s"] == 5.0 and st["own_window_s"] == 30.0 and st["served"] >= 1 and st["refreshed"] >= 1 and st["failed"] == 0
     r = subprocess.run([sys.executable, "-m", "dssefs", "status", str(wb.mountpoint)],
                        capture_output=True, text=True, timeout=60)
