@@ -84,7 +84,7 @@ class FailingParts(LocalStore):
         inner = super().begin_upload(*a, **kw)
 
         class Broken:
-            def put_part(self, number, data):
+            def put_part(self, number, data, *, crc32=None):
                 raise StoreUnavailable("network down")
 
             def complete(self):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import os
 import random
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -437,3 +440,53 @@ def test_small_uploads_do_not_wait_for_100_continue(fault_proxy, bucket):
     parts = [expect for target, expect, _n in seen if "partNumber=" in target]
     assert small == [None], seen
     assert parts == ["100-continue"], seen
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums: dssefs's CRC32 header and an unsigned payload instead of botocore's two hashes
+
+
+def _uploads_sent(store) -> list[dict]:
+    seen: list[dict] = []
+
+    def record(request, **_kw) -> None:
+        if request.method == "PUT":
+            seen.append({"payload": request.headers.get("X-Amz-Content-SHA256"),
+                         "crc32": request.headers.get("x-amz-checksum-crc32")})
+    store._client.meta.events.register("before-send.s3", record)
+    return seen
+
+
+def _b64crc(value: int) -> bytes:
+    return base64.b64encode(value.to_bytes(4, "big"))
+
+
+def test_uploads_carry_own_crc32_over_http(bucket):
+    store = S3Store(bucket)
+    assert store.own_checksums
+    sent = _uploads_sent(store)
+    body = os.urandom(2 << 20)
+    store.put("computed", body, {})
+    store.put("given", bytearray(body), {}, crc32=zlib.crc32(body))  # a caller's CRC is sent as it is
+    upload = store.begin_upload("parts", {})
+    part = os.urandom(5 << 20)
+    upload.put_part(1, part, crc32=zlib.crc32(part))
+    upload.put_part(2, b"end")
+    upload.complete()
+    assert [r["crc32"] for r in sent] == [_b64crc(zlib.crc32(body))] * 2 + [
+        _b64crc(zlib.crc32(part)), _b64crc(zlib.crc32(b"end"))]
+    assert all(r["payload"] == b"UNSIGNED-PAYLOAD" for r in sent)
+    assert store.get_range("given", 0, len(body))[0] == body
+    assert store.get_range("parts", 0, (5 << 20) + 3)[0] == part + b"end"
+
+
+def test_payload_signed_when_checksums_only_where_required(bucket, monkeypatch):
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+    store = S3Store(bucket)
+    assert not store.own_checksums
+    sent = _uploads_sent(store)
+    body = os.urandom(1 << 20)
+    store.put("signed", body, {}, crc32=zlib.crc32(body))
+    assert sent[0]["crc32"] is None
+    assert sent[0]["payload"] == hashlib.sha256(body).hexdigest().encode()
+    assert store.get_range("signed", 0, len(body))[0] == body

@@ -10,12 +10,15 @@ an untrusted certificate is reported as such, naming the setting that fixes it.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 import uuid
+import zlib
 
 import pytest
 
@@ -82,8 +85,16 @@ def _sent(store) -> list[dict]:
 
     def record(request, **_kw) -> None:
         h = request.headers
+        body = request.body
+        if hasattr(body, "seek"):
+            pos = body.tell()
+            data = body.read()
+            body.seek(pos)
+        else:
+            data = bytes(body or b"")
         seen.append({"method": request.method, "encoding": h.get("Content-Encoding"),
-                     "payload": h.get("X-Amz-Content-SHA256"), "trailer": h.get("x-amz-trailer")})
+                     "payload": h.get("X-Amz-Content-SHA256"), "trailer": h.get("x-amz-trailer"),
+                     "crc32": h.get("x-amz-checksum-crc32"), "body_crc32": zlib.crc32(data)})
 
     store._client.meta.events.register("before-send.s3", record)
     return seen
@@ -113,12 +124,33 @@ def test_store_requests_over_https(tls_env, tls_server, tls_bucket):
     upload.put_part(2, b"tail")
     upload.complete()
     assert store.get_range("parts", 0, (5 << 20) + 4)[0] == bytes(first) + b"tail"
-    # every upload was streamed with a checksum trailer and an unsigned payload (the HTTPS path),
-    # so the assertions above did exercise it
+    # every upload carried dssefs's CRC32 of its body in a header and an unsigned payload (not
+    # botocore's aws-chunked stream with a trailer), so the assertions above did exercise that
     puts = [r for r in sent if r["method"] == "PUT"]
     assert len(puts) >= 7
-    assert all(r["encoding"] == b"aws-chunked" and r["payload"] == b"STREAMING-UNSIGNED-PAYLOAD-TRAILER"
-               and r["trailer"] for r in puts), puts
+    assert all(r["encoding"] is None and r["trailer"] is None and r["payload"] == b"UNSIGNED-PAYLOAD"
+               and r["crc32"] == base64.b64encode(r["body_crc32"].to_bytes(4, "big")) for r in puts), puts
+
+
+def test_checksums_left_to_botocore_when_only_required(tls_env, tls_server, tls_bucket, monkeypatch):
+    """AWS_REQUEST_CHECKSUM_CALCULATION=when_required (a service that refuses checksum headers):
+    no checksum is added, and botocore signs the payload as it does by default."""
+    from dssefs.store.s3 import S3Store
+
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    store = S3Store(tls_bucket, endpoint_url=tls_server.endpoint, region="us-east-1")
+    assert not store.own_checksums
+    sent = _sent(store)
+    data = os.urandom(3 << 20)
+    store.put("plain", bytearray(data), {})
+    upload = store.begin_upload("parts", {})
+    upload.put_part(1, os.urandom(5 << 20))
+    upload.put_part(2, b"tail")
+    upload.complete()
+    assert store.get_range("plain", 0, len(data))[0] == data
+    puts = [r for r in sent if r["method"] == "PUT"]
+    assert len(puts) == 3
+    assert all(r["crc32"] is None and re.fullmatch(rb"[0-9a-f]{64}", r["payload"]) for r in puts), puts
 
 
 def test_untrusted_certificate_is_named(tls_env, tls_bucket):

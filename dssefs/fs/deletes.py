@@ -471,9 +471,9 @@ class PendingDeletesView(ObjectStore):
         return self.inner.get_range(key, start, length, if_match=if_match)
 
     def put(self, key: str, body, metadata: dict[str, str], *, if_match: str | None = None,
-            if_none_match: bool = False) -> str:
+            if_none_match: bool = False, crc32: int | None = None) -> str:
         self._queue.settle_sync(key)
-        return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match)
+        return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match, crc32=crc32)
 
     def begin_upload(self, key: str, metadata: dict[str, str], *, if_match: str | None = None,
                      if_none_match: bool = False, size_hint: int | None = None) -> Upload:

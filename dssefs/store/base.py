@@ -59,8 +59,9 @@ class Upload(abc.ABC):
     upload_id: str
 
     @abc.abstractmethod
-    def put_part(self, number: int, data: bytes | memoryview) -> None:
-        """Store part ``number`` (1-based, contiguous); all parts but the last >= MIN_PART_SIZE."""
+    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
+        """Store part ``number`` (1-based, contiguous); all parts but the last >= MIN_PART_SIZE.
+        ``crc32``: the CRC32 of ``data`` when the caller has it (see :meth:`ObjectStore.put`)."""
 
     @abc.abstractmethod
     def complete(self) -> str:
@@ -104,11 +105,13 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
-            if_match: str | None = None, if_none_match: bool = False) -> str:
+            if_match: str | None = None, if_none_match: bool = False, crc32: int | None = None) -> str:
         """Store an object in one request; returns the new ETag.
 
         ``if_match``: fail with PreconditionFailed unless the current ETag equals it.
         ``if_none_match``: fail with PreconditionFailed if the key exists.
+        ``crc32``: the CRC32 of ``body`` when the caller has it (computed while sealing); a store
+        that sends a checksum with the body uses it instead of reading the body once more.
         """
 
     @abc.abstractmethod

@@ -134,7 +134,7 @@ class HelperPuts(ObjectStore):
     # ---- the store ------------------------------------------------------------------------------------
 
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
-            if_match: str | None = None, if_none_match: bool = False) -> str:
+            if_match: str | None = None, if_none_match: bool = False, crc32: int | None = None) -> str:
         fut: Future = Future()
         rid = next(self._ids)
         with self._lock:
@@ -142,8 +142,9 @@ class HelperPuts(ObjectStore):
             if helper:
                 self._pending[rid] = fut
         if not helper:  # gone, or a body too large to pass through the socket
-            return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match)
-        try:
+            return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match,
+                                  crc32=crc32)
+        try:  # (the helper's own store computes the checksum of what it sends)
             with self._send_lock:
                 self._conn.send((rid, key, bytes(body), dict(metadata), if_match, if_none_match))
         except (OSError, ValueError) as e:  # not sent: nothing reached the store, send it from here

@@ -415,9 +415,10 @@ class JournalStore(ObjectStore):
             return self.get_range(key, start, length, if_match=if_match)
 
     def put(self, key: str, body, metadata: dict[str, str], *, if_match: str | None = None,
-            if_none_match: bool = False) -> str:
+            if_none_match: bool = False, crc32: int | None = None) -> str:
         if _own_record(key):  # epoch and rename records are stored before what depends on them
-            return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match)
+            return self.inner.put(key, body, metadata, if_match=if_match, if_none_match=if_none_match,
+                                  crc32=crc32)
         view = memoryview(body)
         return self._journal("put", key, metadata, view, view.nbytes, if_match=if_match,
                              if_none_match=if_none_match)
@@ -809,7 +810,7 @@ class _JournalUpload(Upload):
         self.parts: dict[int, Path] = {}
         self._lock = threading.Lock()
 
-    def put_part(self, number: int, data) -> None:
+    def put_part(self, number: int, data, *, crc32: int | None = None) -> None:
         p = self.journal.dir / f"upload-{self.upload_id}-{number:05d}.tmp"
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

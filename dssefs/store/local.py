@@ -515,8 +515,8 @@ class LocalStore(ObjectStore):
         return etag
 
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
-            if_match: str | None = None, if_none_match: bool = False) -> str:
-        check_key(key)
+            if_match: str | None = None, if_none_match: bool = False, crc32: int | None = None) -> str:
+        check_key(key)  # (crc32: nothing crosses a network here to check)
         metadata = normalize_metadata(metadata)
         check_conditions(if_match, if_none_match)
         data = _as_bytes_view(body)
@@ -932,7 +932,7 @@ class LocalUpload(Upload):
             _pwrite_all(self._fd, view, offset)
             _start_writeback(self._fd, offset, len(view))
 
-    def put_part(self, number: int, data: bytes | memoryview) -> None:
+    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
         check_part_number(number)
         view = _as_bytes_view(data)
         with self._lock:

@@ -75,9 +75,9 @@ class _MeteredUpload(Upload):
             self._open = False
             self._meter.add(writes_in_flight=-1)
 
-    def put_part(self, number: int, data: bytes | memoryview) -> None:
+    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
         try:
-            self._inner.put_part(number, data)
+            self._inner.put_part(number, data, crc32=crc32)
         except BaseException as e:
             self._meter.failed(e, "upload_part")
             raise
@@ -144,9 +144,9 @@ class MeteredStore(ObjectStore):
         return etag
 
     def put(self, key: str, body: bytes | memoryview, metadata: dict[str, str], *,
-            if_match: str | None = None, if_none_match: bool = False) -> str:
+            if_match: str | None = None, if_none_match: bool = False, crc32: int | None = None) -> str:
         return self._write("put", lambda: self.inner.put(key, body, metadata, if_match=if_match,
-                                                          if_none_match=if_none_match), len(body))
+                                                          if_none_match=if_none_match, crc32=crc32), len(body))
 
     def begin_upload(self, key: str, metadata: dict[str, str], *,
                      if_match: str | None = None, if_none_match: bool = False,
