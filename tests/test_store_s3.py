@@ -22,7 +22,7 @@ from dssefs.errors import (ConfigError, MetadataBudgetError, ObjectNotFound, Pre
                            StoreAccessDenied, StoreError, StoreFull, StoreUnavailable)
 from dssefs.store import MIN_PART_SIZE
 from dssefs.store.s3 import S3Store
-from faultproxy import DELAY, fault_proxy  # noqa: F401 (fault_proxy is a fixture)
+from faultproxy import DELAY, ERROR, fault_proxy  # noqa: F401 (fault_proxy is a fixture)
 
 pytestmark = pytest.mark.s3
 
@@ -409,8 +409,12 @@ def test_a_reused_part_buffer_is_sent_without_a_copy(bucket):
     buf = bytearray(random.Random(7).randbytes(MIN_PART_SIZE))
     assert _sendable(memoryview(buf)) is buf
     assert _sendable(b"abc") == b"abc" and _sendable(bytearray(b"ab")) == bytearray(b"ab")
-    part = _sendable(memoryview(buf)[:10])  # a part of the buffer: copied
-    assert isinstance(part, bytes) and part == bytes(buf[:10])
+    part = _sendable(memoryview(buf)[:10])  # a part of the buffer: read through, not copied
+    assert len(part) == 10 and part.read(4) == bytes(buf[:10]) and part.read(4) == b""
+    buf[0] ^= 1
+    assert part.seek(0) == 0 and part.read()[:1] == bytes(buf[:1])  # the buffer's own bytes
+    buf[0] ^= 1
+    del part
     first = bytes(buf)
     store = S3Store(bucket)
     up = store.begin_upload("reused", {})
@@ -490,3 +494,27 @@ def test_payload_signed_when_checksums_only_where_required(bucket, monkeypatch):
     assert sent[0]["crc32"] is None
     assert sent[0]["payload"] == hashlib.sha256(body).hexdigest().encode()
     assert store.get_range("signed", 0, len(body))[0] == body
+
+
+def test_a_view_is_sent_without_a_copy_and_again_from_its_start(fault_proxy, bucket):
+    """A body that is a view of memory other than a whole bytearray (a version sealed into an
+    anonymous mapping) goes out as it is, and a PUT sent again after a failure (above botocore's
+    retries) sends the whole body once more."""
+    import mmap
+
+    size = (3 << 20) + 5
+    data = os.urandom(size)
+    mapping = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping[:size] = data
+    fault_proxy.add(ERROR, method="PUT", path="/viewed", status=500, code="InternalError", limit=2)
+    store = S3Store(bucket, endpoint_url=fault_proxy.endpoint, max_attempts=2, retry_budget=30)
+    with memoryview(mapping) as whole, whole[:size] as view:
+        store.put("viewed", view, {}, crc32=zlib.crc32(data))
+        up = store.begin_upload("parts", {})
+        up.put_part(1, whole[:5 << 20])
+        up.put_part(2, view[:100])
+        up.complete()
+    mapping.close()  # no view of it is left behind
+    assert fault_proxy.count(ERROR) == 2
+    assert store.get_range("viewed", 0, size + 1) == (data, size)
+    assert store.get_range("parts", 0, (5 << 20) + 100)[0] == data + bytes((5 << 20) - size) + data[:100]

@@ -544,20 +544,24 @@ class S3Store(ObjectStore):
     # ------------------------------------------------------------------------------------------
     # Helpers
 
-    def _checksum(self, body: bytes | bytearray, crc32: int | None) -> dict[str, str]:
+    def _checksum(self, body: "bytes | bytearray | _ViewBody", crc32: int | None) -> dict[str, str]:
         """The upload's ``ChecksumCRC32`` parameter: ``crc32`` when the caller computed it, else
         computed here (zlib releases the GIL); nothing when botocore is left to its own checks."""
         if not self.own_checksums:
             return {}
         if crc32 is None:
-            crc32 = zlib.crc32(body)
+            crc32 = zlib.crc32(body._view if isinstance(body, _ViewBody) else body)
         return {"ChecksumCRC32": base64.b64encode(crc32.to_bytes(4, "big")).decode("ascii")}
 
     def _request(self, op: str, key: str | None, method: Callable[..., dict], *,
                  conditional: bool = False, **kwargs: Any) -> dict:
         """``method(**kwargs)`` (a botocore client call) with its errors mapped (see
         :meth:`_errors`), sent again after a transient failure (see :meth:`_retrying`)."""
+        body = kwargs.get("Body")
+
         def once() -> dict:
+            if isinstance(body, _ViewBody):
+                body.seek(0)  # sent again from its start (botocore rewinds only its own retries)
             with self._errors(op, key, conditional=conditional):
                 return method(**kwargs)
         return self._retrying(op, key, once)
@@ -825,17 +829,57 @@ def _own_checksums(session: Any) -> bool:
     return calc == "when_supported" and "payload_signing_enabled" not in s3_config
 
 
-def _sendable(data: bytes | bytearray | memoryview) -> bytes | bytearray:
-    """A request body botocore takes as it is (it sends bytes and bytearrays unchanged): a view
-    of a whole bytearray (a multipart upload's reused part buffer) is sent without copying it
-    (8 MiB copied and page-faulted per part before); other views are copied.  The caller leaves
-    the buffer unchanged until the request returns, retries included."""
+def _sendable(data: bytes | bytearray | memoryview) -> "bytes | bytearray | _ViewBody":
+    """A request body botocore sends without copying it: bytes and bytearrays as they are, a view
+    of a whole bytearray (a multipart upload's reused part buffer) as that bytearray, any other
+    view (a body sealed into a mapping) read through :class:`_ViewBody`.  The caller leaves the
+    buffer unchanged until the request returns, retries included."""
     if isinstance(data, (bytes, bytearray)):
         return data
-    if (isinstance(data, memoryview) and isinstance(data.obj, bytearray) and data.contiguous
-            and data.format == "B" and data.nbytes == len(data.obj)):
-        return data.obj
-    return bytes(data)
+    view = memoryview(data)
+    if isinstance(view.obj, bytearray) and view.contiguous and view.format == "B" and view.nbytes == len(view.obj):
+        return view.obj
+    if view.contiguous:
+        return _ViewBody(view)
+    return bytes(view)
+
+
+class _ViewBody:
+    """A request body over a contiguous memoryview, as a seekable file whose reads hand out
+    slices of it: urllib3 sends each piece it reads as it is, so nothing is copied (botocore
+    accepts only bytes, bytearrays and files as bodies).  A read returns up to PIECE bytes
+    whatever size it is asked for (urllib3 asks for 16 KiB: 4,096 sends for 64 MiB instead of
+    64), never past the end; a retry rewinds it with ``seek(0)``."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, view: memoryview):
+        self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._view.nbytes
+
+    def read(self, n: int | None = -1) -> memoryview:
+        start = self._pos
+        size = self._view.nbytes
+        end = size if n is None or n < 0 else min(size, start + max(n, self.PIECE))
+        self._pos = max(start, end)
+        return self._view[start:self._pos]
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._view.nbytes}[whence]
+        self._pos = min(max(0, base + pos), self._view.nbytes)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
 
 def _conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
