@@ -86,7 +86,7 @@ def test_streamed_object_reads_back_like_any_other(env, parts, chunks, extra):
     assert w.parts >= 1  # some chunks went before the length was known
     again = vault.open("dir/f")
     assert again.size == size and again.read(0, size + 1) == data and again.attrs() == b"attributes"
-    assert again.header.msg_id == obj.header.msg_id == w.msg_id
+    assert again.header.msg_id == obj.header.msg_id == w.version.msg_id
     assert again.header.generation == 0 and not again.sparse
     again.verify()
     assert store.head("dir/f").size == fmt.body_size(size, cs)

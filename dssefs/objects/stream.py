@@ -1,7 +1,7 @@
 """Write-behind: a new version sealed and uploaded while the file is still being written.
 
 docs/format.md 17.3 ("Stream") and 17.11.  A :class:`StreamWriter` draws the message id, the file
-id and both data keys when it is made; chunk ``i`` is sealed with ``final = 0`` (under a draft
+id and both data keys when it is made (a :class:`~.draft.DraftVersion`); chunk ``i`` is sealed with ``final = 0`` (under a draft
 header whose length is larger than any chunk index it seals) once the caller knows its bytes are
 complete and more follow, and uploaded as a part of a multipart upload to a **staging key**
 (``P/.dssefs/staging/<32 hex>``, no metadata).  :meth:`StreamWriter.finish` seals the remaining
@@ -24,14 +24,13 @@ import concurrent.futures as cf
 import logging
 import os
 import threading
-import time
 
 from .. import envelope
-from ..envelope import format as fmt
 from ..envelope.epoch import is_reserved_key
 from ..errors import ConfigError, ObjectNotFound, StoreError
-from ..store.base import ObjectInfo, Upload
+from ..store.base import Upload
 from ..store.uploads import STAGING_DIR
+from .draft import DraftVersion
 from .vault import OpenObject, Source, Vault
 
 log = logging.getLogger(__name__)
@@ -54,22 +53,9 @@ class StreamWriter:
     ``finish`` and ``abort`` are called by the one owner of the stream."""
 
     def __init__(self, vault: Vault, staging: str, *, chunk_log2: int, file_id: bytes | None = None):
-        if vault.keys is None:
-            raise ConfigError("this command was given no key to write with")
+        self.version = DraftVersion(vault, chunk_log2=chunk_log2, file_id=file_id)
         self.vault, self.store, self.staging = vault, vault.store, staging
-        self.chunk_log2, self.cs = chunk_log2, 1 << chunk_log2
-        self.file_id = bytes(file_id) if file_id is not None else os.urandom(fmt.FILE_ID_BYTES)
-        self.msg_id = os.urandom(fmt.MSG_ID_BYTES)
-        dk_in, dk_out = os.urandom(32), os.urandom(32)
-        while dk_in == dk_out:  # pragma: no cover - 2**-256
-            dk_out = os.urandom(32)
-        self._dk = (dk_in, dk_out)
-        # chunks sealed before the length is known: a header longer than any chunk sealed with
-        # it, so that each of them is a middle chunk (final = 0).  The version 2 content keys
-        # and chunk AADs depend on the data keys, file id and message id only (17.3).
-        self._draft = envelope.ObjectCipher.new_version(
-            dk_in, dk_out, plaintext_len=fmt.MAX_PLAINTEXT - 1, file_id=self.file_id, chunk_log2=chunk_log2,
-            msg_id=self.msg_id)
+        self.cs = self.version.cs
         self.per_part = max(1, -(-vault.part_size // self.cs))
         self.next_chunk = 0  # chunks [0, next_chunk) are claimed by parts 1..parts
         self.parts = 0
@@ -108,7 +94,7 @@ class StreamWriter:
         failure is kept in :attr:`failed` (and raised)."""
         try:
             upload = self._begin()
-            body = self.vault._seal_chunks(self._draft, list(chunks), source, None)
+            body = self.vault._seal_chunks(self.version.draft, list(chunks), source, None)
             upload.put_part(number, body)
         except BaseException as e:
             with self._lock:
@@ -133,13 +119,11 @@ class StreamWriter:
             if size <= self.next_chunk * self.cs:
                 raise StreamUnusable("the file ends within the parts already sealed")
             self._state = "finishing"
-        vault = self.vault
+        vault, version = self.vault, self.version
         try:
             if is_reserved_key(key):
                 raise ConfigError(f"{self.store.url}/{key}: '.dssefs' is reserved for dssefs's own records")
-            cipher = envelope.ObjectCipher.new_version(
-                self._dk[0], self._dk[1], plaintext_len=size, file_id=self.file_id, generation=generation,
-                chunk_log2=self.chunk_log2, msg_id=self.msg_id, with_attrs=attrs is not None)
+            cipher = version.final(size, generation=generation, with_attrs=attrs is not None)
             self._upload_tail(cipher, source)
             upload = self._upload
             body_size = cipher.body_size
@@ -154,9 +138,7 @@ class StreamWriter:
                 if info is None or info.size != body_size:
                     raise
             self._completed = True
-            epoch = vault.epochs.for_writing(vault.epoch_prefix_for(key))
-            keys = vault._wrap_under(epoch, key, *self._dk)
-            env = vault._envelope(cipher, keys, attrs)
+            keys, env = version.envelope(key, cipher, attrs)
             meta = env.to_metadata()
             etag = vault._store_write(key, meta, lambda: self.store.copy(
                 self.staging, key, meta, if_match=if_match, if_none_match=if_none_match))
@@ -169,10 +151,7 @@ class StreamWriter:
             vault.pool.submit(self._drop_staging)
         except RuntimeError:  # the pool is shut down
             self._drop_staging()
-        vault._remember_keys(keys)
-        vault._remember_cipher(cipher, keys)
-        info = ObjectInfo(key, body_size, etag, time.time(), meta)
-        return OpenObject(vault, info, env, cipher, keys, envelope.ChunkMap(None, size, self.cs))
+        return version.opened(key, cipher, keys, env, meta, etag)
 
     def _upload_tail(self, cipher: envelope.ObjectCipher, source: Source) -> None:
         """Seal chunks ``next_chunk .. n-1`` under the final header and upload them as the last
