@@ -26,10 +26,11 @@ class Activity:
         self.flushes_in_flight = 0
         self.flushes_done = 0
         self.flush_failures = 0
-        # write-behind streams (fs/writebehind.py): begun, stored by their close, abandoned
-        self.streams_started = 0
-        self.streams_stored = 0
-        self.streams_abandoned = 0
+        # versions sealed while written (fs/writebehind.py), by kind ("write_behind": uploaded
+        # to a staging key; "sealed_ahead": sealed in memory): begun, stored by their close,
+        # abandoned (stored the ordinary way)
+        self.streams = {kind: {"started": 0, "stored": 0, "abandoned": 0}
+                        for kind in ("write_behind", "sealed_ahead")}
 
     def error(self, op: str, target: str, code: int, reason: str) -> None:
         """An error returned to an application (expected ones such as ENOENT are not counted)."""
@@ -64,8 +65,7 @@ async def snapshot(fs) -> dict:
         "dirty": {"files": len(nodes), "bytes": dirty_bytes},
         "flushes": {"in_flight": act.flushes_in_flight, "done": act.flushes_done,
                     "failed": act.flush_failures},
-        "write_behind": {"started": act.streams_started, "stored": act.streams_stored,
-                         "abandoned": act.streams_abandoned},
+        **{kind: dict(counts) for kind, counts in act.streams.items()},
         "open_files": len(fs.handles),
         "inodes": len(fs.table.by_ino),
         "errors": {"total": act.errors, "by_errno": dict(act.errors_by_errno), "recent": list(act.recent)},

@@ -116,8 +116,8 @@ class FileOps:
             else:
                 n = await self._io(content.write, off, data)
             node.attrs.mtime_ns = node.attrs.ctime_ns = now_ns()
-            if self.cfg.write_behind:
-                await self._wb_pump(node)  # uploads whole parts of a large file being written in order
+            if self._wb_usable_store():  # seals (and with write-behind uploads) a file written in order
+                await self._wb_pump(node)
         return n
 
     async def flush(self, fh: int) -> None:

@@ -1,7 +1,18 @@
-"""Write-behind: large files written sequentially are encrypted and uploaded while they are written.
+"""Versions sealed while the file is written: sealing ahead in memory, and write-behind.
 
-A new or truncated file that grows past ``FsConfig.write_behind`` bytes (default 16 MiB) with
-every chunk below its end written gets a stream (:class:`dssefs.objects.stream.StreamWriter`):
+A new or truncated file written in order (every chunk below its end written) gets one of two
+writers while it grows, both drawing the version's keys at once (format 17.3, "Stream"):
+
+* **Sealing ahead** (:class:`dssefs.objects.preseal.PresealWriter`), in the default mode once the
+  file holds more than one chunk: after each write, the complete chunks with more data after them
+  are sealed (``final = 0``) by a worker thread into one body in memory, one run at a time (a run
+  claims every chunk that has become ready; a write never waits for it).  close/fsync then seal
+  the tail only and store the body with one PUT and the CRC32 kept while sealing.  A file that
+  outgrows one request (``multipart_threshold``) or the single-request memory budget is stored
+  the ordinary way.
+
+* **Write-behind**, when ``FsConfig.write_behind`` is set and the file grows past it: a stream
+  (:class:`dssefs.objects.stream.StreamWriter`):
 after each write, every run of ``part_size`` bytes of whole chunks with more data after it is
 handed to a worker thread that seals it (format 17.3, ``final = 0``) and uploads it as the next
 part of a multipart upload to a staging key.  At most ``workers`` parts are in flight per file: a
@@ -9,13 +20,16 @@ writer that gets further ahead waits (backpressure).  The plaintext stays in the
 data (spilled, encrypted, beyond its bound), so any failure can still store it the ordinary way.
 
 close/fsync then only seal and upload the tail, complete the staging upload and copy it to the
-file's key with the final metadata (conditional as ever); see docs/semantics.md.  The stream is
-abandoned, and the file stored the ordinary way (a new message id, every chunk sealed again),
-when a write or truncate touches bytes already handed to a part, when a part failed, when the file
-ends inside the parts already sealed, or when the file was unlinked or replaced meanwhile.
+file's key with the final metadata (conditional as ever); see docs/semantics.md.
 
-Not used with ``--write-back`` (the journal stores whole objects; close does not wait for the
-store there anyway) nor on a local directory store (no round trips to hide).
+Either writer is abandoned, and the file stored the ordinary way (a new message id, every chunk
+sealed again), when a write or truncate touches bytes already handed to it, when sealing or a
+part failed, when the file ends inside what was sealed, when it has holes at close (sealing
+ahead: a sparse version stores only the chunks written), or when the file was unlinked or
+replaced meanwhile.
+
+Neither is used with ``--write-back`` (the journal stores whole objects; close does not wait for
+the store there anyway) nor on a local directory store (no round trips to hide).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import logging
 
 import trio
 
+from ..objects.preseal import PresealWriter
 from ..objects.stream import STAGING_DIR, StreamUnusable, StreamWriter, staging_key
 from .inodes import Inode
 
@@ -32,14 +47,19 @@ log = logging.getLogger("dssefs.fs")
 
 __all__ = ["STAGING_DIR", "StreamState", "WriteBehindOps"]
 
+#: Runs of one file sealed ahead at once (each in a worker thread of its own).
+PRESEAL_RUNS = 2
+
 
 class StreamState:
-    """A file's stream as the file system sees it (attached to its FileContent)."""
+    """A file's writer (write-behind or sealing ahead) as the file system sees it (attached to
+    its FileContent as ``stream``)."""
 
-    __slots__ = ("writer", "limit", "broken", "inflight", "pool", "file_id", "chunk_size")
+    __slots__ = ("writer", "kind", "limit", "broken", "inflight", "pool", "file_id", "chunk_size")
 
-    def __init__(self, writer: StreamWriter, pool, file_id: bytes | None):
+    def __init__(self, writer: StreamWriter | PresealWriter, pool, file_id: bytes | None):
         self.writer = writer
+        self.kind = "sealed_ahead" if isinstance(writer, PresealWriter) else "write_behind"
         self.limit = 0  # bytes [0, limit) are handed to parts (FileContent breaks the stream below)
         self.broken = False
         self.inflight: set[cf.Future] = set()
@@ -72,26 +92,46 @@ class WriteBehindOps:
         return bool(getattr(store, "parallel_requests", False)) and getattr(store, "settle", None) is None \
             and getattr(self.store, "settle", None) is None
 
+    def _wb_start(self, node: Inode) -> StreamState | None:
+        """The file's writer, started if the file qualifies now (see the module docstring)."""
+        content = node.content
+        threshold = self.cfg.write_behind
+        if threshold:
+            if content.size <= threshold:
+                return None
+        elif content.size <= content.cs:
+            return None
+        if not node.linked or self.cfg.read_only or content._valid_base() > 0 or not self._wb_usable_store():
+            return None
+        n = -(-content.size // content.cs)
+        if len(content.chunks) < n - 1 or not content.complete_chunks(range(n - 1)):
+            return None  # holes, or a write not in order: not a sequential writer
+        prev = node.obj
+        file_id = prev.file_id if prev is not None else None
+        log2 = content.cs.bit_length() - 1
+        if threshold:
+            writer = StreamWriter(self.vault, staging_key(self.prefix), chunk_log2=log2, file_id=file_id)
+            log.debug("event=write_behind_start object=%s staging=%s", self.describe(node.ino), writer.staging)
+        else:
+            writer = PresealWriter(self.vault, chunk_log2=log2, file_id=file_id)
+        st = content.stream = StreamState(writer, self.vault.pool, file_id)
+        self.activity.streams[st.kind]["started"] += 1
+        return st
+
     async def _wb_pump(self, node: Inode) -> None:
-        """After a write (inode lock held): start the file's stream once it qualifies, hand every
-        complete part to a worker, and wait while too many are in flight."""
+        """After a write (inode lock held): start the file's writer once it qualifies, then hand
+        what has become ready to a worker (write-behind: every complete part, waiting while too
+        many are in flight; sealing ahead: one run at a time, never waiting)."""
         content = node.content
         st = content.stream
         if st is None:
-            threshold = self.cfg.write_behind
-            if (not threshold or content.size <= threshold or not node.linked or self.cfg.read_only
-                    or content._valid_base() > 0 or not self._wb_usable_store()):
+            st = self._wb_start(node)
+            if st is None:
                 return
-            n = -(-content.size // content.cs)
-            if len(content.chunks) < n - 1 or not content.complete_chunks(range(n - 1)):
-                return  # holes, or a write not in order: not a sequential writer
-            prev = node.obj
-            writer = StreamWriter(self.vault, staging_key(self.prefix), chunk_log2=content.cs.bit_length() - 1,
-                                  file_id=prev.file_id if prev is not None else None)
-            st = content.stream = StreamState(writer, self.vault.pool, prev.file_id if prev is not None else None)
-            self.activity.streams_started += 1
-            log.debug("event=write_behind_start object=%s staging=%s", self.describe(node.ino), writer.staging)
         if st.broken:
+            return
+        if st.kind == "sealed_ahead":
+            self._preseal_pump(st, content)
             return
         writer, cs = st.writer, st.chunk_size
         while not st.broken and writer.failed is None:
@@ -110,6 +150,23 @@ class WriteBehindOps:
                 return
             st.limit = chunks.stop * cs
             st.inflight.add(self.vault.pool.submit(writer.put_part, number, chunks, content.source))
+
+    def _preseal_pump(self, st: StreamState, content) -> None:
+        """Sealing ahead: claim every complete chunk with more data after it that is not sealed
+        yet and hand the run to a worker, unless PRESEAL_RUNS are being sealed (the next write
+        claims what has come meanwhile)."""
+        st.reap()
+        writer = st.writer
+        if len(st.inflight) >= PRESEAL_RUNS or writer.failed is not None:
+            return
+        run = range(writer.next_chunk, (content.size - 1) // content.cs)
+        if not run or not content.complete_chunks(run):
+            return
+        if not writer.claim(run):  # the body cannot take it: the file is stored the ordinary way
+            st.abort_soon()  # stays attached (broken), so no new writer starts over
+            return
+        st.limit = run.stop * content.cs
+        st.inflight.add(self.vault.pool.submit(writer.seal, run, content.source))
 
     async def _wb_finish(self, node: Inode, key: str, attrs: bytes, prev):
         """At flush (inode lock held): the stored version if the file's stream stored it, None
@@ -132,20 +189,24 @@ class WriteBehindOps:
             reason = "the file ends within the uploaded parts"
         elif (prev.file_id if prev is not None else None) != st.file_id:
             reason = "the file was replaced meanwhile"
+        elif st.kind == "sealed_ahead" and len(content.stored_chunks()) < -(-content.size // content.cs):
+            reason = "the file has holes"
+        counts = self.activity.streams[st.kind]
         if reason is None:
             try:
                 new = await self._io(self._wb_finish_sync, writer, key, content, attrs, prev, node.stored)
             except StreamUnusable as e:
                 reason = str(e)
             except BaseException:
-                self.activity.streams_abandoned += 1
+                counts["abandoned"] += 1
                 raise
             else:
-                self.activity.streams_stored += 1
+                counts["stored"] += 1
                 return new
-        self.activity.streams_abandoned += 1
-        log.info("event=write_behind_fallback object=%s reason=%r effect='stored the ordinary way, "
-                 "with a new message id'", self.describe(node.ino), reason)
+        counts["abandoned"] += 1
+        log.log(logging.INFO if st.kind == "write_behind" else logging.DEBUG,
+                "event=%s_fallback object=%s reason=%r effect='stored the ordinary way, with a new "
+                "message id'", st.kind, self.describe(node.ino), reason)
         await self._io(writer.abort)
         return None
 
