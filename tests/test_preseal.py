@@ -22,7 +22,7 @@ from dssefs.crc32 import crc32_combine
 from dssefs.envelope import format as fmt
 from dssefs.errors import PreconditionFailed, StoreUnavailable
 from dssefs.objects import Vault, bytes_source
-from dssefs.objects.preseal import INITIAL_BODY, PresealWriter
+from dssefs.objects.preseal import PresealWriter
 from dssefs.objects.stream import StreamUnusable
 from dssefs.store import LocalStore
 from faultproxy import ERROR, fault_proxy  # noqa: F401 (fault_proxy is a fixture)
@@ -174,16 +174,15 @@ def test_bounds_one_request_and_the_memory_budget(env):
     w.abort()
     assert vault.single_puts.used == 0
     vault.close()
-    # the budget is held as the body grows (doubling), and a claim it cannot cover is refused
-    vault, _rec = _vault(env, single_put_budget=INITIAL_BODY + 4 * stride)
+    # the budget holds what is claimed, and a claim it cannot cover is refused
+    vault, _rec = _vault(env, single_put_budget=30 * stride)
     w = PresealWriter(vault, chunk_log2=16)
-    assert w.claim(range(0, 10)) and vault.single_puts.used == INITIAL_BODY
-    grown = INITIAL_BODY // stride + 2
-    assert w.claim(range(10, grown))
-    assert vault.single_puts.used == grown * stride  # not doubled: the budget had no more
-    assert w.claim(range(w.next_chunk, w.next_chunk + 10)) is False
+    assert w.claim(range(0, 10)) and vault.single_puts.used == 10 * stride
+    assert w.claim(range(10, 25)) and vault.single_puts.used == 25 * stride
+    assert w.claim(range(25, 31)) is False and w.next_chunk == 25
     other = PresealWriter(vault, chunk_log2=16)
-    assert other.claim(range(0, 10)) is False  # nothing left for a second file
+    assert other.claim(range(0, 6)) is False  # what is left is too little for a second file
+    assert other.claim(range(0, 5))
     w.abort()
     other.abort()
     assert vault.single_puts.used == 0

@@ -182,7 +182,8 @@ class WriteBehindOps:
         writer = st.writer
         reason = None
         if st.broken:
-            reason = "bytes already uploaded were changed"
+            reason = ("bytes already uploaded were changed" if st.kind == "write_behind"
+                      else "bytes already sealed were changed, or the body could not take more")
         elif writer.failed is not None:
             reason = f"a part failed: {writer.failed}"
         elif content.size <= st.limit:

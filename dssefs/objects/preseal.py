@@ -12,9 +12,9 @@ for sealing and checksumming the whole file (docs/performance.md).
 The body is an anonymous private mapping of ``vault.multipart_threshold`` bytes (the most one
 request holds): its pages take memory only once a chunk is sealed into them, it never moves (runs
 are sealed into it in parallel, and nothing is copied as it fills), and it is unmapped as soon as
-the version is stored or abandoned.  The bytes sealed are held in ``vault.single_puts`` (all
-single-request bodies together, taken doubling as the body fills); a file that outgrows the
-mapping or the budget is stored the ordinary way.
+the version is stored or abandoned.  The bytes claimed are held in ``vault.single_puts`` (all
+single-request bodies together); a file that outgrows the mapping or the budget is stored the
+ordinary way.
 
 Rules kept here (17.3): each chunk index is sealed at most once per message id (runs are claimed
 in order and never twice; the tail is sealed only past them).  A writer whose caller must change a
@@ -33,10 +33,6 @@ from ..envelope import format as fmt
 from .draft import DraftVersion
 from .stream import StreamUnusable
 from .vault import OpenObject, Source, Vault
-
-#: The body's first allocation (chunks it can hold grow by doubling from here).
-INITIAL_BODY = 8 * 1024 * 1024
-
 
 class PresealWriter:
     """One version sealed ahead.  ``seal`` runs in worker threads (several runs at once);
@@ -61,23 +57,19 @@ class PresealWriter:
         return f"PresealWriter(runs={len(self.runs)}, claimed={self.next_chunk}, <keys redacted>)"
 
     def _reserve(self, need: int) -> bool:
-        """Hold at least ``need`` bytes of the single-request budget (doubling what is held, so
-        that the body grows a few times only); False when the budget cannot give them."""
+        """Hold ``need`` bytes of the single-request budget in all; False when it cannot give them."""
         if need <= self.held:
             return True
-        budget = self.vault.single_puts
-        want = min(max(need, 2 * self.held, INITIAL_BODY), self.max_body)
-        if not budget.take(want - self.held):
-            if want == need or not budget.take(need - self.held):
-                return False
-            want = need
-        self.held = want
+        if not self.vault.single_puts.take(need - self.held):
+            return False
+        self.held = need
         return True
 
     def _mapped(self) -> mmap.mmap:
         """The body (lock held), mapped on first use: zero pages, memory only once written."""
         if self.body is None:
-            self.body = mmap.mmap(-1, self.max_body, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.body = mmap.mmap(-1, self.max_body, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                  | getattr(mmap, "MAP_NORESERVE", 0))
         return self.body
 
     # ---- while the file is written ---------------------------------------------------------------
