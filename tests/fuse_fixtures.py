@@ -16,6 +16,7 @@ works too; call ``.cleanup()`` in a ``finally``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -330,3 +331,12 @@ def s3_source(bucket, kms_key, tmp_path):
 @pytest.fixture
 def s3_mount(tmp_path, mount_factory, s3_source):
     yield from _live_mount(tmp_path, mount_factory, s3_source)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's contents, read in 4 MiB blocks without Python's buffering."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -65,7 +65,7 @@ import pytest
 
 from faultproxy import (FORWARD, KMS_TARGET, KMS_THROTTLE, LOST_RESPONSE, RESET, SLOWDOWN,
                         fault_proxy)  # noqa: F401 (fault_proxy is a fixture)
-from fuse_fixtures import requires_fuse
+from fuse_fixtures import file_sha256, requires_fuse
 
 pytestmark = [pytest.mark.fuse, pytest.mark.s3, requires_fuse]
 
@@ -179,12 +179,6 @@ def make_big(path: Path, size: int, seed: int) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- observing ---------------------------------------------------------------------------------
@@ -390,7 +384,7 @@ def run_soak(scale: Scale, proxy, moto_server, bucket: str, kms_key: str, mount_
     wrong_links = sorted(k for k, v in seen_links.items() if k in expected_links and expected_links[k] != v)
 
     def check(rel: str) -> tuple[str, str | None]:
-        return rel, soak.call(f"read {rel}", _sha256, seen_files[rel])
+        return rel, soak.call(f"read {rel}", file_sha256, seen_files[rel])
 
     verified_bytes = 0
     mismatched = []

@@ -26,7 +26,7 @@ from dssefs.objects.preseal import PresealWriter
 from dssefs.objects.stream import StreamUnusable
 from dssefs.store import LocalStore
 from faultproxy import ERROR, fault_proxy  # noqa: F401 (fault_proxy is a fixture)
-from fuse_fixtures import requires_fuse
+from fuse_fixtures import file_sha256, requires_fuse
 
 MiB = 1 << 20
 
@@ -236,14 +236,6 @@ def _mount(mount_factory, s3_source, tmp_path, proxy, *extra: str):
     return m
 
 
-def _sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_writes(proxy, bucket: str, name: str) -> list:
     return [r for r in proxy.log if r.target.split("?")[0].endswith(f"/{bucket}/{name}")
             and r.method in ("PUT", "POST")]
@@ -267,9 +259,9 @@ def test_default_mode_seals_ahead_and_stores_with_one_put(fault_proxy, mount_fac
     assert [r.method for r in writes] == ["PUT"] * len(writes) and len(writes) <= 2  # (the create at open)
     head = moto_server.client("s3").head_object(Bucket=bucket, Key="big.bin")
     assert head["ContentLength"] == fmt.body_size(len(data), MiB)
-    assert _sha(m / "big.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "big.bin") == hashlib.sha256(data).hexdigest()
     m.remount()
-    assert _sha(m / "big.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "big.bin") == hashlib.sha256(data).hexdigest()
     # small files never get a writer
     (m / "small").write_bytes(os.urandom(MiB))
     assert m.status()["sealed_ahead"]["started"] == 0
@@ -290,7 +282,7 @@ def test_rewriting_sealed_bytes_or_holes_store_the_ordinary_way(fault_proxy, mou
         data[100:109] = b"rewritten"
         f.seek(8 * MiB)
         f.write(data[8 * MiB:])
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
     status = m.status()["sealed_ahead"]
     assert status["abandoned"] == 1 and status["stored"] == 0, status
     assert "event=sealed_ahead_fallback" in m.log()
@@ -303,7 +295,7 @@ def test_rewriting_sealed_bytes_or_holes_store_the_ordinary_way(fault_proxy, mou
     assert head["ContentLength"] < 10 * MiB  # not 20 MiB of sealed zeros
     assert m.status()["sealed_ahead"]["abandoned"] == 2
     m.remount()
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
     with open(m / "holes.bin", "rb") as f:
         got = f.read()
     assert got == bytes(data[:3 * MiB]) + bytes(17 * MiB) + b"end"
@@ -330,7 +322,7 @@ def test_a_failing_store_gives_eio_and_loses_nothing(fault_proxy, mount_factory,
     assert m.status()["sealed_ahead"]["abandoned"] == 1
     fault_proxy.clear()
     m.remount()  # the unmount stores what is dirty
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
 
 
 @requires_fuse
@@ -342,4 +334,4 @@ def test_write_behind_option_takes_precedence(fault_proxy, mount_factory, s3_sou
     (m / "f.bin").write_bytes(data)
     status = m.status()
     assert status["write_behind"]["stored"] == 1 and status["sealed_ahead"]["started"] == 0, status
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()

@@ -29,7 +29,7 @@ from dssefs.objects.stream import StreamUnusable, StreamWriter, staging_key
 from dssefs.store import LocalStore
 from dssefs.store.uploads import STAGING_DIR, abort_stale_uploads, is_staging_key
 from faultproxy import ERROR, fault_proxy  # noqa: F401 (fault_proxy is a fixture)
-from fuse_fixtures import requires_fuse
+from fuse_fixtures import file_sha256, requires_fuse
 
 MiB = 1 << 20
 
@@ -209,14 +209,6 @@ def _write_until_staged(f, data: bytes, proxy, upto: int) -> None:
     _wait(lambda: _staged_parts(proxy), what="a part uploaded while the file is open")
 
 
-def _sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _client(moto_server):
     return moto_server.client("s3")
 
@@ -249,13 +241,13 @@ def test_parts_go_out_before_close_and_the_file_reads_back(fault_proxy, mount_fa
     assert [r.method for r in mine] == ["PUT"], mine
     complete = [r for r in log if r.method == "POST" and re.search(STAGING_RX, r.target) and "uploadId=" in r.target]
     assert len(complete) == 1 and complete[0].at <= mine[0].at
-    assert _sha(m / "big.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "big.bin") == hashlib.sha256(data).hexdigest()
     status = json.loads(subprocess.run([sys.executable, "-m", "dssefs", "status", "--json", str(m.mountpoint)],
                                        capture_output=True, text=True, check=True).stdout)
     wb = json.dumps(status)
     assert '"write_behind"' in wb and '"stored": 1' in wb, wb
     m.remount()
-    assert _sha(m / "big.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "big.bin") == hashlib.sha256(data).hexdigest()
     _wait(lambda: _staging_leftovers(moto_server, bucket) == ([], []), what="the staging object deleted")
 
 
@@ -283,10 +275,10 @@ def test_rewriting_uploaded_bytes_falls_back_with_a_new_message_id(fault_proxy, 
         data[100:109] = b"rewritten"
         f.seek(12 * MiB)
         f.write(data[12 * MiB:])
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
     assert "event=write_behind_fallback" in m.log()
     m.remount()
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
     # chunk 1 (plaintext unchanged) sealed again under other keys: a new message id, not the
     # stream's, whose chunk 1 reached the staging upload
     body = MiB + fmt.CHUNK_OVERHEAD
@@ -318,7 +310,7 @@ def test_a_failing_store_gives_eio_and_loses_nothing(fault_proxy, mount_factory,
         assert e.value.errno == errno.EIO
     fault_proxy.clear()
     m.remount()  # the unmount stores what is dirty
-    assert _sha(m / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
 
 
 @requires_fuse
