@@ -335,3 +335,36 @@ def test_write_behind_option_takes_precedence(fault_proxy, mount_factory, s3_sou
     status = m.status()
     assert status["write_behind"]["stored"] == 1 and status["sealed_ahead"]["started"] == 0, status
     assert file_sha256(m / "f.bin") == hashlib.sha256(data).hexdigest()
+
+
+@requires_fuse
+@pytest.mark.fuse
+@pytest.mark.s3
+def test_sigkill_while_sealing_ahead_keeps_the_old_version(fault_proxy, mount_factory, s3_source, tmp_path,
+                                                           moto_server, bucket):
+    """The sealed body lives in memory only: a daemon killed while a rewrite is being sealed
+    leaves the old version, no upload and no other object behind."""
+    from fuse_fixtures import force_unmount
+
+    m = _mount(mount_factory, s3_source, tmp_path, fault_proxy, "--log-level", "debug")
+    old = os.urandom(3 * MiB)
+    (m / "f.bin").write_bytes(old)
+    client = moto_server.client("s3")
+    etag = client.head_object(Bucket=bucket, Key="f.bin")["ETag"]
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", []))
+    f = open(m / "f.bin", "wb", buffering=0)  # truncates it (in memory until close)
+    new = os.urandom(30 * MiB)
+    for off in range(0, len(new), MiB):
+        f.write(new[off:off + MiB])
+    assert "event=sealed_ahead_start" in m.log()
+    m.kill()
+    force_unmount(m.mountpoint)
+    try:
+        f.close()
+    except OSError:
+        pass  # the daemon is gone
+    assert client.head_object(Bucket=bucket, Key="f.bin")["ETag"] == etag
+    assert sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])) == keys
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    m.start()
+    assert (m / "f.bin").read_bytes() == old

@@ -114,6 +114,7 @@ class WriteBehindOps:
             log.debug("event=write_behind_start object=%s staging=%s", self.describe(node.ino), writer.staging)
         else:
             writer = PresealWriter(self.vault, chunk_log2=log2, file_id=file_id)
+            log.debug("event=sealed_ahead_start object=%s", self.describe(node.ino))
         st = content.stream = StreamState(writer, self.vault.pool, file_id)
         self.activity.streams[st.kind]["started"] += 1
         return st
@@ -203,6 +204,7 @@ class WriteBehindOps:
                 raise
             else:
                 counts["stored"] += 1
+                log.debug("event=%s_stored object=%s", st.kind, self.describe(node.ino))
                 return new
         counts["abandoned"] += 1
         log.log(logging.INFO if st.kind == "write_behind" else logging.DEBUG,
