@@ -5,8 +5,8 @@ writers while it grows, both drawing the version's keys at once (format 17.3, "S
 
 * **Sealing ahead** (:class:`dssefs.objects.preseal.PresealWriter`), in the default mode once the
   file holds more than one chunk: after each write, the complete chunks with more data after them
-  are sealed (``final = 0``) by a worker thread into one body in memory, one run at a time (a run
-  claims every chunk that has become ready; a write never waits for it).  close/fsync then seal
+  are sealed (``final = 0``) by worker threads into one body in memory, PRESEAL_RUNS runs at a
+  time per file (a run claims every chunk that has become ready; a write never waits for it).  close/fsync then seal
   the tail only and store the body with one PUT and the CRC32 kept while sealing.  A file that
   outgrows one request (``multipart_threshold``) or the single-request memory budget is stored
   the ordinary way.
@@ -122,7 +122,7 @@ class WriteBehindOps:
     async def _wb_pump(self, node: Inode) -> None:
         """After a write (inode lock held): start the file's writer once it qualifies, then hand
         what has become ready to a worker (write-behind: every complete part, waiting while too
-        many are in flight; sealing ahead: one run at a time, never waiting)."""
+        many are in flight; sealing ahead: PRESEAL_RUNS runs at a time, never waiting)."""
         content = node.content
         st = content.stream
         if st is None:
@@ -191,8 +191,6 @@ class WriteBehindOps:
             reason = "the file ends within the uploaded parts"
         elif (prev.file_id if prev is not None else None) != st.file_id:
             reason = "the file was replaced meanwhile"
-        elif st.kind == "sealed_ahead" and len(content.stored_chunks()) < -(-content.size // content.cs):
-            reason = "the file has holes"
         counts = self.activity.streams[st.kind]
         if reason is None:
             try:
@@ -213,7 +211,8 @@ class WriteBehindOps:
         await self._io(writer.abort)
         return None
 
-    def _wb_finish_sync(self, writer: StreamWriter, key: str, content, attrs: bytes, prev, stored: bool):
+    def _wb_finish_sync(self, writer: StreamWriter | PresealWriter, key: str, content, attrs: bytes, prev,
+                        stored: bool):
         self.deletes.settle_sync(key)  # a pending DELETE of this key goes first, never after
         kw = {}
         if self._conditional:
@@ -221,6 +220,8 @@ class WriteBehindOps:
                 kw["if_none_match"] = True
             elif prev is not None:
                 kw["if_match"] = prev.etag
+        if isinstance(writer, PresealWriter) and len(content.stored_chunks()) < -(-content.size // content.cs):
+            raise StreamUnusable("the file has holes")  # (a sparse version stores only what was written)
         new = writer.finish(key, content.size, content.source, attrs=attrs,
                             generation=prev.generation + 1 if prev is not None else 0, **kw)
         content.committed(new)
