@@ -56,13 +56,17 @@ class DraftVersion:
             self._dk[0], self._dk[1], plaintext_len=size, file_id=self.file_id, generation=generation,
             chunk_log2=self.chunk_log2, msg_id=self.msg_id, with_attrs=with_attrs)
 
+    def check_key(self, key: str) -> None:
+        """Refuse to store the version under one of dssefs's own record keys (checked by a
+        writer before it sends its tail)."""
+        if is_reserved_key(key):
+            raise ConfigError(f"{self.vault.store.url}/{key}: '.dssefs' is reserved for dssefs's own records")
+
     def envelope(self, key: str, cipher: envelope.ObjectCipher, attrs: bytes | None
                  ) -> tuple[DataKeys, Envelope]:
         """The data keys wrapped for ``key`` under its prefix's current epoch, and the envelope
         (header, wrapped keys, sealed attribute blob) to store the version with."""
         vault = self.vault
-        if is_reserved_key(key):
-            raise ConfigError(f"{vault.store.url}/{key}: '.dssefs' is reserved for dssefs's own records")
         epoch = vault.epochs.for_writing(vault.epoch_prefix_for(key))
         keys = vault._wrap_under(epoch, key, *self._dk)
         return keys, vault._envelope(cipher, keys, attrs)

@@ -97,7 +97,7 @@ class PresealWriter:
                 body = self._mapped()
                 self._sealing += 1  # (an abort meanwhile leaves the unmapping to the last run)
             try:
-                crc = self._seal_into(body, self.version.draft, chunks, source)
+                crc = self._seal_into(body, self.version.draft, chunks, source, 0)
             finally:
                 with self._lock:
                     self._sealing -= 1
@@ -109,22 +109,15 @@ class PresealWriter:
             self.failed = self.failed or e
             raise
 
-    def _seal_into(self, body: mmap.mmap, cipher, chunks: range, source: Source) -> int:
-        """Seal ``chunks`` into their places in ``body``, one after another; returns their CRC32."""
-        cs, stride = self.cs, self.stride
-        crc = 0
-        with memoryview(body) as view:
-            for i in chunks:
-                n = cipher.chunk_plain_len(i)
-                plain = source(i * cs, n)
-                try:
-                    with view[i * stride:i * stride + n + fmt.CHUNK_OVERHEAD] as out:
-                        cipher.seal_chunk_into(i, plain, out)
-                        crc = zlib.crc32(out, crc)
-                finally:
-                    if isinstance(plain, memoryview):
-                        plain.release()  # the source may hand out views of buffers it resizes later
-        return crc
+    def _seal_into(self, body: mmap.mmap, cipher, chunks: range, source: Source, crc: int,
+                   parallel: bool = False) -> int:
+        """Seal the consecutive ``chunks`` into their place in ``body`` (the vault's own sealing,
+        in worker threads when ``parallel``); returns ``crc`` continued over their bytes."""
+        start = chunks.start * self.stride
+        end = start + sum(cipher.chunk_plain_len(i) for i in chunks) + len(chunks) * fmt.CHUNK_OVERHEAD
+        with memoryview(body) as view, view[start:end] as place:
+            with self.vault._seal_chunks(cipher, list(chunks), source, None, parallel=parallel, buf=place) as out:
+                return zlib.crc32(out, crc)
 
     def _sealed(self) -> tuple[int, int] | None:
         """(chunks sealed, CRC32 of their bytes) when the runs cover ``[0, next_chunk)``."""
@@ -160,20 +153,15 @@ class PresealWriter:
         done, crc = sealed
         vault, version = self.vault, self.version
         try:
+            version.check_key(key)
             cipher = version.final(size, generation=generation, with_attrs=attrs is not None)
             body_size = cipher.body_size
             if body_size > self.max_body or not self._reserve(body_size):
                 raise StreamUnusable("the file is too large to be sent in one request")
             with self._lock:
                 mapped = self._mapped()
-            tail = range(done, cipher.n_chunks)
-            start = done * self.stride
-            if len(tail) > 1:  # a long tail (a fast writer, slow seals): in parallel
-                with memoryview(mapped) as view, view[start:body_size] as rest:
-                    with vault._seal_chunks(cipher, list(tail), source, None, parallel=True, buf=rest) as out:
-                        crc = zlib.crc32(out, crc)
-            else:
-                crc = crc32_combine(crc, self._seal_into(mapped, cipher, tail, source), body_size - start)
+            # the tail (long when seals fell behind a fast writer): in worker threads
+            crc = self._seal_into(mapped, cipher, range(done, cipher.n_chunks), source, crc, parallel=True)
             keys, env = version.envelope(key, cipher, attrs)
             meta = env.to_metadata()
             store = vault.store

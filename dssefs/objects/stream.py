@@ -26,8 +26,7 @@ import os
 import threading
 
 from .. import envelope
-from ..envelope.epoch import is_reserved_key
-from ..errors import ConfigError, ObjectNotFound, StoreError
+from ..errors import ObjectNotFound, StoreError
 from ..store.base import Upload
 from ..store.uploads import STAGING_DIR
 from .draft import DraftVersion
@@ -121,8 +120,7 @@ class StreamWriter:
             self._state = "finishing"
         vault, version = self.vault, self.version
         try:
-            if is_reserved_key(key):
-                raise ConfigError(f"{self.store.url}/{key}: '.dssefs' is reserved for dssefs's own records")
+            version.check_key(key)
             cipher = version.final(size, generation=generation, with_attrs=attrs is not None)
             self._upload_tail(cipher, source)
             upload = self._upload

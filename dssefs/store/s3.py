@@ -372,8 +372,7 @@ class S3Store(ObjectStore):
         check_key(key)
         metadata = normalize_metadata(metadata)
         check_conditions(if_match, if_none_match)
-        body = _sendable(body)
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": _sendable(body),
                                   "Metadata": metadata, "ContentType": CONTENT_TYPE,
                                   **self._checksum(body, crc32)}
         kwargs.update(_conditions(if_match, if_none_match))
@@ -544,13 +543,13 @@ class S3Store(ObjectStore):
     # ------------------------------------------------------------------------------------------
     # Helpers
 
-    def _checksum(self, body: "bytes | bytearray | _ViewBody", crc32: int | None) -> dict[str, str]:
+    def _checksum(self, body: bytes | memoryview, crc32: int | None) -> dict[str, str]:
         """The upload's ``ChecksumCRC32`` parameter: ``crc32`` when the caller computed it, else
         computed here (zlib releases the GIL); nothing when botocore is left to its own checks."""
         if not self.own_checksums:
             return {}
         if crc32 is None:
-            crc32 = zlib.crc32(body._view if isinstance(body, _ViewBody) else body)
+            crc32 = zlib.crc32(body)
         return {"ChecksumCRC32": base64.b64encode(crc32.to_bytes(4, "big")).decode("ascii")}
 
     def _request(self, op: str, key: str | None, method: Callable[..., dict], *,
@@ -919,11 +918,10 @@ class S3Upload(Upload):
             if self._state != "open":
                 raise StoreError(f"s3://{self.store.bucket}/{self.key}: upload is already "
                                  f"{self._state}", errno=_errno.EINVAL)
-        data = _sendable(data)
         r = self.store._request("upload", self.key, self.store._client.upload_part,
                                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                PartNumber=number, Body=data, **self.store._checksum(data, crc32))
-        self._record(number, r["ETag"], len(data))
+                                PartNumber=number, Body=_sendable(data), **self.store._checksum(data, crc32))
+        self._record(number, r["ETag"], memoryview(data).nbytes)
 
     def complete(self) -> str:
         with self._lock:
