@@ -126,8 +126,12 @@ class Mount:
 
     def __init__(self, mountpoint: str | os.PathLike | None = None, source: str | None = None,
                  args: list[str] | tuple = (), env: dict[str, str] | None = None,
-                 log_dir: str | os.PathLike | None = None):
+                 log_dir: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None):
+        """``cwd``: the daemon's working directory (default: this process's).  ``python -m``
+        puts it first on the daemon's ``sys.path``, ahead of ``PYTHONPATH``: a benchmark that
+        compares another tree through ``PYTHONPATH`` runs the daemon outside the project."""
         self.mountpoint = Path(mountpoint) if mountpoint is not None else None
+        self.cwd = cwd
         self.source = source
         self.args = list(args)
         self.env = dict(env or {})
@@ -141,7 +145,7 @@ class Mount:
     def like(cls, other: "Mount", name: str, *extra: str) -> "Mount":
         """Another mount of the same source and options at a sibling directory ``name``."""
         mnt = other.mountpoint.parent / name
-        return cls(mnt, other.source, other.args + list(extra), other.env, other._log_dir)
+        return cls(mnt, other.source, other.args + list(extra), other.env, other._log_dir, other.cwd)
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)
@@ -189,7 +193,7 @@ class Mount:
         try:
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(self.command() + list(extra), stdout=log, stderr=log, env=env,
-                                             start_new_session=True)
+                                             cwd=self.cwd, start_new_session=True)
             deadline = time.monotonic() + timeout
             ready = False
             while True:

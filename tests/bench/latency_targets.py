@@ -262,7 +262,7 @@ class Dssefs(Target):
                 "--log-level", "warning", *extra]
         env = {**server.env, "NO_PROXY": "127.0.0.1,localhost", "HOME": str(work), "XDG_CONFIG_HOME": str(work / "config"),
                "XDG_CACHE_HOME": str(work / "cache")}
-        self.m = Mount(self.mnt, f"s3://{bucket}", args, env=env, log_dir=work)
+        self.m = Mount(self.mnt, f"s3://{bucket}", args, env=env, log_dir=work, cwd=work)
 
     def mount(self) -> None:
         self.mounts += 1

@@ -105,7 +105,8 @@ class Dssefs(Target):
         (self.work / "store").mkdir()
         args = ["--keyring", str(keyring), "--spill-dir", str(self.work / "spill"), "--log-level", "warning",
                 *self.mount_args]
-        self.m = ProfiledMount(self.mnt, f"file://{self.work / 'store'}", args, log_dir=self.work, bench=self)
+        self.m = ProfiledMount(self.mnt, f"file://{self.work / 'store'}", args, log_dir=self.work, cwd=self.work,
+                               bench=self)
         self.m.start()
 
     def cold(self) -> None:
