@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         log("s3rver not found (npm install --prefix /opt/s3rver s3rver): the s3rver figures are skipped")
         servers_wanted.remove("s3rver")
 
-    base = ns.workdir or Path(tempfile.mkdtemp(prefix="dssefs-latency-", dir="/var/tmp"))
+    base = (ns.workdir or Path(tempfile.mkdtemp(prefix="dssefs-latency-", dir="/var/tmp"))).absolute()
     base.mkdir(parents=True, exist_ok=True)
     tree = make_tree(files, base / "tree.tar")
     src = base / "random.bin"

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.profile:
         ns.profile.mkdir(parents=True, exist_ok=True)
 
-    base = Path(ns.workdir or tempfile.mkdtemp(prefix="dssefs-bench-", dir="/var/tmp"))
+    base = Path(ns.workdir or tempfile.mkdtemp(prefix="dssefs-bench-", dir="/var/tmp")).absolute()
     base.mkdir(parents=True, exist_ok=True)
     tarball, tree_files, tree_bytes = make_tarball(ns.tree, base / "tree.tar")
     log(f"tree: {ns.tree}: {tree_files} files, {tree_bytes / MB:.1f} MB; work dir {base}")

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in ns.sizes.split(",") if s.strip()]
     biggest = max(sizes + ([1024] if ns.large else []))
 
-    base = ns.workdir or Path(tempfile.mkdtemp(prefix="dssefs-seqread-", dir="/var/tmp"))
+    base = (ns.workdir or Path(tempfile.mkdtemp(prefix="dssefs-seqread-", dir="/var/tmp"))).absolute()
     base.mkdir(parents=True, exist_ok=True)
     src = base / "random.bin"
     if not src.exists() or src.stat().st_size != biggest * MiB:
