@@ -16,6 +16,8 @@ works too; call ``.cleanup()`` in a ``finally``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -335,6 +337,22 @@ def s3_source(bucket, kms_key, tmp_path):
 @pytest.fixture
 def s3_mount(tmp_path, mount_factory, s3_source):
     yield from _live_mount(tmp_path, mount_factory, s3_source)
+
+
+@contextlib.contextmanager
+def fsync_and_close_fail(f, code: int = errno.EIO):
+    """The block writes to ``f`` (an open file) and sets up a failing store; then ``fsync`` must
+    fail with ``code``, and so must the ``close`` that follows (also when the block or the fsync
+    check fails: the file is closed in any case)."""
+    try:
+        yield
+        with pytest.raises(OSError) as e:
+            os.fsync(f.fileno())
+        assert e.value.errno == code
+    finally:
+        with pytest.raises(OSError) as e:
+            f.close()  # the close stores again, and fails again
+        assert e.value.errno == code
 
 
 def file_sha256(path) -> str:

@@ -337,10 +337,15 @@ class FsModel(RuleBasedStateMachine):
 
 
 def run_model(mount: Mount, model_root: Path, max_examples: int, steps: int) -> None:
+    """The random operation sequences, under umask 022 (the model's files are created with it)."""
     machine = type("Model", (FsModel,), {"mount": mount, "model_root": model_root, "examples": 0})
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=max_examples, stateful_step_count=steps, deadline=None, database=None,
-        suppress_health_check=list(HealthCheck)))
+    old = os.umask(0o022)
+    try:
+        run_state_machine_as_test(machine, settings=settings(
+            max_examples=max_examples, stateful_step_count=steps, deadline=None, database=None,
+            suppress_health_check=list(HealthCheck)))
+    finally:
+        os.umask(old)
 
 
 @pytest.fixture
@@ -370,20 +375,12 @@ EXAMPLES = int(os.environ.get("DSSEFS_MODEL_EXAMPLES", "60"))
 
 
 def test_random_operation_sequences_match_a_plain_directory(model_mount: Mount, model_root: Path):
-    old = os.umask(0o022)
-    try:
-        run_model(model_mount, model_root, max_examples=EXAMPLES, steps=40)
-    finally:
-        os.umask(old)
+    run_model(model_mount, model_root, max_examples=EXAMPLES, steps=40)
 
 
 def test_random_operation_sequences_on_s3(s3_mount: Mount, model_root: Path):
     """A shorter run against the S3 store (moto): the same semantics over a different store."""
-    old = os.umask(0o022)
-    try:
-        run_model(s3_mount, model_root, max_examples=max(8, EXAMPLES // 8), steps=30)
-    finally:
-        os.umask(old)
+    run_model(s3_mount, model_root, max_examples=max(8, EXAMPLES // 8), steps=30)
 
 
 @pytest.fixture
@@ -400,11 +397,7 @@ def s3_model_mount(tmp_path, mount_factory, s3_source) -> Mount:
 
 
 def test_random_operation_sequences_on_s3_with_small_chunks(s3_model_mount: Mount, model_root: Path):
-    old = os.umask(0o022)
-    try:
-        run_model(s3_model_mount, model_root, max_examples=max(8, EXAMPLES // 6), steps=40)
-    finally:
-        os.umask(old)
+    run_model(s3_model_mount, model_root, max_examples=max(8, EXAMPLES // 6), steps=40)
     # the sequences did exercise those writers (in every daemon run of the test: it remounts)
     logs = "".join(p.read_text(errors="replace")
                    for p in s3_model_mount.log_dir.glob(f"{s3_model_mount.mountpoint.name}-daemon-*.log"))

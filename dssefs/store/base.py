@@ -59,9 +59,8 @@ class Upload(abc.ABC):
     upload_id: str
 
     @abc.abstractmethod
-    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
-        """Store part ``number`` (1-based, contiguous); all parts but the last >= MIN_PART_SIZE.
-        ``crc32``: the CRC32 of ``data`` when the caller has it (see :meth:`ObjectStore.put`)."""
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
+        """Store part ``number`` (1-based, contiguous); all parts but the last >= MIN_PART_SIZE."""
 
     @abc.abstractmethod
     def complete(self) -> str:

@@ -810,7 +810,7 @@ class _JournalUpload(Upload):
         self.parts: dict[int, Path] = {}
         self._lock = threading.Lock()
 
-    def put_part(self, number: int, data, *, crc32: int | None = None) -> None:
+    def put_part(self, number: int, data) -> None:
         p = self.journal.dir / f"upload-{self.upload_id}-{number:05d}.tmp"
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

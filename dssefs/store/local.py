@@ -932,7 +932,7 @@ class LocalUpload(Upload):
             _pwrite_all(self._fd, view, offset)
             _start_writeback(self._fd, offset, len(view))
 
-    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
         check_part_number(number)
         view = _as_bytes_view(data)
         with self._lock:

@@ -75,9 +75,9 @@ class _MeteredUpload(Upload):
             self._open = False
             self._meter.add(writes_in_flight=-1)
 
-    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
         try:
-            self._inner.put_part(number, data, crc32=crc32)
+            self._inner.put_part(number, data)
         except BaseException as e:
             self._meter.failed(e, "upload_part")
             raise

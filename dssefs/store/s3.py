@@ -862,8 +862,7 @@ class _ViewBody:
     def read(self, n: int | None = -1) -> memoryview:
         start = self._pos
         size = self._view.nbytes
-        end = size if n is None or n < 0 else min(size, start + max(n, self.PIECE))
-        self._pos = max(start, end)
+        self._pos = size if n is None or n < 0 else min(size, start + max(n, self.PIECE))
         return self._view[start:self._pos]
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -912,7 +911,7 @@ class S3Upload(Upload):
             self._etags[number] = etag
             self._sizes[number] = size
 
-    def put_part(self, number: int, data: bytes | memoryview, *, crc32: int | None = None) -> None:
+    def put_part(self, number: int, data: bytes | memoryview) -> None:
         check_part_number(number)
         with self._lock:
             if self._state != "open":
@@ -920,7 +919,7 @@ class S3Upload(Upload):
                                  f"{self._state}", errno=_errno.EINVAL)
         r = self.store._request("upload", self.key, self.store._client.upload_part,
                                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                PartNumber=number, Body=_sendable(data), **self.store._checksum(data, crc32))
+                                PartNumber=number, Body=_sendable(data), **self.store._checksum(data, None))
         self._record(number, r["ETag"], memoryview(data).nbytes)
 
     def complete(self) -> str:
